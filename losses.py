@@ -1,0 +1,375 @@
+"""The core: per-token log-probs, masked reductions, and every pairwise preference objective.
+
+Conventions (the whole repo follows them):
+- per-token log-probs `logps` and masks `mask` are [B, T], aligned with the input ids: position t holds
+  log pi(y_t | x, y_<t), predicted from the logits at position t-1; position 0 is never a response token.
+- a mask is bool, True on response tokens (the final EOS included), False on prompt and padding. A selective method
+  is a standard objective over a different mask (a subset of the response mask). Masks carry no gradient.
+- every objective takes per-token log-probs and masks (never pre-summed values) and returns `(losses, metrics)`:
+  `losses` [B] float32, one per preference pair, unreduced; `metrics` a dict of detached [B] tensors, at least
+  `rewards_chosen` and `rewards_rejected` (the trainer derives margins and accuracies from them).
+
+The formulas are those of the ConfPO paper's Table 5 (itself SimPO's Table); where a default departs from it, a
+`NOTE(deviation)` says why. ConfPO lives in confpo.py and SePO in sepo.py, both on top of these functions.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # Hugging Face's label for "not a target token"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token log-probs without a full-vocabulary float32 log-softmax copy
+# ---------------------------------------------------------------------------------------------------------------
+
+def _targets(labels, ignore_index):
+    """Shift Hugging Face labels: position t is predicted by position t-1. Returns (mask [B, T], rows [N], targets [N]).
+
+    rows index the flattened [B*T] positions whose *logits* predict a response token (t-1 for target t).
+    """
+    B, T = labels.shape
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, 1:] = labels[:, 1:] != ignore_index  # (B, T)
+    b, t = mask.nonzero(as_tuple=True)
+    rows = b * T + (t - 1)  # the logits row that predicts token t
+    return mask, rows, labels[b, t]
+
+
+def _scatter_rows(values, mask):
+    """[N] values of the response positions -> [B, T] float32, zero elsewhere (an autograd-friendly scatter)."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    return out.masked_scatter(mask, values)
+
+
+class _LogSoftmaxGather(torch.autograd.Function):
+    """log_softmax(logits)[rows, targets] computed chunk by chunk, in float32, with a recomputing backward.
+
+    Autograd through `logits.float().log_softmax(-1)` would keep a float32 [N, V] copy alive until backward; this
+    keeps only the logits themselves (already alive in the model's graph) and one [N] logsumexp.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, rows, targets, chunk_size):  # logits (B*T, V), rows (N,), targets (N,)
+        N = rows.numel()
+        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
+        picked = torch.empty(N, dtype=torch.float32, device=logits.device)
+        for s in range(0, N, chunk_size):
+            x = logits.index_select(0, rows[s:s + chunk_size]).float()  # (c, V)
+            lse[s:s + chunk_size] = torch.logsumexp(x, dim=-1)
+            picked[s:s + chunk_size] = x.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
+        ctx.save_for_backward(logits, rows, targets, lse)
+        ctx.chunk_size = chunk_size
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N,)
+        logits, rows, targets, lse = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)
+        for s in range(0, rows.numel(), ctx.chunk_size):
+            r, g = rows[s:s + ctx.chunk_size], grad[s:s + ctx.chunk_size, None].float()
+            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
+            d = (logits.index_select(0, r).float() - lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # (c, V)
+            d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g)
+            grad_logits.index_copy_(0, r, d.to(logits.dtype))
+        return grad_logits, None, None, None
+
+
+def token_logps(logits, labels, ignore_index=IGNORE_INDEX, chunk_size=1024):
+    """Per-token log-probs of the labels under the logits.
+
+    logps[b, t] = log softmax(logits[b, t-1])[labels[b, t]]  where labels[b, t] != ignore_index, else 0.
+
+    Args:
+        logits: (B, T, V) any float dtype (bf16 accepted); the model's output for the same input ids.
+        labels: (B, T) long, Hugging Face layout (same length as the input ids, -100 outside responses); the
+            shift happens here.
+        chunk_size: response tokens per float32 (chunk_size, V) block; no (B, T, V) float32 copy is ever made and
+            prompt and padding positions cost nothing.
+    Returns:
+        logps (B, T) float32, mask (B, T) bool (True where a label is given; always False at t = 0).
+    """
+    B, T, V = logits.shape
+    mask, rows, targets = _targets(labels, ignore_index)
+    picked = _LogSoftmaxGather.apply(logits.reshape(B * T, V), rows, targets, chunk_size)  # (N,)
+    return _scatter_rows(picked, mask), mask
+
+
+class _LinearLogSoftmaxGather(torch.autograd.Function):
+    """log_softmax(hidden @ W.T)[rows, targets] without ever holding more than a (chunk, V) block of logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, rows, targets, chunk_size):  # hidden (B*T, H), weight (V, H)
+        N = rows.numel()
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        picked = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        for s in range(0, N, chunk_size):
+            z = (hidden.index_select(0, rows[s:s + chunk_size]) @ weight.T).float()  # (c, V)
+            lse[s:s + chunk_size] = torch.logsumexp(z, dim=-1)
+            picked[s:s + chunk_size] = z.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
+        ctx.save_for_backward(hidden, weight, rows, targets, lse)
+        ctx.chunk_size = chunk_size
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (N,)
+        hidden, weight, rows, targets, lse = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, rows.numel(), ctx.chunk_size):
+            r, g = rows[s:s + ctx.chunk_size], grad[s:s + ctx.chunk_size, None].float()
+            h = hidden.index_select(0, r)  # (c, H)
+            z = (h @ weight.T).float()  # (c, V), recomputed rather than stored
+            d = (z - lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # onehot(y) - softmax(z), times grad
+            d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g)
+            d = d.to(weight.dtype)
+            grad_hidden.index_copy_(0, r, (d @ weight).to(hidden.dtype))
+            grad_weight += (d.T @ h.to(weight.dtype)).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def chunked_token_logps(hidden, lm_head_weight, labels, chunk_size=1024, ignore_index=IGNORE_INDEX):
+    """`token_logps` from the last hidden states, never materialising the (B, T, V) logits.
+
+    logps[b, t] = log softmax(hidden[b, t-1] @ W.T)[labels[b, t]]  for labelled t, else 0.
+
+    For models whose logits are exactly `hidden @ W.T` (no bias, no soft-capping, no logit scale: Llama, Mistral,
+    Qwen, GPT-NeoX, ...). Only response positions are projected, so long prompts cost no vocabulary matmul.
+
+    Args:
+        hidden: (B, T, H) the final-norm output of the decoder.
+        lm_head_weight: (V, H) the output embedding.
+        labels: (B, T) as in `token_logps`.
+    Returns:
+        logps (B, T) float32, mask (B, T) bool.
+    """
+    B, T, H = hidden.shape
+    mask, rows, targets = _targets(labels, ignore_index)
+    picked = _LinearLogSoftmaxGather.apply(hidden.reshape(B * T, H), lm_head_weight, rows, targets, chunk_size)
+    return _scatter_rows(picked, mask), mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked reductions
+# ---------------------------------------------------------------------------------------------------------------
+
+def _f32(x):
+    """Half-precision log-probs are reduced in float32; float32 and float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def log_ratio(logps, ref_logps):
+    """log pi_theta(y_t)/pi_ref(y_t) per token, in float32 at least (bf16 differences lose the small ones)."""
+    return _f32(logps) - _f32(ref_logps)
+
+
+def masked_sum(values, mask):
+    """sum_t mask[b, t] * values[b, t] -> (B,). Values outside the mask are ignored, even if inf or NaN."""
+    values = _f32(values)
+    return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(-1)
+
+
+def masked_mean(values, mask):
+    """(1/|mask_b|) sum_t mask[b, t] * values[b, t] -> (B,); 0 for an empty row (never 0/0)."""
+    return masked_sum(values, mask) / mask.sum(-1).clamp(min=1)
+
+
+def top_k_mask(keys, mask, k):
+    """Per row, the k[b] positions of `mask` with the largest keys, ties to the earliest position -> (B, T) bool.
+
+    keys (B, T) float, mask (B, T) bool, k (B,) long. Vectorised: one stable sort per row, then keep ranks < k.
+    The selection rule behind SePO's Eq. 25 and ConfPO-rand.
+    """
+    keys = keys.masked_fill(~mask, -torch.inf)  # non-response positions rank last
+    order = keys.argsort(dim=-1, descending=True, stable=True)  # (B, T) positions, best first, ties earliest
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions)  # ranks[b, order[b, r]] = r
+    return mask & (ranks < k[:, None])
+
+
+def sigmoid_loss(logits, label_smoothing=0.0):
+    """Bradley-Terry negative log-likelihood: -log sigmoid(z), or with conservative label smoothing eps
+    (cDPO): -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)."""
+    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+
+
+def zero_empty_pairs(losses, chosen_mask, rejected_mask):
+    """The rule of every selective loss: a pair whose selection is empty on either side gets loss 0 and stays in
+    the batch mean (the ConfPO authors' code does the same; SePO's divides 0 by 0). Returns (losses, empty (B,))."""
+    empty = (chosen_mask.sum(-1) == 0) | (rejected_mask.sum(-1) == 0)
+    return torch.where(empty, torch.zeros_like(losses), losses), empty
+
+
+def _detached(**metrics):
+    return {k: v.detach() for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Objectives. Arguments, for all of them:
+#   chosen_logps, rejected_logps: (B, T) policy per-token log-probs (y^w and y^l)
+#   chosen_mask, rejected_mask:   (B, T) bool, the tokens that count
+#   ref_chosen_logps, ref_rejected_logps: (B, T) reference per-token log-probs on the same token ids
+# The two sides may have different T. Returns (losses (B,), metrics).
+# ---------------------------------------------------------------------------------------------------------------
+
+def nll(logps, mask):
+    """Mean token negative log-likelihood of each response: -(1/|y|) log pi(y|x) -> (B,).
+
+    NOTE(deviation): Table 5 writes the regulariser of RRHF, SLiC-HF, CPO as -lambda log pi(y_w|x) (a sum); like the
+    original RRHF, CPO and ORPO code and TRL, we use the per-token mean, which keeps lambda independent of length.
+    """
+    return -masked_mean(logps, mask)
+
+
+def sft_loss(logps, mask, length_normalize=True):
+    """SFT (SePO Eq. 23): L = -log pi(y^w | x), on the chosen responses only.
+
+    Returns per-response -(1/|y|) sum_t log pi(y_t) (length_normalize=True) or -sum_t log pi(y_t) (False), and
+    metrics `nll` (mean token NLL) and `tokens` (|y|). train.py divides the sum by the global token count, the
+    Hugging Face convention for SFT.
+    """
+    total = -masked_sum(logps, mask)
+    tokens = mask.sum(-1)
+    losses = total / tokens.clamp(min=1) if length_normalize else total
+    return losses, _detached(nll=total / tokens.clamp(min=1), tokens=tokens.float())
+
+
+def dpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1, label_smoothing=0.0):
+    """DPO (Rafailov et al. 2023; ConfPO Eq. 4):
+    L = -log sigmoid( beta log pi(y_w)/pi_ref(y_w) - beta log pi(y_l)/pi_ref(y_l) ), log-ratios summed over tokens.
+
+    label_smoothing eps > 0 gives conservative DPO: -(1-eps) log sigmoid(z) - eps log sigmoid(-z).
+    Metrics: rewards = beta * summed log-ratio.
+    """
+    # beta * log pi_theta(y|x)/pi_ref(y|x), summed over the masked tokens
+    rewards_chosen = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
+    rewards_rejected = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
+    losses = sigmoid_loss(rewards_chosen - rewards_rejected, label_smoothing)
+    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+
+
+def ipo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
+             tau=0.1):
+    """IPO (Azar et al. 2024):
+    L = ( log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l) - 1/(2 tau) )^2.
+
+    NOTE(deviation): Table 5 writes summed log-ratios; like TRL (whose `beta` is this tau) we average them over
+    tokens, which is what the SimPO/ConfPO baselines ran and keeps 1/(2 tau) meaningful across lengths.
+    Metrics: rewards = mean token log-ratio.
+    """
+    # log pi_theta(y|x)/pi_ref(y|x), averaged over the masked tokens
+    rewards_chosen = masked_mean(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
+    rewards_rejected = masked_mean(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
+    losses = (rewards_chosen - rewards_rejected - 1 / (2 * tau)) ** 2
+    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+
+
+def simpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=2.0, gamma=1.0,
+               label_smoothing=0.0, chosen_length=None, rejected_length=None):
+    """SimPO (Meng et al. 2024; ConfPO Eq. 5-6):
+    r(x, y) = beta/|y| sum_t log pi(y_t);   L = -log sigmoid( r(x, y_w) - r(x, y_l) - gamma ).
+
+    Defaults beta 2.0, gamma 1.0: SimPO's Llama-3-Base setting (gamma/beta = 0.5).
+    |y| is the number of masked tokens unless chosen_length / rejected_length (B,) are given: ConfPO's option of
+    normalising a selection by the whole response length. Over a confidence mask this is ConfPO (confpo.py), over
+    an oracle selection with gamma 0 it is SePO's Eq. 26 (sepo.py).
+    """
+    chosen_length = chosen_mask.sum(-1) if chosen_length is None else chosen_length
+    rejected_length = rejected_mask.sum(-1) if rejected_length is None else rejected_length
+    # r = beta/|y| * sum_t log pi(y_t)
+    rewards_chosen = beta * masked_sum(chosen_logps, chosen_mask) / chosen_length.clamp(min=1)
+    rewards_rejected = beta * masked_sum(rejected_logps, rejected_mask) / rejected_length.clamp(min=1)
+    losses = sigmoid_loss(rewards_chosen - rewards_rejected - gamma, label_smoothing)
+    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+
+
+def cpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=0.1, lambda_=1.0):
+    """CPO (Xu et al. 2024):
+    L = -log sigmoid( beta log pi(y_w) - beta log pi(y_l) ) - lambda log pi(y_w), log-probs summed over tokens,
+    the NLL term as a token mean (see `nll`). lambda 1.0 as in the CPO paper (TRL's cpo_alpha).
+    """
+    rewards_chosen = beta * masked_sum(chosen_logps, chosen_mask)
+    rewards_rejected = beta * masked_sum(rejected_logps, rejected_mask)
+    losses = sigmoid_loss(rewards_chosen - rewards_rejected) + lambda_ * nll(chosen_logps, chosen_mask)
+    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+
+
+def rrhf_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, lambda_=1.0):
+    """RRHF (Yuan et al. 2023):
+    L = max(0, -(1/|y_w|) log pi(y_w) + (1/|y_l|) log pi(y_l)) - lambda log pi(y_w), NLL as a token mean.
+    lambda 1.0: RRHF adds its ranking and fine-tuning losses unweighted.
+    """
+    rewards_chosen = masked_mean(chosen_logps, chosen_mask)
+    rewards_rejected = masked_mean(rejected_logps, rejected_mask)
+    losses = torch.relu(rewards_rejected - rewards_chosen) + lambda_ * nll(chosen_logps, chosen_mask)
+    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+
+
+def slic_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, delta=1.0, lambda_=0.1):
+    """SLiC-HF (Zhao et al. 2023):
+    L = max(0, delta - log pi(y_w) + log pi(y_l)) - lambda log pi(y_w), log-probs summed, NLL as a token mean.
+    delta 1.0 and lambda 0.1 are from the grid SimPO searched for this baseline.
+    """
+    rewards_chosen = masked_sum(chosen_logps, chosen_mask)
+    rewards_rejected = masked_sum(rejected_logps, rejected_mask)
+    losses = torch.relu(delta - rewards_chosen + rewards_rejected) + lambda_ * nll(chosen_logps, chosen_mask)
+    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable at both ends (Maechler 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, lambda_=0.1):
+    """ORPO (Hong et al. 2024):
+    p(y|x) = exp( (1/|y|) log pi(y|x) ),  odds(y) = p / (1 - p),
+    L = -log p(y_w|x) - lambda log sigmoid( log odds(y_w) - log odds(y_l) ).  lambda 0.1 as in the ORPO paper.
+
+    A response whose mean log-prob is exactly 0 (p = 1) has infinite odds; its mean is capped at -1e-6 so the
+    loss and its gradient stay finite. Metrics: rewards = (1/|y|) log pi(y|x).
+    """
+    # log p(y|x) = (1/|y|) log pi(y|x), capped below 0
+    logp_chosen = masked_mean(chosen_logps, chosen_mask).clamp(max=-1e-6)
+    logp_rejected = masked_mean(rejected_logps, rejected_mask).clamp(max=-1e-6)
+    # log odds = log p - log(1 - p)
+    log_odds = (logp_chosen - _log1mexp(logp_chosen)) - (logp_rejected - _log1mexp(logp_rejected))
+    losses = -logp_chosen - lambda_ * F.logsigmoid(log_odds)
+    return losses, _detached(rewards_chosen=logp_chosen, rewards_rejected=logp_rejected, log_odds=log_odds)
+
+
+def rdpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
+              beta=0.1, alpha=0.05):
+    """R-DPO (Park et al. 2024), as written in ConfPO's (and SimPO's) Table 5:
+    L = -log sigmoid( beta log pi(y_w)/pi_ref(y_w) - beta log pi(y_l)/pi_ref(y_l) + (alpha |y_w| - alpha |y_l|) ).
+    alpha 0.05 from the grid SimPO searched. Metrics: rewards = beta * summed log-ratio (no length term).
+    """
+    rewards_chosen = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
+    rewards_rejected = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
+    # + (alpha |y_w| - alpha |y_l|)
+    length_term = alpha * (chosen_mask.sum(-1) - rejected_mask.sum(-1)).to(rewards_chosen.dtype)
+    losses = sigmoid_loss(rewards_chosen - rewards_rejected + length_term)
+    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+
+
+def kto_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
+             beta=0.1, lambda_w=1.0, lambda_l=1.0, z_ref=None):
+    """KTO (Ethayarajh et al. 2024), paired form: each pair gives one desirable and one undesirable example.
+    r(y) = beta log pi(y)/pi_ref(y) (summed);  z_ref = E[beta KL(pi || pi_ref)];
+    L = lambda_w (1 - sigmoid(r(y_w) - z_ref)) + lambda_l (1 - sigmoid(z_ref - r(y_l))).
+
+    z_ref: a scalar; None estimates it from this batch as beta * the mean summed log-ratio over all its responses,
+    detached and clamped at 0 (TRL's estimate, which uses mismatched pairs; train.py may pass an all-reduced one).
+    NOTE(deviation): Table 5 prints the losses as -lambda_w sigmoid(...) + lambda_l sigmoid(z_ref - r(y_l)); the
+    second sign is a typo (it would raise the rejected reward); we follow the KTO paper, 1 - v(x, y). TRL averages
+    over the 2B examples, which is half this per-pair sum.
+    """
+    rewards_chosen = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
+    rewards_rejected = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
+    if z_ref is None:
+        z_ref = torch.cat([rewards_chosen, rewards_rejected]).mean().detach().clamp(min=0)
+    losses = (lambda_w * (1 - torch.sigmoid(rewards_chosen - z_ref))
+              + lambda_l * (1 - torch.sigmoid(z_ref - rewards_rejected)))
+    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected,
+                             z_ref=torch.as_tensor(z_ref, device=losses.device).expand_as(losses))
