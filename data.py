@@ -1,0 +1,672 @@
+"""Preference data: load and check pairs, tokenize them with response masks, batch them; plus an offline tiny world.
+
+Layout of this file, top to bottom:
+  1. load_preferences      any source (JSONL / JSON / Parquet file, `save_to_disk` folder, hub name, in-memory rows)
+                           and any of TRL's three forms -> one explicit-prompt layout, every row checked.
+  2. tokenize_preferences  prompt ids + response ids, labels -100 on the prompt, TRL/SimPO truncation, cached `map`.
+  3. collate_pairs         chosen and rejected stacked into one padded batch, chosen rows first.
+  4. the synthetic task    prompt/chosen/rejected pairs decided by a few known key tokens, and a programmatic reward.
+  5. the tiny world        a tokenizer, tiny Llama / GPT-NeoX models and the synthetic data, built offline in seconds.
+  6. the command line      `python data.py build-world [--root tiny_world] [--seed 0]`
+                           `python data.py check FILE [--form auto] [--skip-bad-rows] [--tokenizer PATH]`
+
+TRL conventions followed (trl.data_utils, DPOTrainer.tokenize_row):
+  - standard form: `prompt`, `chosen`, `rejected` strings; conversational form: lists of {role, content} messages,
+    either with an explicit `prompt` or with the whole conversation in `chosen`/`rejected` (UltraFeedback-binarized);
+    implicit prompt: only `chosen`/`rejected` strings whose shared prefix is the prompt (Anthropic HH-RLHF).
+  - with a chat template the prompt is `apply_chat_template(prompt, add_generation_prompt=True)` and the response is
+    the rendered conversation minus that prefix; prompt and response are tokenized separately and concatenated.
+  - the response ends with exactly one EOS; labels are -100 on the prompt and equal to the ids on the response.
+  - truncation keeps the end of the prompt and the start of each response (truncation_mode="keep_end").
+Repo-wide convention: response tokens (the final EOS included) are the positions where labels != -100.
+"""
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import warnings
+
+import datasets
+import torch
+
+IGNORE = -100  # label of prompt and padding positions (PyTorch's cross-entropy ignore_index)
+FORMS = ("auto", "standard", "conversational", "implicit")
+WORLD_VERSION = 1  # bump when anything the tiny world writes changes, so old folders are rebuilt
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (or "<in-memory>"), the 0-based row and the field."""
+
+
+# ------------------------------------------------------------------------------------------------- 1. loading
+
+def _read_source(source, split, cache_dir):
+    """-> (datasets.Dataset or list of dicts, name used in error messages)."""
+    if isinstance(source, datasets.Dataset):
+        return source, "<in-memory>"
+    if isinstance(source, (list, tuple)):
+        return list(source), "<in-memory>"
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: no split '{split}' (has {sorted(ds)})")
+            ds = ds[split]
+        return ds, path
+    ext = path.lower().rsplit(".", 1)[-1]
+    builder = {"jsonl": "json", "json": "json", "parquet": "parquet"}.get(ext)
+    if builder is None and not os.path.exists(path):
+        try:  # not a local path: a hub dataset name
+            return datasets.load_dataset(path, split=split, cache_dir=cache_dir), path
+        except Exception as e:
+            raise DataError(f"{path}: not a local file or folder, and loading it as a hub dataset failed: {e}") from e
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file does not exist")
+    if builder is None:
+        raise DataError(f"{path}: unknown file type (expected .jsonl, .json or .parquet)")
+    try:
+        # A local file is one split by itself: `split` is ignored.
+        ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
+        # Arrow's JSON reader may keep invalid UTF-8 inside strings, to fail later when a row is read: check now.
+        ds.data.table.validate(full=True)
+        return ds, path
+    except Exception as e:  # Arrow's errors name neither the row nor the field: find them ourselves
+        raise _locate_bad_json(path, builder) or DataError(f"{path}: could not be read: {e}") from e
+
+
+def _locate_bad_json(path, builder):
+    """Re-read a JSON/JSONL file that Arrow refused, to name the row and field of invalid UTF-8 or invalid JSON."""
+    if builder != "json":
+        return None
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="surrogateescape")  # bad bytes become lone surrogates
+    try:
+        rows = json.loads(text)
+        rows = rows if isinstance(rows, list) else [rows]
+    except json.JSONDecodeError:
+        rows = []
+        for i, line in enumerate(l for l in text.splitlines() if l.strip()):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                return DataError(f"{path} row {i}: invalid JSON: {e}")
+    for i, row in enumerate(rows):
+        for field, value in (row.items() if isinstance(row, dict) else []):
+            if re.search("[\udc80-\udcff]", json.dumps(value, ensure_ascii=False)):
+                return DataError(f"{path} row {i}, field '{field}': invalid UTF-8 bytes")
+    return None
+
+
+def _text(value, field, form):
+    """Check one string field of a row and return it; raise DataError("field ...") otherwise."""
+    if value is None:
+        raise DataError(f"field '{field}': missing")
+    if not isinstance(value, str):
+        raise DataError(f"field '{field}': expected a string ({form} form), got {type(value).__name__}")
+    try:
+        value.encode("utf-8")  # lone surrogates: text that was decoded with errors="surrogateescape" upstream
+    except UnicodeEncodeError:
+        raise DataError(f"field '{field}': text is not valid UTF-8") from None
+    if not value.strip():
+        raise DataError(f"field '{field}': empty")
+    return value
+
+
+def _messages(value, field):
+    """Check a list of {role, content} messages; return it reduced to those two keys."""
+    if value is None:
+        raise DataError(f"field '{field}': missing")
+    if not isinstance(value, list):
+        raise DataError(f"field '{field}': expected a list of messages (conversational form), "
+                        f"got {type(value).__name__}")
+    out = []
+    for k, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"field '{field}': message {k} is not a dict with string 'role' and 'content'")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"field '{field}': message {k} is not valid UTF-8") from None
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def split_implicit(chosen, rejected):
+    """Index where the responses start in an implicit-prompt pair (prompt = chosen[:index] = rejected[:index]).
+
+    Rule: take the longest common prefix of the two strings; if it contains "\\n\\nAssistant:" (HH-RLHF), cut right
+    after the last one; otherwise cut at its last whitespace character, which then starts the response (" word", as
+    TRL's extract_prompt and GPT-style tokenizers do). So a response never starts in the middle of a word.
+    """
+    n = len(os.path.commonprefix([chosen, rejected]))
+    common = chosen[:n]
+    marker = common.rfind("\n\nAssistant:")
+    if marker >= 0:
+        return marker + len("\n\nAssistant:")
+    spaces = [m.start() for m in re.finditer(r"\s", common)]
+    return spaces[-1] if spaces else 0
+
+
+def _to_explicit(ex, form):
+    """One raw row -> (prompt, chosen, rejected) in the explicit-prompt layout; raises DataError("field ...")."""
+    if form == "standard":
+        return tuple(_text(ex.get(f), f, form) for f in ("prompt", "chosen", "rejected"))
+    if form == "implicit":
+        chosen, rejected = _text(ex.get("chosen"), "chosen", form), _text(ex.get("rejected"), "rejected", form)
+        cut = split_implicit(chosen, rejected)
+        if not chosen[:cut].strip():
+            raise DataError("field 'prompt': chosen and rejected share no prefix to use as the prompt")
+        for field, text in (("chosen", chosen), ("rejected", rejected)):
+            _text(text[cut:], field, "implicit")  # a response that is empty once the prompt is removed
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    # Conversational: the prompt is every message before the final assistant turn, which must be shared.
+    chosen, rejected = _messages(ex.get("chosen"), "chosen"), _messages(ex.get("rejected"), "rejected")
+    prompt = ex.get("prompt")
+    if isinstance(prompt, str) and len(chosen) == 1:  # string prompt with message responses
+        prompt = [{"role": "user", "content": _text(prompt, "prompt", "standard")}]
+    elif isinstance(prompt, str) or prompt is None:  # UltraFeedback: the prompt string repeats chosen[0]
+        prompt = []
+    else:
+        prompt = _messages(prompt, "prompt")
+    for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if not msgs or msgs[-1]["role"] != "assistant":
+            raise DataError(f"field '{field}': the last message must be an assistant turn")
+        if not msgs[-1]["content"].strip():
+            raise DataError(f"field '{field}': empty response")
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError("field 'rejected': the conversation before the final assistant turn differs from chosen's")
+    prompt = prompt + chosen[:-1]
+    if not any(m["content"].strip() for m in prompt):
+        raise DataError("field 'prompt': empty")
+    return prompt, chosen[-1:], rejected[-1:]
+
+
+def _explicit_row(ex, idx, form):
+    """`datasets.map` function: the converted row plus `_error` ("" when fine) and `_same` (chosen == rejected)."""
+    try:
+        prompt, chosen, rejected = _to_explicit(ex, form)
+    except DataError as e:
+        return {"prompt": None, "chosen": None, "rejected": None, "row": idx, "_error": f"row {idx}, {e}",
+                "_same": False}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "row": idx, "_error": "",
+            "_same": chosen == rejected}
+
+
+def _detect_form(rows):
+    """First row with a `chosen`: messages -> conversational; else standard if there is a prompt, else implicit."""
+    for ex in rows:
+        if ex.get("chosen") is not None:
+            if isinstance(ex["chosen"], list):
+                return "conversational"
+            return "standard" if ex.get("prompt") is not None else "implicit"
+    return "standard"
+
+
+def load_preferences(source, split="train", form="auto", cache_dir=None, skip_bad_rows=False):
+    """Load preference pairs from any source into TRL's explicit-prompt layout, checking every row.
+
+    source: .jsonl / .json / .parquet path (one split), a `save_to_disk` folder, a hub dataset name, a
+        datasets.Dataset or a list of dicts. form: "auto" | "standard" | "conversational" | "implicit".
+    Returns a Dataset with `prompt`, `chosen`, `rejected` (strings; or for conversations: the prompt messages and
+    a one-message list holding the final assistant turn), `row` (0-based index in the source) and every other
+    original column. Bad rows raise DataError (file, row, field) or, with skip_bad_rows, are skipped and counted.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    data, name = _read_source(source, split, cache_dir)
+    if len(data) == 0:
+        raise DataError(f"{name}: no rows")
+    if form == "auto":
+        form = _detect_form(data if isinstance(data, list) else data.select(range(min(len(data), 100))))
+    if isinstance(data, list):  # Arrow would refuse mixed types before we could name the row: check in Python
+        rows = [{**ex, **_explicit_row(ex, i, form)} if isinstance(ex, dict) else
+                {"_error": f"row {i}, field '<row>': expected a dict, got {type(ex).__name__}"}
+                for i, ex in enumerate(data)]
+        errors = [r["_error"] for r in rows]
+    else:
+        ds = data.map(_explicit_row, with_indices=True, fn_kwargs={"form": form}, desc="checking rows")
+        errors = list(ds["_error"])
+    bad = [e for e in errors if e]
+    if bad and not skip_bad_rows:
+        raise DataError(f"{name} {bad[0]}")
+    if len(bad) == len(errors):
+        raise DataError(f"{name}: no valid rows ({bad[0]})")
+    if bad:
+        print(f"{name}: skipped {len(bad)} bad rows of {len(errors)}; first reasons:")
+        for reason in bad[:5]:
+            print(f"  {name} {reason}")
+    if isinstance(data, list):
+        ds = datasets.Dataset.from_list([r for r in rows if not r["_error"]])
+    elif bad:
+        ds = ds.select([i for i, e in enumerate(errors) if not e])
+    same = sum(ds["_same"])
+    if same:
+        warnings.warn(f"{name}: {same} pairs have chosen == rejected (kept; they carry no preference signal)")
+    return ds.remove_columns(["_error", "_same"])
+
+
+# -------------------------------------------------------------------------------------------- 2. tokenizing
+
+def _render(prompt, response, tokenizer, use_template):
+    """One pair side -> (prompt_text, response_text, content, content_start).
+
+    response_text is what the model must generate after prompt_text, without the final EOS (added as an id);
+    content is the response as written in the data (the string, or the final assistant message's content) and
+    content_start its index in response_text (-1 if the template altered it).
+    """
+    content = response[-1]["content"] if isinstance(prompt, list) else response
+    if not use_template:
+        if isinstance(prompt, list):  # plain rendering of a conversation for tokenizers without a template
+            return "".join(f"{m['role']}: {m['content']}\n\n" for m in prompt) + "assistant: ", content, content, 0
+        return prompt, content, content, 0
+    if not isinstance(prompt, list):  # NOTE(deviation): TRL leaves strings untemplated; we wrap them as one turn each
+        prompt, response = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": response}]
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise DataError("the chat template renders the prompt differently once the response follows")
+    text = full[len(prompt_text):]
+    start = text.find(content)
+    end = start + len(content) if start >= 0 else 0
+    # The turn ends at the first EOS after the content: cut it (re-added as an id) and whatever the template renders
+    # after it (ChatML's "\n"). A template whose end-of-turn token is not the EOS (Llama-3's <|eot_id|> with
+    # eos <|end_of_text|>) keeps that token, minus trailing whitespace, and gets the EOS after it: generation can
+    # then stop on either, and every response still ends with exactly one EOS.
+    eot = text.find(tokenizer.eos_token, end)
+    text = text[:eot] if eot >= 0 else text[:end] + text[end:].rstrip()
+    return prompt_text, text, content, start
+
+
+def _tokenize_batch(batch, tokenizer, max_length, max_prompt_length, use_template, offsets):
+    """Batched `datasets.map` function: see tokenize_preferences. Drops pairs left with an empty response."""
+    keys = "chosen_key_spans" in batch
+    need_offsets = offsets or keys
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = {k: [] for k in ("row", "prompt_len", "_trunc_prompt", "_trunc_response")}
+    for i in range(len(batch["row"])):
+        sides = {}
+        for side in ("chosen", "rejected"):
+            prompt_text, text, content, start = _render(batch["prompt"][i], batch[side][i], tokenizer, use_template)
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=need_offsets)
+            if need_offsets and start < 0:
+                raise DataError(f"row {batch['row'][i]}, field '{side}': the chat template alters the response "
+                                f"text, so its character offsets are unknown")
+            # Offsets within `content`: the part of each token inside it, [-1, -1] outside (template tokens, EOS).
+            spans = [[max(s, start) - start, min(e, start + len(content)) - start] for s, e in
+                     enc["offset_mapping"]] if need_offsets else []
+            spans = [sp if sp[1] > sp[0] else [-1, -1] for sp in spans] + [[-1, -1]]
+            sides[side] = (enc["input_ids"] + [eos], spans)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        if bos is not None and prompt_ids[:1] != [bos]:  # the template may already start with BOS
+            prompt_ids = [bos] + prompt_ids
+        # NOTE(deviation): TRL <= 0.11 / SimPO cut the prompt only when the pair overflowed max_length; we always
+        # keep the last max_prompt_length prompt tokens (newer TRL), then cut responses to fit in max_length.
+        trunc_prompt = len(prompt_ids) > max_prompt_length
+        prompt_ids = prompt_ids[-max_prompt_length:] if trunc_prompt else prompt_ids
+        budget = max_length - len(prompt_ids)
+        if budget <= 0:
+            continue  # both responses would be empty: drop the pair
+        # A response cut from the right keeps no EOS, as in TRL and SimPO: the model is not taught to stop there.
+        out["_trunc_response"].append(any(len(sides[s][0]) > budget for s in sides))
+        out["_trunc_prompt"].append(trunc_prompt)
+        out["row"].append(batch["row"][i])
+        out["prompt_len"].append(len(prompt_ids))
+        for side, (ids, spans) in sides.items():
+            ids, spans = ids[:budget], spans[:budget]
+            n = len(prompt_ids)
+            out.setdefault(f"{side}_input_ids", []).append(prompt_ids + ids)
+            out.setdefault(f"{side}_labels", []).append([IGNORE] * n + ids)
+            if offsets:
+                out.setdefault(f"{side}_offsets", []).append([[-1, -1]] * n + spans)
+            if keys:  # 1 where a response token's character span overlaps a [start, end) key span
+                key_spans = batch[f"{side}_key_spans"][i] or []
+                key = [int(s >= 0 and any(s < b and a < e for a, b in key_spans)) for s, e in spans]
+                out.setdefault(f"{side}_key", []).append([0] * n + key)
+    return out
+
+
+def _tokenizer_hash(tokenizer):
+    """A stable hash of everything in the tokenizer that changes the ids (datasets' own hash of it is not stable)."""
+    state = (tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False)
+             else json.dumps(sorted(tokenizer.get_vocab().items())))
+    extra = [type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token]
+    return hashlib.sha256((state + json.dumps(extra)).encode()).hexdigest()
+
+
+def tokenize_preferences(ds, tokenizer, max_length=2048, max_prompt_length=1800, num_proc=1, offsets=False,
+                         chat_template=None):
+    """Tokenize explicit-prompt pairs (the output of load_preferences) once, with a cached, resumable `map`.
+
+    Per pair: `row`, `prompt_len`, `chosen_input_ids` / `rejected_input_ids` (prompt ids + response ids, the
+    response ending with one EOS unless truncated), `chosen_labels` / `rejected_labels` (-100 on the prompt).
+    With `chosen_key_spans` / `rejected_key_spans` in ds: `chosen_key` / `rejected_key`, 0/1 per token, 1 on
+    response tokens overlapping a key span. offsets=True: `chosen_offsets` / `rejected_offsets`, per token
+    [start, end) in the response text, [-1, -1] on prompt, template and EOS tokens.
+    chat_template: None uses the tokenizer's template if it has one; False forces plain concatenation.
+    Returns (dataset, {"kept", "dropped_empty", "truncated_prompt", "truncated_response"}); the truncation counts
+    are numbers of kept pairs.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: every response must end with one")
+    use_template = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else bool(chat_template)
+    if (offsets or "chosen_key_spans" in ds.column_names) and not getattr(tokenizer, "is_fast", False):
+        raise ValueError("offsets and key masks need a fast tokenizer (return_offsets_mapping)")
+    if num_proc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; avoids the tokenizers warning
+    # A fingerprint fixed by the data, the tokenizer, the options and this code: the same call finds its cache
+    # files again, and with num_proc > 1 re-uses every shard a killed run had finished.
+    args = [ds._fingerprint, _tokenizer_hash(tokenizer), max_length, max_prompt_length, use_template, offsets,
+            inspect.getsource(_tokenize_batch), inspect.getsource(_render)]
+    fingerprint = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:32]
+    out = ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1
+                 else None, new_fingerprint=fingerprint, desc="tokenizing",
+                 fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                                use_template=use_template, offsets=offsets))
+    stats = {"kept": len(out), "dropped_empty": len(ds) - len(out), "truncated_prompt": sum(out["_trunc_prompt"]),
+             "truncated_response": sum(out["_trunc_response"])}
+    return out.remove_columns(["_trunc_prompt", "_trunc_response"]), stats
+
+
+# ---------------------------------------------------------------------------------------------- 3. batching
+
+def _as_list(x):
+    return x.tolist() if hasattr(x, "tolist") else list(x)
+
+
+def collate_pairs(rows, pad_token_id, token_fields=(), pad_side="right", pad_to_multiple_of=None):
+    """Stack B tokenized pairs into one batch of 2B rows: chosen rows 0..B-1, rejected rows B..2B-1.
+
+    Returns input_ids [2B, T] (padded with pad_token_id), attention_mask [2B, T], labels [2B, T] (-100 on prompt
+    and padding), and per name f in token_fields a tensor f [2B, T] from `chosen_<f>` / `rejected_<f>` (float32
+    if any value is a float, else long; padded with 0). T = longest row, rounded up to pad_to_multiple_of.
+    pad_side="left" puts the padding first (generation, scoring).
+    """
+    if pad_side not in ("right", "left"):
+        raise ValueError(f"pad_side must be 'right' or 'left', got {pad_side!r}")
+    sides = [(r, "chosen") for r in rows] + [(r, "rejected") for r in rows]
+    ids = [_as_list(r[f"{s}_input_ids"]) for r, s in sides]
+    T = max(len(x) for x in ids)
+    if pad_to_multiple_of:
+        T = math.ceil(T / pad_to_multiple_of) * pad_to_multiple_of
+
+    def pad(seqs, value):
+        return [[value] * (T - len(x)) + x if pad_side == "left" else x + [value] * (T - len(x)) for x in seqs]
+
+    batch = {"input_ids": torch.tensor(pad(ids, pad_token_id), dtype=torch.long),
+             "attention_mask": torch.tensor(pad([[1] * len(x) for x in ids], 0), dtype=torch.long),
+             "labels": torch.tensor(pad([_as_list(r[f"{s}_labels"]) for r, s in sides], IGNORE), dtype=torch.long)}
+    for f in token_fields:
+        vals = [_as_list(r[f"{s}_{f}"]) for r, s in sides]
+        if any(len(v) != len(x) for v, x in zip(vals, ids)):
+            raise ValueError(f"token field '{f}' is not aligned with input_ids (lengths differ)")
+        is_float = any(isinstance(v, float) for row in vals for v in row)
+        batch[f] = torch.tensor(pad(vals, 0), dtype=torch.float32 if is_float else torch.long)
+    return batch
+
+
+# ------------------------------------------------------------------------------------ 4. the synthetic task
+# Three kinds of pairs; chosen and rejected share their wording and differ in one key word or number, which the
+# `*_key_spans` fields locate ([start, end) characters in the response). Openers and closers add noise: in a quarter
+# of the pairs chosen and rejected get different openers, a difference that carries no preference.
+OPENERS = ["", "Sure. ", "Okay. ", "Here you go. ", "Of course. "]
+CLOSERS = ["", " Hope this helps.", " Let me know if you need more."]
+SUM_PROMPTS = ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What do you get when you add {a} and {b}?"]
+SUM_ANSWERS = ["{a} + {b} = {k}.", "The sum is {k}.", "Adding them gives {k}.", "{a} plus {b} is {k}."]
+TOPICS = {  # topic: (the word a plain answer would use, which the prompt forbids; words that avoid it)
+    "ocean": ("blue", ["deep", "vast", "wide"]), "sky": ("blue", ["clear", "open", "bright"]),
+    "grass": ("green", ["fresh", "soft", "tall"]), "snow": ("white", ["cold", "soft", "fresh"]),
+    "night": ("dark", ["quiet", "still", "long"]), "desert": ("hot", ["dry", "wide", "quiet"]),
+    "lemon": ("sour", ["bright", "fresh", "sharp"]), "forest": ("green", ["tall", "deep", "quiet"]),
+    "fire": ("hot", ["bright", "fierce", "loud"]), "coffee": ("bitter", ["strong", "rich", "warm"]),
+    "ice": ("cold", ["hard", "smooth", "clear"]), "honey": ("sweet", ["thick", "golden", "rich"]),
+}
+WORD_PROMPTS = ['Describe the {t} without using the word "{w}".', 'Write one sentence about the {t}. Do not use '
+                'the word "{w}".', 'Tell me about the {t}, but avoid the word "{w}".']
+WORD_ANSWERS = ["The {t} is {k} and {y} today.", "I think the {t} looks {k} and {y}.", "In short, the {t} is {k}, "
+                "{y} and calm."]
+POSITIVE = ["great", "wonderful", "excellent", "delightful", "lovely", "superb"]
+NEGATIVE = ["terrible", "awful", "boring", "disappointing", "dreadful", "poor"]
+ITEMS = ["cafe", "movie", "book", "hotel", "phone", "concert", "restaurant", "game", "jacket", "museum"]
+REVIEW_PROMPTS = ["Write a {p} review of the {i}.", "Give a short {p} review of the {i}.",
+                  "Review the {i} in a {p} tone."]
+REVIEW_ANSWERS = ["The {i} was {k}.", "I found the {i} {k}, to be honest.", "Overall, the {i} was {k} from start "
+                  "to end.", "My time with the {i} was {k}."]
+
+
+def _response(template, key, opener, closer, **fields):
+    """Fill a template whose {k} is the key text -> (response, [start, end) of the key)."""
+    before, after = template.format(k="\0", **fields).split("\0")
+    text = opener + before + key + after + closer
+    return text, [len(opener) + len(before), len(opener) + len(before) + len(key)]
+
+
+def synthetic_pair(rng):
+    """One pair: {task, prompt, chosen, rejected, chosen_key_spans, rejected_key_spans}, drawn from random.Random."""
+    task = rng.choice(["sum", "forbidden_word", "polarity"])
+    opener = rng.choice(OPENERS)
+    other_opener = rng.choice(OPENERS) if rng.random() < 0.25 else opener  # noise outside the key
+    closer = rng.choice(CLOSERS)
+    if task == "sum":
+        a, b = rng.randint(10, 89), rng.randint(10, 89)
+        good, bad = str(a + b), str(a + b + rng.choice([-1, 1]))  # off by one
+        # Key = the digits that differ ("7"/"8" in 57 vs 58; the whole number in 59 vs 60).
+        i = 0 if len(good) != len(bad) else min(j for j in range(len(good)) if good[j] != bad[j])
+        prompt, template = rng.choice(SUM_PROMPTS).format(a=a, b=b), rng.choice(SUM_ANSWERS)
+        chosen, cs = _response(template.replace("{k}", good[:i] + "{k}"), good[i:], opener, closer, a=a, b=b)
+        rejected, rs = _response(template.replace("{k}", bad[:i] + "{k}"), bad[i:], other_opener, closer, a=a, b=b)
+    elif task == "forbidden_word":
+        t = rng.choice(sorted(TOPICS))
+        w, alternatives = TOPICS[t]
+        k, y = rng.sample(alternatives, 2)
+        prompt, template = rng.choice(WORD_PROMPTS).format(t=t, w=w), rng.choice(WORD_ANSWERS)
+        chosen, cs = _response(template, k, opener, closer, t=t, y=y)
+        rejected, rs = _response(template, w, other_opener, closer, t=t, y=y)
+    else:
+        p, i = rng.choice(["positive", "negative"]), rng.choice(ITEMS)
+        good, bad = (POSITIVE, NEGATIVE) if p == "positive" else (NEGATIVE, POSITIVE)
+        prompt, template = rng.choice(REVIEW_PROMPTS).format(p=p, i=i), rng.choice(REVIEW_ANSWERS)
+        chosen, cs = _response(template, rng.choice(good), opener, closer, i=i)
+        rejected, rs = _response(template, rng.choice(bad), other_opener, closer, i=i)
+    return {"task": task, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "chosen_key_spans": [cs], "rejected_key_spans": [rs]}
+
+
+def synthetic_reward(prompt, response):
+    """Judge a generated answer to a synthetic prompt from the prompt alone -> reward in [0, 1].
+
+    sum: 1 if the last number is the correct sum, 0.5 if it appears elsewhere, else 0. forbidden word: 0 if the
+    word is used, 1 if the answer avoids it and names the topic, 0.5 otherwise. polarity: 0 if any word of the
+    opposite polarity appears, 1 if a word of the asked polarity does, 0.5 otherwise.
+    """
+    words = set(re.findall(r"[a-z]+", response.lower()))
+    forbidden = re.search(r'the word "([^"]+)"', prompt)
+    if forbidden:
+        topic = re.search(r"the (\w+)", prompt).group(1)
+        return 0.0 if forbidden.group(1).lower() in words else 1.0 if topic in words else 0.5
+    polarity = re.search(r"\b(positive|negative)\b", prompt)
+    if polarity:
+        good, bad = (POSITIVE, NEGATIVE) if polarity.group(1) == "positive" else (NEGATIVE, POSITIVE)
+        return 0.0 if words & set(bad) else 1.0 if words & set(good) else 0.5
+    a, b = (int(x) for x in re.findall(r"\d+", prompt)[:2])
+    numbers = [int(x) for x in re.findall(r"\d+", response)]
+    return 1.0 if numbers[-1:] == [a + b] else 0.5 if a + b in numbers else 0.0
+
+
+def synthetic_pairs(n, seed):
+    """n pairs from a generator seeded with `seed` (the same seed always gives the same pairs)."""
+    rng = random.Random(seed)
+    return [synthetic_pair(rng) for _ in range(n)]
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_synthetic_task(out_dir, n_train=2000, n_test=200, seed=0):
+    """Write train.jsonl and test.jsonl (standard form + task and key spans) -> {"train": path, "test": path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"train": os.path.join(out_dir, "train.jsonl"), "test": os.path.join(out_dir, "test.jsonl")}
+    _write_jsonl(paths["train"], synthetic_pairs(n_train, seed))
+    _write_jsonl(paths["test"], synthetic_pairs(n_test, seed + 1_000_003))  # an independent stream
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- 5. the tiny world
+# ChatML-like templates whose end-of-turn token is the EOS. The BPE one starts with BOS (as Llama-3's does), the
+# byte one does not (as ChatML's does not), so both branches of the BOS rule are exercised.
+TOKENIZERS = {
+    "bpe": dict(bos="<|bos|>", eos="<|im_end|>", pad="<|pad|>", turn="<|im_start|>", template_bos=True),
+    "char": dict(bos="<s>", eos="</s>", pad="<pad>", turn="<turn>", template_bos=False),
+}
+
+
+def build_tokenizer(path, kind="bpe", vocab_size=1024, seed=0):
+    """Train a byte-level tokenizer on the synthetic corpus and save it as a PreTrainedTokenizerFast at `path`.
+
+    kind="bpe": byte-level BPE, digits split one per token (as Llama-3). kind="char": no merges, one token per
+    UTF-8 byte (one per character on the ASCII synthetic task), with different special-token names.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    spec = TOKENIZERS[kind]
+    specials = [spec["pad"], spec["bos"], spec["eos"], spec["turn"]]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = [text for pair in synthetic_pairs(2000, seed) for text in (pair["prompt"], pair["chosen"],
+                                                                       pair["rejected"])]
+    corpus += ["user", "assistant", "system", "\n\nHuman: Hello\n\nAssistant: Hi"]
+    size = vocab_size if kind == "bpe" else len(alphabet) + len(specials)  # "char": room for no merge at all
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=size, min_frequency=2, special_tokens=specials,
+                                                        initial_alphabet=alphabet, show_progress=False))
+    turn, eos = spec["turn"], spec["eos"]
+    template = (("{{ bos_token }}" if spec["template_bos"] else "")
+                + "{% for m in messages %}" + turn + "{{ m['role'] }}\n{{ m['content'] }}" + eos + "\n{% endfor %}"
+                + "{% if add_generation_prompt %}" + turn + "assistant\n{% endif %}")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec["bos"], eos_token=eos, pad_token=spec["pad"],
+                                 extra_special_tokens=[turn], model_max_length=2048,
+                                 clean_up_tokenization_spaces=False)  # decode must give back the exact text
+    hf.chat_template = template
+    hf.save_pretrained(path)
+    return path
+
+
+MODEL_SIZES = {"tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+               "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)}
+
+
+def build_tiny_model(path, tokenizer_path, family="llama", size="tiny", seed=0):
+    """A randomly initialised causal LM (bit-identical for a seed) saved with its tokenizer at `path`."""
+    from transformers import (AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM)
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    common = dict(vocab_size=len(tok), max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **MODEL_SIZES[size])
+    torch.manual_seed(seed)  # the weights are drawn from torch's global generator at construction
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
+    elif family == "gpt_neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**common))
+    else:
+        raise ValueError(f"family must be 'llama' or 'gpt_neox', got {family!r}")
+    model.generation_config.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.pad_token_id)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _build_piece(path, seed, build):
+    """Build one world piece into a temporary folder and rename it into place; re-use it if its manifest matches.
+
+    A killed build leaves only a `*.tmp*` folder, never a half-written folder under the final name.
+    """
+    manifest = {"version": WORLD_VERSION, "seed": seed}
+    marker = os.path.join(path, "tiny_world.json")
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == manifest:
+                return path
+        shutil.rmtree(path)  # ours, but from another seed or version
+    elif os.path.exists(path):
+        raise FileExistsError(f"{path} exists and is not a tiny-world folder; not overwriting it")
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    with open(os.path.join(tmp, "tiny_world.json"), "w") as f:
+        json.dump(manifest, f)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process (another rank) finished the same piece first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def build_tiny_world(root="tiny_world", seed=0):
+    """Create (or re-use) the offline world -> dict of paths: tokenizer, tokenizer_char, llama-tiny, llama-small,
+    neox-tiny (models with their tokenizer), data (folder), train, test (JSONL files)."""
+    os.makedirs(os.path.join(root, "models"), exist_ok=True)
+    p = {"data": os.path.join(root, "data"), "tokenizer": os.path.join(root, "tokenizer"),
+         "tokenizer_char": os.path.join(root, "tokenizer_char")}
+    _build_piece(p["data"], seed, lambda d: write_synthetic_task(d, seed=seed))
+    _build_piece(p["tokenizer"], seed, lambda d: build_tokenizer(d, "bpe", seed=seed))
+    _build_piece(p["tokenizer_char"], seed, lambda d: build_tokenizer(d, "char", seed=seed))
+    for name, family, size in [("llama-tiny", "llama", "tiny"), ("llama-small", "llama", "small"),
+                               ("neox-tiny", "gpt_neox", "tiny")]:
+        p[name] = os.path.join(root, "models", name)
+        _build_piece(p[name], seed, lambda d: build_tiny_model(d, p["tokenizer"], family, size, seed))
+    p["train"], p["test"] = os.path.join(p["data"], "train.jsonl"), os.path.join(p["data"], "test.jsonl")
+    return p
+
+
+# ---------------------------------------------------------------------------------------- 6. command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    world = sub.add_parser("build-world", help="build (or re-use) the offline tiny world")
+    world.add_argument("--root", default="tiny_world")
+    world.add_argument("--seed", type=int, default=0)
+    check = sub.add_parser("check", help="validate a preference dataset and print kept/dropped counts")
+    check.add_argument("file")
+    check.add_argument("--form", default="auto", choices=FORMS)
+    check.add_argument("--skip-bad-rows", action="store_true")
+    check.add_argument("--tokenizer", help="also tokenize with this tokenizer and print the truncation counts")
+    check.add_argument("--max-length", type=int, default=2048)
+    check.add_argument("--max-prompt-length", type=int, default=1800)
+    args = parser.parse_args(argv)
+    if args.command == "build-world":
+        t0 = time.time()
+        for name, path in build_tiny_world(args.root, args.seed).items():
+            print(f"{name:15s} {path}")
+        print(f"tiny world ready in {time.time() - t0:.1f}s")
+        return 0
+    try:
+        ds = load_preferences(args.file, form=args.form, skip_bad_rows=args.skip_bad_rows)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: {len(ds)} valid pairs")
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+        _, stats = tokenize_preferences(ds, AutoTokenizer.from_pretrained(args.tokenizer), args.max_length,
+                                        args.max_prompt_length)
+        print(json.dumps(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
