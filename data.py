@@ -55,7 +55,10 @@ def _read_source(source, split, cache_dir):
         return list(source), "<in-memory>"
     path = os.fspath(source)
     if os.path.isdir(path):
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except FileNotFoundError as e:
+            raise DataError(f"{path}: not a folder written by Dataset.save_to_disk ({e})") from e
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: no split '{split}' (has {sorted(ds)})")
@@ -210,7 +213,7 @@ def _detect_form(rows):
     return "standard"
 
 
-def load_preferences(source, split="train", form="auto", cache_dir=None, skip_bad_rows=False):
+def load_preferences(source, split="train", form="auto", cache_dir=None, skip_bad_rows=False, num_proc=1):
     """Load preference pairs from any source into TRL's explicit-prompt layout, checking every row.
 
     source: .jsonl / .json / .parquet path (one split), a `save_to_disk` folder, a hub dataset name, a
@@ -218,6 +221,7 @@ def load_preferences(source, split="train", form="auto", cache_dir=None, skip_ba
     Returns a Dataset with `prompt`, `chosen`, `rejected` (strings; or for conversations: the prompt messages and
     a one-message list holding the final assistant turn), `row` (0-based index in the source) and every other
     original column. Bad rows raise DataError (file, row, field) or, with skip_bad_rows, are skipped and counted.
+    Every row is checked in Python: Arrow silently turns a column mixing strings and lists into a `Json` column.
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
@@ -232,7 +236,8 @@ def load_preferences(source, split="train", form="auto", cache_dir=None, skip_ba
                 for i, ex in enumerate(data)]
         errors = [r["_error"] for r in rows]
     else:
-        ds = data.map(_explicit_row, with_indices=True, fn_kwargs={"form": form}, desc="checking rows")
+        ds = data.map(_explicit_row, with_indices=True, fn_kwargs={"form": form}, desc="checking rows",
+                      num_proc=num_proc if num_proc > 1 else None)
         errors = list(ds["_error"])
     bad = [e for e in errors if e]
     if bad and not skip_bad_rows:
@@ -293,7 +298,7 @@ def _tokenize_batch(batch, tokenizer, max_length, max_prompt_length, use_templat
     out = {k: [] for k in ("row", "prompt_len", "_trunc_prompt", "_trunc_response")}
     for i in range(len(batch["row"])):
         sides = {}
-        for side in ("chosen", "rejected"):
+        for side in ("chosen", "rejected"):  # prompt_text comes out the same from both sides
             prompt_text, text, content, start = _render(batch["prompt"][i], batch[side][i], tokenizer, use_template)
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=need_offsets)
             if need_offsets and start < 0:
@@ -309,7 +314,7 @@ def _tokenize_batch(batch, tokenizer, max_length, max_prompt_length, use_templat
             prompt_ids = [bos] + prompt_ids
         # NOTE(deviation): TRL <= 0.11 / SimPO cut the prompt only when the pair overflowed max_length; we always
         # keep the last max_prompt_length prompt tokens (newer TRL), then cut responses to fit in max_length.
-        trunc_prompt = len(prompt_ids) > max_prompt_length
+        trunc_prompt = len(prompt_ids) > max_prompt_length  # a prompt cut from the left loses its BOS, as in TRL
         prompt_ids = prompt_ids[-max_prompt_length:] if trunc_prompt else prompt_ids
         budget = max_length - len(prompt_ids)
         if budget <= 0:
@@ -627,7 +632,7 @@ def build_tiny_world(root="tiny_world", seed=0):
     for name, family, size in [("llama-tiny", "llama", "tiny"), ("llama-small", "llama", "small"),
                                ("neox-tiny", "gpt_neox", "tiny")]:
         p[name] = os.path.join(root, "models", name)
-        _build_piece(p[name], seed, lambda d: build_tiny_model(d, p["tokenizer"], family, size, seed))
+        _build_piece(p[name], seed, lambda d, f=family, s=size: build_tiny_model(d, p["tokenizer"], f, s, seed))
     p["train"], p["test"] = os.path.join(p["data"], "train.jsonl"), os.path.join(p["data"], "test.jsonl")
     return p
 
@@ -644,6 +649,7 @@ def main(argv=None):
     check.add_argument("file")
     check.add_argument("--form", default="auto", choices=FORMS)
     check.add_argument("--skip-bad-rows", action="store_true")
+    check.add_argument("--cache-dir", help="datasets cache folder (default: the Hugging Face cache)")
     check.add_argument("--tokenizer", help="also tokenize with this tokenizer and print the truncation counts")
     check.add_argument("--max-length", type=int, default=2048)
     check.add_argument("--max-prompt-length", type=int, default=1800)
@@ -655,7 +661,7 @@ def main(argv=None):
         print(f"tiny world ready in {time.time() - t0:.1f}s")
         return 0
     try:
-        ds = load_preferences(args.file, form=args.form, skip_bad_rows=args.skip_bad_rows)
+        ds = load_preferences(args.file, form=args.form, cache_dir=args.cache_dir, skip_bad_rows=args.skip_bad_rows)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -199,9 +199,10 @@ def test_conversations_whose_prompts_differ(tmp_path):
         load_preferences([{**CONV, "chosen": CONV["prompt"]}])
 
 
-def test_invalid_utf8(tmp_path):
+@pytest.mark.parametrize("text", [b"Hel\xff\xfelo", b"\xff"])  # Arrow keeps the first, refuses the second
+def test_invalid_utf8(tmp_path, text):
     path = tmp_path / "bytes.jsonl"
-    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "Hi?", "chosen": "Hel\xff\xfelo", "rejected": "x"}\n')
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "Hi?", "chosen": "' + text + b'", "rejected": "x"}\n')
     with pytest.raises(DataError, match=r"bytes\.jsonl row 1, field 'chosen': invalid UTF-8"):
         load_preferences(str(path), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"row 0, field 'rejected': .*not valid UTF-8"):
@@ -232,12 +233,15 @@ def test_chosen_equal_rejected_warns():
     assert len(ds) == 3
 
 
-def test_check_command(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "p.jsonl", [GOOD, {**GOOD, "chosen": 3}])
-    assert data.main(["check", path]) == 1
+def test_check_command(world, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [GOOD, {**GOOD, "chosen": 3}, {**GOOD, "prompt": "x" * 50}])
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert data.main(["check", path] + cache) == 1
     assert "row 1, field 'chosen'" in capsys.readouterr().err
-    assert data.main(["check", path, "--skip-bad-rows"]) == 0
-    assert "1 valid pairs" in capsys.readouterr().out
+    assert data.main(["check", path, "--skip-bad-rows", "--tokenizer", world["tokenizer_char"], "--max-length", "30",
+                      "--max-prompt-length", "30"] + cache) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 bad rows of 3" in out and "2 valid pairs" in out and '"dropped_empty": 1' in out
 
 
 # -------------------------------------------------------------------------------------------------- loading
@@ -354,7 +358,7 @@ def test_tiny_models_load_and_run(world, toks, test_pairs):
         model_tok = AutoTokenizer.from_pretrained(world[name])
         assert type(model).__name__ == arch and len(model_tok) == len(tok) == model.config.vocab_size
         assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
-            tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) and model.generation_config.eos_token_id == 2
+            tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) and model.generation_config.eos_token_id == tok.eos_token_id
         assert 1e5 < sum(p.numel() for p in model.parameters()) < 2e6
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         assert logits.shape == (*batch["input_ids"].shape, len(tok)) and torch.isfinite(logits).all()
