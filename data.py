@@ -18,6 +18,12 @@ TRL conventions followed (trl.data_utils, DPOTrainer.tokenize_row):
     the rendered conversation minus that prefix; prompt and response are tokenized separately and concatenated.
   - the response ends with exactly one EOS; labels are -100 on the prompt and equal to the ids on the response.
   - truncation keeps the end of the prompt and the start of each response (truncation_mode="keep_end").
+Choices where TRL leaves room (each also commented at its line):
+  - with a chat template, string pairs are wrapped as one user turn and one assistant turn (TRL leaves strings
+    untemplated: chat_template=False does that); conversations without a template render as "role: content\n\n".
+  - the response ends at the first EOS after its content, and what the template renders after it is dropped; a
+    template whose end-of-turn token is not the EOS keeps its token and gets one EOS appended.
+  - implicit prompts end after the last "\n\nAssistant:" of the shared prefix, else before its last whitespace.
 Repo-wide convention: response tokens (the final EOS included) are the positions where labels != -100.
 """
 import argparse
@@ -423,7 +429,8 @@ def collate_pairs(rows, pad_token_id, token_fields=(), pad_side="right", pad_to_
 # of the pairs chosen and rejected get different openers, a difference that carries no preference.
 OPENERS = ["", "Sure. ", "Okay. ", "Here you go. ", "Of course. "]
 CLOSERS = ["", " Hope this helps.", " Let me know if you need more."]
-SUM_PROMPTS = ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}.", "What do you get when you add {a} and {b}?"]
+SUM_PROMPTS = ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}.",
+               "What do you get when you add {a} and {b}?"]
 SUM_ANSWERS = ["{a} + {b} = {k}.", "The sum is {k}.", "Adding them gives {k}.", "{a} plus {b} is {k}."]
 TOPICS = {  # topic: (the word a plain answer would use, which the prompt forbids; words that avoid it)
     "ocean": ("blue", ["deep", "vast", "wide"]), "sky": ("blue", ["clear", "open", "bright"]),

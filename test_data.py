@@ -266,7 +266,8 @@ def test_file_formats_load_the_same(tmp_path):
 def test_tokenization_is_cached_and_resumable(world, toks, tmp_path):
     """Same data, tokenizer and lengths -> the same cache files; a lost shard is redone, the other re-used."""
     def run():
-        ds = load_preferences(world["test"], cache_dir=str(tmp_path))
+        ds = load_preferences(world["test"], cache_dir=str(tmp_path), num_proc=2)
+        assert list(ds["row"]) == list(range(200))  # row indices stay global across the checking shards
         return tokenize_preferences(ds, toks["bpe"], num_proc=2)
 
     out, stats = run()
@@ -357,8 +358,10 @@ def test_tiny_models_load_and_run(world, toks, test_pairs):
         model = AutoModelForCausalLM.from_pretrained(world[name])
         model_tok = AutoTokenizer.from_pretrained(world[name])
         assert type(model).__name__ == arch and len(model_tok) == len(tok) == model.config.vocab_size
-        assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (
-            tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) and model.generation_config.eos_token_id == tok.eos_token_id
+        special = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == special
+        g = model.generation_config
+        assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == special
         assert 1e5 < sum(p.numel() for p in model.parameters()) < 2e6
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         assert logits.shape == (*batch["input_ids"].shape, len(tok)) and torch.isfinite(logits).all()
