@@ -425,8 +425,8 @@ def collate_pairs(rows, pad_token_id, token_fields=(), pad_side="right", pad_to_
 
 # ------------------------------------------------------------------------------------ 4. the synthetic task
 # Three kinds of pairs; chosen and rejected share their wording and differ in one key word or number, which the
-# `*_key_spans` fields locate ([start, end) characters in the response). Openers and closers add noise: in a quarter
-# of the pairs chosen and rejected get different openers, a difference that carries no preference.
+# `*_key_spans` fields locate ([start, end) characters in the response). Openers and closers add noise: in about a
+# fifth of the pairs chosen and rejected get different openers, a difference that carries no preference.
 OPENERS = ["", "Sure. ", "Okay. ", "Here you go. ", "Of course. "]
 CLOSERS = ["", " Hope this helps.", " Let me know if you need more."]
 SUM_PROMPTS = ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} + {b}.",
