@@ -9,6 +9,9 @@
 Shapes as in losses.py: (B, T), position t holds log pi(y_t | x, y_<t), masks True on response tokens.
 """
 
+import json
+import os
+
 import torch
 
 from losses import simpo_loss, top_k_mask, zero_empty_pairs
@@ -61,3 +64,55 @@ def sepo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, chosen_s
                    length_chosen=chosen_mask.sum(-1).float(), length_rejected=rejected_mask.sum(-1).float(),
                    empty=empty.float())
     return losses, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selections on disk (written by score.py, read by train.py --method sepo)
+#   one row per pair: row (index in the source data), chosen_n / rejected_n (response tokens, EOS included),
+#   chosen_selected / rejected_selected (indices of the selected tokens, 0 = the first response token),
+#   optionally chosen_scores / rejected_scores (Eq. 24 per response token)
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_selections(path):
+    """A selections file (JSONL) or folder (datasets.save_to_disk) -> datasets.Dataset."""
+    import datasets
+    if os.path.isdir(path):
+        return datasets.load_from_disk(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such selections file (write one with score.py)")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} row {i}: not valid JSON ({e})") from None
+    return datasets.Dataset.from_list(rows)
+
+
+def attach_selections(tokenized, selections, source="selections"):
+    """Add per-token fields `chosen_select` / `rejected_select` (0/1, aligned with *_input_ids) to tokenized pairs
+    (data.tokenize_preferences), from their selections. Fails when a pair has no selection or when its response
+    length differs from the one scored (another tokenizer or max_length)."""
+    index = {int(r): i for i, r in enumerate(selections["row"])}
+
+    def add(ex):
+        if ex["row"] not in index:
+            raise ValueError(f"{source}: no selection for row {ex['row']}")
+        sel = selections[index[ex["row"]]]
+        out = {}
+        for side in ("chosen", "rejected"):
+            n = sum(1 for x in ex[f"{side}_labels"] if x != -100)
+            if sel[f"{side}_n"] != n:
+                raise ValueError(f"{source} row {ex['row']}, field '{side}_n': {sel[f'{side}_n']} tokens were scored "
+                                 f"but the response has {n} here (another tokenizer or max_length?)")
+            flags = [0] * len(ex[f"{side}_input_ids"])
+            for j in sel[f"{side}_selected"]:
+                if not 0 <= j < n:
+                    raise ValueError(f"{source} row {ex['row']}, field '{side}_selected': index {j} outside 0..{n - 1}")
+                flags[ex["prompt_len"] + j] = 1
+            out[f"{side}_select"] = flags
+        return out
+
+    return tokenized.map(add, desc="attaching selections")

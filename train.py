@@ -1,0 +1,791 @@
+"""Preference optimization for every method of the two papers, in one handwritten FSDP2 loop.
+
+    python train.py                                   # tiny offline model + synthetic task, ConfPO, ~2 min on CPU
+    python train.py --method dpo --max_steps 20       # any method on the same tiny world
+    torchrun --standalone --nproc_per_node 8 train.py --method confpo \
+        --model princeton-nlp/Llama-3-Base-8B-SFT --data princeton-nlp/llama3-ultrafeedback-armorm \
+        --beta 1.0 --gamma 2.0 --lr 6e-7 --activation_checkpointing --output_dir runs/confpo-llama3-base
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 train.py ... --hybrid_shard
+
+Top to bottom: the config (every field is a flag), the method table, set-up (process group, data, models, FSDP2),
+the loop (one forward per micro-step over chosen and rejected together, gradient sync on the last micro-step only),
+metrics, checkpoints (torch.distributed.checkpoint, written to a temporary folder and renamed) and the Hugging Face
+export. Without torchrun variables it runs as a world of one, through the same FSDP code path.
+"""
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+import confpo
+import data
+import losses
+import sepo
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    # what to train
+    method: str = _f("confpo", "objective: one of METHODS", choices=None)
+    model: str = _f("", "policy: a Hugging Face model name or folder ('' = the tiny offline world's llama-small)")
+    ref_model: str = _f("", "reference model for DPO-style methods ('' = the initial policy)")
+    data: str = _f("", "preference data: JSONL/JSON/Parquet file, save_to_disk folder or hub name ('' = the "
+                       "synthetic task)")
+    split: str = _f("train", "split of --data")
+    eval_data: str = _f("", "held-out data ('' = --data's --eval_split, or the synthetic test set)")
+    eval_split: str = _f("", "held-out split ('' = no held-out evaluation unless --eval_data is given)")
+    form: str = _f("auto", "data form: auto | standard | conversational | implicit")
+    skip_bad_rows: bool = _f(False, "skip (and count) bad rows instead of stopping at the first")
+    selections: str = _f("", "SePO: token selections written by score.py (required for --method sepo)")
+    output_dir: str = _f("", "where checkpoints, metrics.jsonl and the final model go ('' = runs/<method>)")
+    tiny_world: str = _f("tiny_world", "folder of the offline tiny world, built on first use")
+    # data shape (ConfPO App. D, following SimPO)
+    max_length: int = _f(2048, "prompt + response tokens, responses cut from the right")
+    max_prompt_length: int = _f(1800, "prompt tokens, cut from the left")
+    num_proc: int = _f(1, "processes for tokenization (datasets.map)")
+    cache_dir: str = _f("", "datasets cache folder ('' = Hugging Face's default)")
+    # optimisation (ConfPO App. D: batch 128, 1 epoch, AdamW, cosine with 10% warm-up; clip 1.0 as SePO)
+    global_batch_size: int = _f(128, "preference pairs per optimizer step, over all ranks and micro-steps")
+    micro_batch_size: int = _f(2, "pairs per rank per forward (the batch holds 2x rows: chosen and rejected)")
+    epochs: int = _f(1, "passes over the data")
+    max_steps: int = _f(-1, "optimizer steps (-1 = epochs x pairs // global_batch_size); sets the schedule length")
+    halt_after: int = _f(0, "stop after this many steps in this invocation, with a checkpoint (0 = never); the "
+                            "schedule is unchanged, so a later run resumes exactly")
+    lr: float = _f(6e-7, "peak learning rate (ConfPO Table 6, Llama-3-Base)")
+    warmup_ratio: float = _f(0.1, "linear warm-up fraction of the steps, then cosine decay to 0")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2 (SePO uses 0.95)")
+    grad_clip: float = _f(1.0, "max global gradient norm (0 = no clipping)")
+    seed: int = _f(42, "seed of the data order, the model init of missing weights and ConfPO-rand")
+    # objective hyper-parameters; None = the method's own default (see its docstring)
+    beta: float = _f(None, "beta of the objective")
+    gamma: float = _f(None, "target margin gamma (SimPO, ConfPO, SePO)")
+    tau: float = _f(None, "IPO's tau")
+    label_smoothing: float = _f(None, "conservative label smoothing (DPO, SimPO)")
+    lambda_: float = _f(None, "weight of the NLL / odds-ratio term (CPO, RRHF, SLiC-HF, ORPO)")
+    lambda_w: float = _f(None, "KTO desirable weight")
+    lambda_l: float = _f(None, "KTO undesirable weight")
+    delta: float = _f(None, "SLiC-HF margin delta")
+    alpha: float = _f(None, "R-DPO length coefficient alpha")
+    threshold: str = _f(None, "ConfPO tau: arithmetic | geometric | a probability such as 0.6")
+    strict: bool = _f(None, "ConfPO: select pi < tau (released code) instead of pi <= tau (paper)")
+    normalize: str = _f(None, "ConfPO: normalise by |y_s| (selected) or |y| (response)")
+    # systems
+    dtype: str = _f("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    device: str = _f("auto", "auto | cpu | cuda")
+    activation_checkpointing: bool = _f(False, "recompute decoder layers in backward (saves memory)")
+    logp_path: str = _f("auto", "chunked: log-probs from hidden states, never the full logits | logits | auto")
+    chunk_size: int = _f(1024, "response tokens per vocabulary block in the log-prob computation")
+    hybrid_shard: bool = _f(False, "replicate across nodes, shard within a node (2-D mesh)")
+    # bookkeeping
+    log_every: int = _f(10, "steps between lines of metrics.jsonl")
+    eval_every: int = _f(100, "steps between held-out evaluations (and one at the end)")
+    eval_max_pairs: int = _f(1000, "held-out pairs used per evaluation (0 = all)")
+    save_every: int = _f(100, "steps between checkpoints (0 = only at the end)")
+    keep_last: int = _f(2, "checkpoints kept")
+    resume: bool = _f(True, "continue from the newest checkpoint in output_dir if there is one")
+    export: bool = _f(True, "write a Hugging Face folder output_dir/final at the end")
+
+
+# The offline default (`python train.py`): a small model and batch, so that it finishes in about two minutes on two
+# CPU cores. Applied only to fields not set on the command line or in --config, and only when --model is empty.
+TINY_DEFAULTS = dict(max_length=128, max_prompt_length=64, global_batch_size=32, micro_batch_size=8, lr=3e-4,
+                     log_every=5, eval_every=20, eval_max_pairs=200, save_every=50)
+
+# Fields that may differ when a run is resumed (everything else must match the run in output_dir).
+RESUMABLE_FIELDS = {"halt_after", "log_every", "eval_every", "eval_max_pairs", "save_every", "keep_last", "resume",
+                    "export", "num_proc", "cache_dir", "skip_bad_rows", "device", "hybrid_shard", "activation_checkpointing",
+                    "chunk_size", "logp_path", "micro_batch_size"}
+
+# method -> (objective, needs a reference model). Each objective documents its equation and defaults.
+METHODS = {
+    "sft": (losses.sft_loss, False),
+    "dpo": (losses.dpo_loss, True),
+    "ipo": (losses.ipo_loss, True),
+    "simpo": (losses.simpo_loss, False),
+    "cpo": (losses.cpo_loss, False),
+    "rrhf": (losses.rrhf_loss, False),
+    "slic": (losses.slic_loss, False),
+    "orpo": (losses.orpo_loss, False),
+    "rdpo": (losses.rdpo_loss, True),
+    "kto": (losses.kto_loss, True),
+    "confpo": (confpo.confpo_loss, False),
+    "confpo_dpo": (confpo.confpo_dpo_loss, True),
+    "confpo_rand": (confpo.confpo_rand_loss, False),
+    "sepo": (sepo.sepo_loss, False),
+}
+HPARAMS = ["beta", "gamma", "tau", "label_smoothing", "lambda_", "lambda_w", "lambda_l", "delta", "alpha", "threshold",
+           "strict", "normalize"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config from flags and files
+# ---------------------------------------------------------------------------------------------------------------
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {s!r}")
+
+
+def _field_type(f):
+    """The Python type of a config field: its annotation (a field defaulting to None still has one)."""
+    return f.type
+
+
+def parse_config(argv=None):
+    """Flags override --config FILE.json, which overrides the defaults. Returns (Config, names set explicitly)."""
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="a JSON file of config fields (flags given here override it)")
+    for f in dataclasses.fields(Config):
+        kind = _field_type(f)
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.name == "method":
+            parser.add_argument("--method", choices=sorted(METHODS), default=argparse.SUPPRESS, help=help_text)
+        elif kind is bool:
+            parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                                help=help_text + "; --flag alone means true")
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=help_text)
+    args = vars(parser.parse_args(argv))
+    values = {}
+    if "config" in args:
+        with open(args.pop("config")) as fh:
+            values = json.load(fh)
+        names = {f.name: f for f in dataclasses.fields(Config)}
+        for key, value in values.items():
+            if key not in names:
+                parser.error(f"--config: unknown field {key!r}")
+            kind = _field_type(names[key])
+            if value is not None and not (isinstance(value, kind) or (kind is float and isinstance(value, int))
+                                          or (key == "threshold" and isinstance(value, (int, float)))):
+                parser.error(f"--config: field {key!r} must be {kind.__name__}, got {value!r}")
+        if values.get("method") is not None and values["method"] not in METHODS:
+            parser.error(f"--config: unknown method {values['method']!r}; choose from {sorted(METHODS)}")
+    values.update(args)
+    return Config(**values), set(values)
+
+
+def resolve(cfg, explicit):
+    """Fill the offline defaults, check the combination, and return the objective's keyword arguments."""
+    if not cfg.model:
+        for key, value in TINY_DEFAULTS.items():
+            if key not in explicit:
+                setattr(cfg, key, value)
+    if not cfg.output_dir:
+        cfg.output_dir = os.path.join("runs", cfg.method)
+    if cfg.method == "sepo" and not cfg.selections:
+        raise SystemExit("--method sepo needs --selections: the token selections written by score.py "
+                         "(or run the whole pipeline with `python sepo.py`)")
+    if cfg.method != "sepo" and cfg.selections:
+        raise SystemExit(f"--selections is only used by --method sepo, not {cfg.method}")
+    fn, _ = METHODS[cfg.method]
+    accepted = inspect.signature(fn).parameters
+    hparams = {}
+    for name in HPARAMS:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if name not in accepted:
+            takes = [p for p in HPARAMS if p in accepted]
+            raise SystemExit(f"--{name} is not a parameter of {cfg.method} (it takes: {', '.join(takes) or 'none'})")
+        if name == "threshold" and value not in ("arithmetic", "geometric"):
+            try:
+                value = float(value)
+            except ValueError:
+                raise SystemExit(f"--threshold must be arithmetic, geometric or a probability, got {value!r}")
+        hparams[name] = value
+    return hparams
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed set-up
+# ---------------------------------------------------------------------------------------------------------------
+
+def init_distributed(cfg):
+    """Process group from torchrun's environment, or a world of one. Returns (rank, world, device)."""
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ:  # torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    else:  # plain `python train.py`: the same FSDP code path over a world of one
+        rank, world, local_rank = 0, 1, 0
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    return rank, world, device
+
+
+def make_mesh(cfg, world, device):
+    if not cfg.hybrid_shard:
+        return init_device_mesh(device.type, (world,))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % per_node:
+        raise SystemExit(f"--hybrid_shard: world size {world} is not a multiple of {per_node} ranks per node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def log0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+def prepare_data(cfg, tokenizer, rank):
+    """Tokenized train (and held-out) pairs. Rank 0 tokenizes first and fills the datasets cache; the others
+    then read it, so that N ranks do not tokenize N times."""
+    world = dist.get_world_size()
+
+    def load(source, split):
+        ds = data.load_preferences(source, split=split, form=cfg.form, skip_bad_rows=cfg.skip_bad_rows,
+                                   num_proc=cfg.num_proc, cache_dir=cfg.cache_dir or None)
+        ds, stats = data.tokenize_preferences(ds, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.num_proc)
+        log0(f"{source} [{split}]: {stats['kept']} pairs kept, {stats['dropped_empty']} dropped (empty response); "
+             f"of those kept, {stats['truncated_prompt']} have a truncated prompt and {stats['truncated_response']} a "
+             "truncated response")
+        return ds
+
+    out = {}
+    for turn in ([0, 1] if world > 1 else [0]):
+        if (rank == 0) == (turn == 0):
+            out["train"] = load(cfg.data, cfg.split)
+            if cfg.eval_data or cfg.eval_split:
+                out["eval"] = load(cfg.eval_data or cfg.data, cfg.eval_split or cfg.split)
+        if world > 1:
+            dist.barrier()
+    if cfg.method == "sepo":
+        out["train"] = sepo.attach_selections(out["train"], sepo.load_selections(cfg.selections), cfg.selections)
+        out.pop("eval", None)  # the held-out pairs have no selections
+    if len(out["train"]) < cfg.global_batch_size:
+        raise SystemExit(f"{cfg.data}: {len(out['train'])} pairs, fewer than one global batch "
+                         f"({cfg.global_batch_size}); lower --global_batch_size")
+    return out
+
+
+def batch_order(n_pairs, cfg, epoch):
+    """The pair order of an epoch: a permutation seeded by (seed, epoch), the same on every rank and every resume."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    return torch.randperm(n_pairs, generator=g).tolist()
+
+
+def rank_micro_batches(order, step, steps_per_epoch, cfg, rank, world):
+    """The micro-batches (lists of pair indices) of this rank at a global step. The global batch is split into
+    contiguous per-rank slices, each into micro-batches: the same micro-batches as a 1-rank run's."""
+    i = step % steps_per_epoch
+    global_batch = order[i * cfg.global_batch_size:(i + 1) * cfg.global_batch_size]
+    per_rank = cfg.global_batch_size // world
+    mine = global_batch[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[j:j + cfg.micro_batch_size] for j in range(0, per_rank, cfg.micro_batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+class PolicyLogps(torch.nn.Module):
+    """Wraps a causal LM so that its forward returns per-token log-probs (B, T) and the response mask.
+
+    A module rather than a function so that FSDP2's root unit covers the output embedding: the vocabulary
+    projection then happens inside forward, where the weight is unsharded, and the full (B, T, V) logits never
+    need to exist (chunked path). The logits path lets the model compute logits (for heads with a bias,
+    soft-capping or a logit scale), only from the first response position on.
+    """
+
+    def __init__(self, model, path, chunk_size):
+        super().__init__()
+        self.model, self.path, self.chunk_size = model, path, chunk_size
+
+    def forward(self, input_ids, attention_mask, labels):
+        if self.path == "chunked":
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+            head = self.model.get_output_embeddings()
+            return losses.chunked_token_logps(hidden, head.weight, labels, self.chunk_size)
+        first = int((labels != losses.IGNORE_INDEX).float().argmax(-1).min()) if (labels != -100).any() else 1
+        keep = labels.shape[1] - first + 1  # logits from position first-1, which predicts the first response token
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logps, mask = losses.token_logps(logits, labels[:, -keep:], chunk_size=self.chunk_size)
+        pad = labels.shape[1] - keep
+        return torch.nn.functional.pad(logps, (pad, 0)), torch.nn.functional.pad(mask, (pad, 0))
+
+
+def choose_logp_path(cfg, model):
+    """chunked when logits are exactly hidden @ W.T; else the model's own logits."""
+    head = model.get_output_embeddings()
+    plain = (isinstance(head, torch.nn.Linear) and head.bias is None
+             and not getattr(model.config, "final_logit_softcapping", None)
+             and getattr(model.config, "logit_scale", 1.0) in (None, 1.0))
+    if cfg.logp_path == "chunked" and not plain:
+        raise SystemExit(f"--logp_path chunked: {type(model).__name__}'s logits are not hidden @ W.T "
+                         "(bias, soft-capping or a logit scale); use --logp_path logits")
+    return cfg.logp_path if cfg.logp_path != "auto" else ("chunked" if plain else "logits")
+
+
+def load_model(path, cfg, mesh, device, trainable):
+    """A causal LM sharded with FSDP2: each decoder layer, then the root (which holds embeddings, final norm and
+    the output embedding). Master weights fp32; on GPU bf16 compute with fp32 gradient reduction."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except ValueError as e:
+        kind = type(AutoConfig.from_pretrained(path)).__name__
+        raise SystemExit(f"{path}: {kind} has no causal-LM head that AutoModelForCausalLM can load ({e})")
+    if cfg.activation_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    wrapped = PolicyLogps(model, choose_logp_path(cfg, model), cfg.chunk_size)
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise SystemExit(f"{path}: cannot find the decoder layers of {type(model).__name__} to shard")
+    for i, layer in enumerate(layers):
+        # the last layer's parameters are needed again right at the start of backward: keep them gathered
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(wrapped, mesh=mesh, mp_policy=mp)
+    wrapped.train(trainable)
+    if not trainable:
+        wrapped.requires_grad_(False)
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One micro-step: forward, objective, metrics
+# ---------------------------------------------------------------------------------------------------------------
+
+def micro_step(cfg, policy, ref, batch, hparams, generator):
+    """Per-pair losses (B,) and metrics of one micro-batch; one policy forward over chosen and rejected rows."""
+    fn, needs_ref = METHODS[cfg.method]
+    B = batch["input_ids"].shape[0] // 2
+    rows = slice(0, B) if cfg.method == "sft" else slice(None)  # SFT (SePO Eq. 23) trains on chosen responses only
+    inputs = dict(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                  labels=batch["labels"][rows])
+    logps, mask = policy(**inputs)
+    if cfg.method == "sft":
+        return fn(logps, mask, length_normalize=False)
+    kw = dict(chosen_logps=logps[:B], chosen_mask=mask[:B], rejected_logps=logps[B:], rejected_mask=mask[B:])
+    if needs_ref:
+        with torch.no_grad():
+            ref_logps, _ = ref(**inputs)
+        kw.update(ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:])
+    if cfg.method == "sepo":
+        select = batch["select"].bool()
+        kw.update(chosen_selected=select[:B], rejected_selected=select[B:])
+    if cfg.method == "confpo_rand":
+        kw["generator"] = generator
+    return fn(**kw, **hparams)
+
+
+class Meter:
+    """Sums of per-pair metrics over micro-steps and ranks; `result()` turns them into the logged averages."""
+
+    def __init__(self, device):
+        self.sums, self.device = {}, device
+
+    def add(self, losses_, metrics, tokens):
+        rows = {"loss": losses_.detach().float(), **{k: v.float() for k, v in metrics.items()}}
+        if "rewards_chosen" in metrics:
+            rows["margin"] = metrics["rewards_chosen"] - metrics["rewards_rejected"]
+            rows["accuracy"] = (metrics["rewards_chosen"] > metrics["rewards_rejected"]).float()
+        if "rewards_chosen_all" in metrics:
+            rows["margin_all"] = metrics["rewards_chosen_all"] - metrics["rewards_rejected_all"]
+            rows["accuracy_all"] = (metrics["rewards_chosen_all"] > metrics["rewards_rejected_all"]).float()
+        rows["n_pairs"] = torch.ones_like(rows["loss"])
+        for k, v in rows.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.sum()
+        self.sums["n_tokens"] = self.sums.get("n_tokens", 0.0) + float(tokens)
+
+    def result(self):
+        keys = sorted(self.sums)
+        totals = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64).to(self.device) for k in keys])
+        dist.all_reduce(totals)
+        s = dict(zip(keys, totals.tolist()))
+        pairs = max(s.pop("n_pairs"), 1.0)
+        out = {"pairs": int(pairs), "tokens": int(s.pop("n_tokens"))}
+        for k in ("selected_chosen", "selected_rejected"):  # token-level selection ratio (ConfPO Fig. 8)
+            if k in s:
+                side = k.split("_")[1]
+                out[f"selected_ratio_{side}"] = s[k] / max(s[f"length_{side}"], 1.0)
+        if "empty" in s:
+            out["empty_pairs"] = int(s.pop("empty"))
+        if "tau_chosen" in s:
+            out["tau_mean"] = (s.pop("tau_chosen") + s.pop("tau_rejected")) / (2 * pairs)
+        for k, v in s.items():
+            if not (k.startswith("selected_") or k.startswith("length_")):
+                out[k] = v / pairs
+        self.sums = {}
+        return out
+
+
+def evaluate(cfg, policy, ref, eval_ds, hparams, pad_id, device, rank, world):
+    """Held-out loss and rewards; every rank runs the same number of forwards (FSDP needs it), pairs beyond the
+    end are repeats with zero weight."""
+    n = len(eval_ds) if not cfg.eval_max_pairs else min(len(eval_ds), cfg.eval_max_pairs)
+    per_rank = math.ceil(n / world)
+    idx = [rank * per_rank + j for j in range(per_rank)]
+    meter = Meter(device)
+    policy.eval()
+    with torch.no_grad():
+        for s in range(0, per_rank, cfg.micro_batch_size):
+            chunk = idx[s:s + cfg.micro_batch_size]
+            valid = torch.tensor([i < n for i in chunk], device=device)
+            batch = collate(eval_ds, [min(i, n - 1) for i in chunk], pad_id, cfg, device)
+            per_pair, metrics = micro_step(cfg, policy, ref, batch, hparams, torch.Generator(device).manual_seed(0))
+            keep = valid.nonzero().squeeze(-1)
+            meter.add(logged_loss(cfg, per_pair, metrics)[keep], {k: v[keep] for k, v in metrics.items()},
+                      int(batch["attention_mask"].sum()))
+    policy.train()
+    return meter.result()
+
+
+def logged_loss(cfg, per_pair, metrics):
+    """What the logs call the loss of a pair: the objective, or for SFT the mean token NLL (not its sum)."""
+    return metrics["nll"] if cfg.method == "sft" else per_pair
+
+
+def collate(ds, indices, pad_id, cfg, device):
+    fields = ("select",) if cfg.method == "sepo" else ()
+    batch = data.collate_pairs([ds[int(i)] for i in indices], pad_id, token_fields=fields)
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and export
+# ---------------------------------------------------------------------------------------------------------------
+
+def _atomic_write(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoints(out_dir):
+    """Complete checkpoints, oldest first: folders step_NNNNNNNN holding trainer_state.json (written last)."""
+    root = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    done = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
+            and os.path.exists(os.path.join(root, d, "trainer_state.json"))]
+    return [os.path.join(root, d) for d in sorted(done)]
+
+
+def save_checkpoint(cfg, policy, optimizer, scheduler, step, rank):
+    """Model and optimizer shards through torch.distributed.checkpoint, plus scheduler, step and RNG states, into
+    step_N.tmp, renamed to step_N once complete: a kill at any moment leaves the previous checkpoint intact."""
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    final = os.path.join(root, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, os.path.join(tmp, f"rng_{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size()}
+        _atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state))
+        if os.path.exists(final):  # re-saving a step (after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(cfg.output_dir)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(path, policy, optimizer, scheduler, rank):
+    model_sd, optim_sd = get_state_dict(policy, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "trainer_state.json")) as fh:
+        trainer_state = json.load(fh)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = os.path.join(path, f"rng_{rank}.pt")
+    if os.path.exists(rng_file):  # absent when resuming on more ranks than saved
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return trainer_state["step"]
+
+
+def export(cfg, policy, tokenizer, model_path, rank):
+    """A Hugging Face folder (safetensors + config + tokenizer) at output_dir/final. Parameters are gathered one at
+    a time to rank 0's CPU memory; the other ranks never hold the whole model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    sd = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        config = AutoConfig.from_pretrained(model_path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(sd, assign=True)
+        model.tie_weights()
+        out = os.path.join(cfg.output_dir, "final")
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        log0(f"exported {out}")
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def cosine_with_warmup(step, total, warmup):
+    """Learning-rate factor: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def check_output_dir(cfg, rank):
+    """Refuse an output folder that holds a different run; write the resolved config."""
+    path = os.path.join(cfg.output_dir, "config.json")
+    mine = dataclasses.asdict(cfg)
+    if os.path.exists(path):
+        with open(path) as fh:
+            theirs = json.load(fh)
+        diff = {k for k in mine if k not in RESUMABLE_FIELDS and theirs.get(k) != mine[k]}
+        if diff:
+            raise SystemExit(f"{cfg.output_dir} holds a different run (differs in: {', '.join(sorted(diff))}); "
+                             "choose another --output_dir or delete it")
+    dist.barrier()
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        _atomic_write(path, json.dumps(mine, indent=2))
+
+
+def trim_metrics(path, step):
+    """After a resume, drop the lines a killed run wrote after its last checkpoint (they will be written again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
+    _atomic_write(path, "".join(lines))
+
+
+def main(argv=None):
+    cfg, explicit = parse_config(argv)
+    hparams = resolve(cfg, explicit)
+    rank, world, device = init_distributed(cfg)
+    try:
+        return train(cfg, hparams, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def train(cfg, hparams, rank, world, device):
+    from transformers import AutoTokenizer
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    tiny = not cfg.model
+    if tiny:  # the offline tiny world (rank 0 builds it once), from an SFT model as in both papers
+        if rank == 0:
+            data.build_tiny_world(cfg.tiny_world)
+        dist.barrier()
+        paths = data.build_tiny_world(cfg.tiny_world)
+        if not cfg.data:
+            cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
+        cfg.model = paths["llama-small"] if cfg.method == "sft" else tiny_sft_model(cfg, paths, rank, world, device)
+    per_step = world * cfg.micro_batch_size
+    if cfg.global_batch_size % per_step:
+        raise SystemExit(f"--global_batch_size {cfg.global_batch_size} is not a multiple of ranks x micro batch "
+                         f"({world} x {cfg.micro_batch_size})")
+    check_output_dir(cfg, rank)
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ds = prepare_data(cfg, tokenizer, rank)
+    steps_per_epoch = len(ds["train"]) // cfg.global_batch_size
+    total = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
+    unused = len(ds["train"]) - steps_per_epoch * cfg.global_batch_size
+    log0(f"{total} steps of {cfg.global_batch_size} pairs ({world} ranks x {cfg.micro_batch_size} pairs x "
+         f"{cfg.global_batch_size // per_step} micro-steps); {unused} pairs per epoch left over")
+
+    mesh = make_mesh(cfg, world, device)
+    policy = load_model(cfg.model, cfg, mesh, device, trainable=True)
+    ref = load_model(cfg.ref_model or cfg.model, cfg, mesh, device, trainable=False) if METHODS[cfg.method][1] else None
+    log0(f"policy {cfg.model}: log-probs via the {policy.path} path; reference: "
+         f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}")
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    warmup = int(cfg.warmup_ratio * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
+
+    step = 0
+    found = checkpoints(cfg.output_dir) if cfg.resume else []
+    if found:
+        step = load_checkpoint(found[-1], policy, optimizer, scheduler, rank)
+        log0(f"resumed from {found[-1]} at step {step}")
+    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    if rank == 0:
+        trim_metrics(metrics_path, step)
+
+    def write(line):
+        if rank == 0:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+
+    meter = Meter(device)
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
+    t_last, halt_at = time.perf_counter(), step + cfg.halt_after if cfg.halt_after else None
+    while step < total:
+        epoch = step // steps_per_epoch
+        micro = rank_micro_batches(batch_order(len(ds["train"]), cfg, epoch), step, steps_per_epoch, cfg, rank, world)
+        batches = [collate(ds["train"], idx, pad_id, cfg, device) for idx in micro]
+        # Loss normaliser: FSDP averages gradients over ranks, so each rank scales by world / global count.
+        if cfg.method == "sft":  # a token mean over the whole global batch (Hugging Face's SFT convention)
+            count = torch.tensor(float(sum(int((b["labels"][:b["labels"].shape[0] // 2] != -100).sum())
+                                           for b in batches)), device=device)
+            dist.all_reduce(count)
+        else:  # a mean over the pairs of the global batch; empty-selection pairs count with loss 0
+            count = torch.tensor(float(cfg.global_batch_size), device=device)
+        for i, batch in enumerate(batches):
+            policy.set_requires_gradient_sync(i == len(batches) - 1)
+            # ConfPO-rand's draws depend on (seed, step, global micro-batch): the same for any number of ranks
+            generator = torch.Generator(device).manual_seed(hash((cfg.seed, step, rank * len(batches) + i)) % 2**63)
+            per_pair, metrics = micro_step(cfg, policy, ref, batch, hparams, generator)
+            (per_pair.sum() * world / count).backward()
+            meter.add(logged_loss(cfg, per_pair, metrics), metrics, int(batch["attention_mask"].sum()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
+                                                   float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == total:
+            line = meter.result()
+            elapsed = time.perf_counter() - t_last
+            t_last = time.perf_counter()
+            line.update(step=step, split="train", lr=lr, grad_norm=float(grad_norm),
+                        tokens_per_s=line["tokens"] / elapsed, peak_memory_mib=peak_memory_mib(device))
+            bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
+            write(line)
+        if "eval" in ds and (step % cfg.eval_every == 0 or step == total):
+            line = evaluate(cfg, policy, ref, ds["eval"], hparams, pad_id, device, rank, world)
+            write({**line, "step": step, "split": "eval"})
+            log0(f"\nstep {step} eval: loss {line['loss']:.4f}" +
+                 (f", reward accuracy {line['accuracy']:.3f}" if "accuracy" in line else ""))
+        halting = halt_at is not None and step >= halt_at
+        if (cfg.save_every and step % cfg.save_every == 0) or step == total or halting:
+            save_checkpoint(cfg, policy, optimizer, scheduler, step, rank)
+        if halting:
+            log0(f"halted after step {step} (--halt_after); run the same command again to continue")
+            bar.close()
+            return None
+    bar.close()
+    if cfg.export:
+        export(cfg, policy, tokenizer, cfg.model, rank)
+        if tiny and rank == 0:  # the synthetic task has a programmatic judge: score greedy answers
+            prompts = [row["prompt"] for row in data.load_preferences(paths["test"])][:100]
+            before = synthetic_reward_of(cfg.model, prompts, device)
+            after = synthetic_reward_of(os.path.join(cfg.output_dir, "final"), prompts, device)
+            write({"step": step, "split": "generate", "reward_before": before, "reward_after": after,
+                   "prompts": len(prompts)})
+            log0(f"synthetic reward of greedy answers to {len(prompts)} held-out prompts: {before:.3f} before, "
+                 f"{after:.3f} after {cfg.method}")
+    log0(f"done: {cfg.output_dir} (metrics.jsonl, checkpoints/, {'final/' if cfg.export else 'no export'})")
+    return cfg.output_dir
+
+
+def tiny_sft_model(cfg, paths, rank, world, device):
+    """The tiny world's SFT starting point: llama-small fine-tuned on the chosen responses of the synthetic train
+    set with this very loop (SePO Eq. 23), built once and cached beside the other tiny models."""
+    path = os.path.join(cfg.tiny_world, "models", "llama-small-sft")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        log0(f"building the tiny SFT model once ({path})")
+        sft = Config(method="sft", model=paths["llama-small"], data=paths["train"], tiny_world=cfg.tiny_world,
+                     output_dir=path + ".run", resume=False, cache_dir=cfg.cache_dir, seed=cfg.seed,
+                     **{**TINY_DEFAULTS, "lr": 1e-3, "epochs": 2, "save_every": 0})
+        shutil.rmtree(sft.output_dir, ignore_errors=True) if rank == 0 else None
+        dist.barrier()
+        train(sft, {}, rank, world, device)
+        if rank == 0:
+            os.replace(os.path.join(sft.output_dir, "final"), path)
+            shutil.rmtree(sft.output_dir, ignore_errors=True)
+        dist.barrier()
+    return path
+
+
+def synthetic_reward_of(model_path, prompts, device, max_new_tokens=40, batch_size=50):
+    """Mean programmatic reward (data.synthetic_reward) of a model's greedy answers to synthetic prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    rewards = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        rewards += [data.synthetic_reward(p, a) for p, a in zip(chunk, answers)]
+    return sum(rewards) / len(rewards)
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not False else 1)
