@@ -14,7 +14,7 @@ export. Without torchrun variables it runs as a world of one, through the same F
 """
 
 import dataclasses
-import hashlib
+import glob
 import inspect
 import json
 import math
@@ -79,6 +79,7 @@ class Config:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2 (SePO uses 0.95)")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "max global gradient norm (0 = no clipping)")
     seed: int = _f(42, "seed of the data order, the model init of missing weights and ConfPO-rand")
     # objective hyper-parameters; None = the method's own default (see its docstring)
@@ -659,7 +660,7 @@ def train(cfg, hparams, rank, world, device):
     log0(f"policy {cfg.model}: log-probs via the {policy.path} path; reference: "
          f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
 
@@ -671,6 +672,8 @@ def train(cfg, hparams, rank, world, device):
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     if rank == 0:
         trim_metrics(metrics_path, step)
+        for leftover in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "*.tmp")):
+            shutil.rmtree(leftover, ignore_errors=True)  # a save that was killed before its rename
 
     def write(line):
         if rank == 0:

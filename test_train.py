@@ -1,0 +1,251 @@
+"""train.py on the tiny offline world (CPU, gloo): N ranks equal 1 rank, accumulation equals one big micro-batch,
+resumed runs equal uninterrupted ones (after a clean halt and after kill -9), every method learns, errors are clear.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import sepo
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    paths = data.build_tiny_world(str(root / "tiny_world"))
+    # a small overfit set: 16 pairs of the synthetic task
+    small = root / "small.jsonl"
+    with open(paths["train"]) as src, open(small, "w") as dst:
+        for _ in range(16):
+            dst.write(src.readline())
+    return {**paths, "small": str(small), "cache": str(root / "cache"), "root": root}
+
+
+def base_args(world, out, **extra):
+    args = {"model": world["llama-tiny"], "data": world["small"], "output_dir": str(out), "cache_dir": world["cache"],
+            "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-3, "max_steps": 4, "log_every": 1,
+            "save_every": 0, "seed": 3, **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def params(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def metrics(out, split="train"):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [line for line in map(json.loads, fh) if line["split"] == split]
+
+
+def assert_same_params(a, b, atol):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=atol, msg=k)
+
+
+def torchrun(n, args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           os.path.join(HERE, "train.py"), *args]
+    proc = subprocess.run(cmd, env=ENV, cwd=HERE, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed equivalence
+# ---------------------------------------------------------------------------------------------------------------
+
+# Adam's first steps move every weight by about lr * sign(g): a gradient of 1e-12 whose sign depends on summation
+# order would move by lr either way. A larger epsilon keeps such weights still, so that parameters can be compared.
+EQUIV = dict(adam_eps=1e-6)
+
+
+@pytest.mark.parametrize("method", ["confpo_dpo", "sft"])
+def test_two_ranks_equal_one_rank(world, tmp_path, method):
+    """confpo_dpo: a reference model and a selection per rank; sft: ranks hold different token counts, so the
+    normaliser must be the global count."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(base_args(world, one, method=method, **EQUIV))
+    torchrun(2, base_args(world, two, method=method, **EQUIV))
+    assert_same_params(one, two, atol=2e-6)
+    m1, m2 = metrics(one), metrics(two)
+    assert [round(x["loss"], 5) for x in m1] == [round(x["loss"], 5) for x in m2]
+    assert m1[0]["pairs"] == m2[0]["pairs"] == 8
+
+
+def test_gradient_accumulation_equals_one_micro_batch(world, tmp_path):
+    four, one = tmp_path / "four", tmp_path / "one"
+    train.main(base_args(world, four, method="confpo", micro_batch_size=2, **EQUIV))  # 4 micro-steps of 2 pairs
+    train.main(base_args(world, one, method="confpo", micro_batch_size=8, **EQUIV))  # 1 micro-step of 8
+    assert_same_params(four, one, atol=2e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_halt_and_resume_equals_uninterrupted(world, tmp_path):
+    full, halted = tmp_path / "full", tmp_path / "halted"
+    train.main(base_args(world, full, method="dpo", max_steps=6, epochs=3))
+    train.main(base_args(world, halted, method="dpo", max_steps=6, epochs=3, halt_after=3))
+    assert not os.path.exists(halted / "final")
+    assert [os.path.basename(c) for c in train.checkpoints(halted)] == ["step_00000003"]
+    train.main(base_args(world, halted, method="dpo", max_steps=6, epochs=3))
+    assert_same_params(full, halted, atol=0)  # bit-identical
+    assert [m["loss"] for m in metrics(full)] == [m["loss"] for m in metrics(halted)]
+    # the export reloads with plain transformers and generates
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(halted / "final")
+    tok = AutoTokenizer.from_pretrained(halted / "final")
+    ids = tok("What is 2 plus 3?", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1] and model.config.architectures == ["LlamaForCausalLM"]
+
+
+def test_kill_during_training_then_resume_matches(world, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    args = dict(method="confpo", max_steps=12, epochs=6, save_every=1, keep_last=2)
+    train.main(base_args(world, full, **args))
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), *base_args(world, killed, **args)]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    target = killed / "checkpoints" / "step_00000004"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # whatever it was doing: a step, a save, a rename
+    proc.wait()
+    assert target.exists() and not (killed / "final").exists()
+    train.main(base_args(world, killed, **args))
+    assert_same_params(full, killed, atol=0)
+    assert [m["step"] for m in metrics(killed)] == list(range(1, 13))  # no duplicated lines after the resume
+    assert len(train.checkpoints(killed)) == 2  # keep_last
+
+
+def test_incomplete_checkpoint_is_ignored(world, tmp_path):
+    """A save killed before its rename leaves step_N.tmp (no trainer_state.json): resume uses the previous one."""
+    out = tmp_path / "run"
+    train.main(base_args(world, out, method="simpo", max_steps=4, epochs=2, halt_after=2))
+    stale = out / "checkpoints" / "step_00000003.tmp"
+    stale.mkdir()
+    (stale / "__0_0.distcp").write_bytes(b"half a file")
+    assert [os.path.basename(c) for c in train.checkpoints(out)] == ["step_00000002"]
+    train.main(base_args(world, out, method="simpo", max_steps=4, epochs=2))
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert not stale.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every method
+# ---------------------------------------------------------------------------------------------------------------
+
+def write_selections(world, path, ratio=0.5):
+    """SePO selections for the small set, from a made-up score (token position), through sepo.select_tokens."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(world["llama-tiny"])
+    ds, _ = data.tokenize_preferences(data.load_preferences(world["small"], cache_dir=world["cache"]), tok)
+    with open(path, "w") as fh:
+        for ex in ds:
+            row = {"row": ex["row"]}
+            for side, highest in (("chosen", True), ("rejected", False)):
+                mask = torch.tensor(ex[f"{side}_labels"])[None] != -100
+                scores = torch.arange(mask.shape[1], dtype=torch.float32)[None]
+                sel = sepo.select_tokens(scores, mask, ratio, highest)[0]
+                row[f"{side}_n"] = int(mask.sum())
+                row[f"{side}_selected"] = (sel.nonzero().squeeze(-1) - ex["prompt_len"]).tolist()
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("method", sorted(train.METHODS))
+def test_every_method_learns_on_a_small_set(world, tmp_path, method):
+    extra = {"selections": write_selections(world, tmp_path / "sel.jsonl")} if method == "sepo" else {}
+    out = tmp_path / method
+    train.main(base_args(world, out, method=method, max_steps=8, epochs=4, export=False, **extra))
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 8 and all(map(lambda x: x == x, losses))
+    assert sum(losses[-2:]) / 2 < losses[0], losses
+    line = metrics(out)[-1]
+    assert line["lr"] > 0 and line["grad_norm"] > 0 and line["tokens_per_s"] > 0
+    if method.startswith("confpo") or method == "sepo":
+        assert 0 < line["selected_ratio_chosen"] <= 1 and "empty_pairs" in line and "accuracy_all" in line
+
+
+def test_default_run_offline(world, tmp_path):
+    """`python train.py` with no arguments (here shortened): the tiny world, an SFT start, ConfPO, an export and
+    the synthetic judge's score before and after."""
+    out = tmp_path / "default"
+    train.main(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out), "--cache_dir",
+                world["cache"], "--max_steps", "3", "--eval_every", "2"])
+    lines = metrics(out, "eval")
+    assert [m["step"] for m in lines] == [2, 3] and 0 <= lines[-1]["accuracy"] <= 1
+    (gen,) = metrics(out, "generate")
+    assert gen["prompts"] == 100 and 0 <= gen["reward_after"] <= 1
+    with open(out / "config.json") as fh:
+        cfg = json.load(fh)
+    assert cfg["method"] == "confpo" and cfg["model"].endswith("llama-small-sft") and cfg["global_batch_size"] == 32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and errors
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_config_file_and_flags(world, tmp_path, capsys):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"method": "simpo", "beta": 2.5, "gamma": 1.0, "lr": 1e-4}))
+    cfg, explicit = train.parse_config(["--config", str(cfg_file), "--gamma", "0.5", "--strict"])
+    assert (cfg.method, cfg.beta, cfg.gamma, cfg.lr, cfg.strict) == ("simpo", 2.5, 0.5, 1e-4, True)
+    assert {"method", "beta", "gamma", "lr", "strict"} <= explicit
+    cfg_file.write_text(json.dumps({"method": "simpo", "betta": 2.5}))
+    with pytest.raises(SystemExit):
+        train.parse_config(["--config", str(cfg_file)])
+    assert "unknown field 'betta'" in capsys.readouterr().err
+    cfg_file.write_text(json.dumps({"lr": "fast"}))
+    with pytest.raises(SystemExit):
+        train.parse_config(["--config", str(cfg_file)])
+    assert "field 'lr' must be float" in capsys.readouterr().err
+
+
+def test_clear_errors(world, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--method", "dpoo"])
+    assert "invalid choice: 'dpoo'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--method sepo needs --selections"):
+        train.main(base_args(world, tmp_path / "s", method="sepo"))
+    with pytest.raises(SystemExit, match="--gamma is not a parameter of dpo"):
+        train.main(base_args(world, tmp_path / "g", method="dpo", gamma=1.0))
+    # an output folder that holds a different run
+    out = tmp_path / "run"
+    train.main(base_args(world, out, method="simpo", max_steps=1, export=False))
+    with pytest.raises(SystemExit, match="holds a different run .*method"):
+        train.main(base_args(world, out, method="dpo", max_steps=1))
+    # a model without a causal-LM head
+    from transformers import T5Config
+    t5 = tmp_path / "t5"
+    T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, d_kv=8, vocab_size=100).save_pretrained(t5)
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(world["llama-tiny"]).save_pretrained(t5)
+    with pytest.raises(SystemExit, match="T5Config has no causal-LM head"):
+        train.main(base_args(world, tmp_path / "t", model=t5))
+    # selections that do not match the data
+    bad = tmp_path / "bad.jsonl"
+    write_selections(world, bad)
+    rows = [json.loads(x) for x in bad.read_text().splitlines()]
+    rows[3]["chosen_n"] += 1
+    bad.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=r"bad.jsonl row 3, field 'chosen_n'"):
+        train.main(base_args(world, tmp_path / "b", method="sepo", selections=bad))
