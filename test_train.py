@@ -192,7 +192,7 @@ def test_default_run_offline(world, tmp_path):
     train.main(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out), "--cache_dir",
                 world["cache"], "--max_steps", "3", "--eval_every", "2"])
     lines = metrics(out, "eval")
-    assert [m["step"] for m in lines] == [2, 3] and 0 <= lines[-1]["accuracy"] <= 1
+    assert [m["step"] for m in lines] == [0, 2, 3] and 0 <= lines[-1]["accuracy"] <= 1
     (gen,) = metrics(out, "generate")
     assert gen["prompts"] == 100 and 0 <= gen["reward_after"] <= 1
     with open(out / "config.json") as fh:

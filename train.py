@@ -680,6 +680,9 @@ def train(cfg, hparams, rank, world, device):
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(line) + "\n")
 
+    if "eval" in ds and step == 0:  # the starting point, for comparison
+        write({**evaluate(cfg, policy, ref, ds["eval"], hparams, pad_id, device, rank, world), "step": 0,
+               "split": "eval"})
     meter = Meter(device)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
     t_last, halt_at = time.perf_counter(), step + cfg.halt_after if cfg.halt_after else None
