@@ -344,7 +344,7 @@ def _tokenize_batch(batch, tokenizer, max_length, max_prompt_length, use_templat
     return out
 
 
-def _tokenizer_hash(tokenizer):
+def tokenizer_hash(tokenizer):
     """A stable hash of everything in the tokenizer that changes the ids (datasets' own hash of it is not stable)."""
     state = (tokenizer.backend_tokenizer.to_str() if getattr(tokenizer, "is_fast", False)
              else json.dumps(sorted(tokenizer.get_vocab().items())))
@@ -374,7 +374,7 @@ def tokenize_preferences(ds, tokenizer, max_length=2048, max_prompt_length=1800,
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; avoids the tokenizers warning
     # A fingerprint fixed by the data, the tokenizer, the options and this code: the same call finds its cache
     # files again, and with num_proc > 1 re-uses every shard a killed run had finished.
-    args = [ds._fingerprint, _tokenizer_hash(tokenizer), max_length, max_prompt_length, use_template, offsets,
+    args = [ds._fingerprint, tokenizer_hash(tokenizer), max_length, max_prompt_length, use_template, offsets,
             inspect.getsource(_tokenize_batch), inspect.getsource(_render)]
     fingerprint = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:32]
     out = ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1

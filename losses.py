@@ -43,19 +43,21 @@ def _scatter_rows(values, mask):
 
 
 class _LogSoftmaxGather(torch.autograd.Function):
-    """log_softmax(logits)[rows, targets] computed chunk by chunk, in float32, with a recomputing backward.
+    """log_softmax(logits)[rows, targets] computed chunk by chunk, in float32 (float64 stays float64), with a
+    recomputing backward.
 
     Autograd through `logits.float().log_softmax(-1)` would keep a float32 [N, V] copy alive until backward; this
-    keeps only the logits themselves (already alive in the model's graph) and one [N] logsumexp.
+    keeps the logits in their own dtype (the model's output) and one [N] logsumexp.
     """
 
     @staticmethod
     def forward(ctx, logits, rows, targets, chunk_size):  # logits (B*T, V), rows (N,), targets (N,)
         N = rows.numel()
-        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-        picked = torch.empty(N, dtype=torch.float32, device=logits.device)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(N, dtype=dtype, device=logits.device)
+        picked = torch.empty(N, dtype=dtype, device=logits.device)
         for s in range(0, N, chunk_size):
-            x = logits.index_select(0, rows[s:s + chunk_size]).float()  # (c, V)
+            x = _f32(logits.index_select(0, rows[s:s + chunk_size]))  # (c, V), float32 or float64
             lse[s:s + chunk_size] = torch.logsumexp(x, dim=-1)
             picked[s:s + chunk_size] = x.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
         ctx.save_for_backward(logits, rows, targets, lse)
@@ -67,9 +69,9 @@ class _LogSoftmaxGather(torch.autograd.Function):
         logits, rows, targets, lse = ctx.saved_tensors
         grad_logits = torch.zeros_like(logits)
         for s in range(0, rows.numel(), ctx.chunk_size):
-            r, g = rows[s:s + ctx.chunk_size], grad[s:s + ctx.chunk_size, None].float()
+            r, g = rows[s:s + ctx.chunk_size], grad[s:s + ctx.chunk_size, None].to(lse.dtype)
             # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
-            d = (logits.index_select(0, r).float() - lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # (c, V)
+            d = (_f32(logits.index_select(0, r)) - lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # (c, V)
             d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g)
             grad_logits.index_copy_(0, r, d.to(logits.dtype))
         return grad_logits, None, None, None
@@ -115,6 +117,7 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
     def backward(ctx, grad):  # grad (N,)
         hidden, weight, rows, targets, lse = ctx.saved_tensors
         grad_hidden = torch.zeros_like(hidden)
+        # accumulated over chunks in float32: a transient (V, H) buffer, the size of the weight in fp32
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, rows.numel(), ctx.chunk_size):
             r, g = rows[s:s + ctx.chunk_size], grad[s:s + ctx.chunk_size, None].float()
@@ -225,13 +228,14 @@ def sft_loss(logps, mask, length_normalize=True):
     """SFT (SePO Eq. 23): L = -log pi(y^w | x), on the chosen responses only.
 
     Returns per-response -(1/|y|) sum_t log pi(y_t) (length_normalize=True) or -sum_t log pi(y_t) (False), and
-    metrics `nll` (mean token NLL) and `tokens` (|y|). train.py divides the sum by the global token count, the
-    Hugging Face convention for SFT.
+    metrics `nll` (mean token NLL) and `response_tokens` (|y|).
+    NOTE(deviation): Eq. 23 is an expectation of sequence log-likelihoods; train.py divides the summed NLL by the
+    global batch's token count instead, the Hugging Face / TRL convention for SFT (a token mean).
     """
     total = -masked_sum(logps, mask)
     tokens = mask.sum(-1)
     losses = total / tokens.clamp(min=1) if length_normalize else total
-    return losses, _detached(nll=total / tokens.clamp(min=1), tokens=tokens.float())
+    return losses, _detached(nll=total / tokens.clamp(min=1), response_tokens=tokens.float())
 
 
 def dpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
@@ -353,14 +357,27 @@ def rdpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chos
     return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
 
 
+def kto_reference_point(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps,
+                        ref_rejected_logps, beta=0.1):
+    """KTO's z_ref = E[beta KL(pi || pi_ref)] estimated on paired data, as (sum, count) of the detached rewards
+    beta * sum_t log pi/pi_ref over every response, so that a trainer can all-reduce both; z_ref = max(0, sum/count).
+
+    NOTE(deviation): TRL estimates the KL on mismatched (x, y') pairs, which costs an extra forward; on paired data
+    we use the matched responses themselves (still a sample of pi's outputs' log-ratios, detached).
+    """
+    rewards = torch.cat([masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask),
+                         masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)])
+    return (beta * rewards).detach().sum(), rewards.numel()
+
+
 def kto_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
              beta=0.1, lambda_w=1.0, lambda_l=1.0, z_ref=None):
     """KTO (Ethayarajh et al. 2024), paired form: each pair gives one desirable and one undesirable example.
     r(y) = beta log pi(y)/pi_ref(y) (summed);  z_ref = E[beta KL(pi || pi_ref)];
     L = lambda_w (1 - sigmoid(r(y_w) - z_ref)) + lambda_l (1 - sigmoid(z_ref - r(y_l))).
 
-    z_ref: a scalar; None estimates it from this batch as beta * the mean summed log-ratio over all its responses,
-    detached and clamped at 0 (TRL's estimate, which uses mismatched pairs; train.py may pass an all-reduced one).
+    z_ref: a scalar; None estimates it from this batch (kto_reference_point: beta * the mean summed log-ratio of its
+    responses, detached, clamped at 0); train.py passes the estimate all-reduced over ranks, as TRL does.
     NOTE(deviation): Table 5 prints the losses as -lambda_w sigmoid(...) + lambda_l sigmoid(z_ref - r(y_l)); the
     second sign is a typo (it would raise the rejected reward); we follow the KTO paper, 1 - v(x, y). TRL averages
     over the 2B examples, which is half this per-pair sum.
@@ -368,7 +385,9 @@ def kto_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chose
     rewards_chosen = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
     rewards_rejected = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
     if z_ref is None:
-        z_ref = torch.cat([rewards_chosen, rewards_rejected]).mean().detach().clamp(min=0)
+        total, count = kto_reference_point(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps,
+                                           ref_rejected_logps, beta)
+        z_ref = (total / count).clamp(min=0)
     losses = (lambda_w * (1 - torch.sigmoid(rewards_chosen - z_ref))
               + lambda_l * (1 - torch.sigmoid(z_ref - rewards_rejected)))
     return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected,

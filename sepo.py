@@ -116,3 +116,150 @@ def attach_selections(tokenized, selections, source="selections"):
         return out
 
     return tokenized.map(add, desc="attaching selections")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole pipeline as one command: python sepo.py
+# ---------------------------------------------------------------------------------------------------------------
+
+def _pipeline_config():
+    from dataclasses import dataclass
+
+    from train import _f
+
+    @dataclass
+    class PipelineConfig:
+        data: str = _f("", "target preference data ('' = the tiny world's synthetic task)")
+        split: str = _f("train", "split of --data")
+        eval_data: str = _f("", "held-out pairs for the final policy ('' = none, or the synthetic test set)")
+        oracle_base: str = _f("", "the model the oracle starts from, SFT then DPO ('' = the tiny world's llama-tiny)")
+        policy: str = _f("", "the policy to align ('' = the tiny world's SFT llama-small, 5x the oracle)")
+        output_dir: str = _f("runs/sepo", "one folder for every stage")
+        subset: float = _f(0.5, "D_m: a fraction (<= 1) or a count (> 1) of the target pairs, drawn at random")
+        seed: int = _f(42, "seed of D_m and of every stage")
+        chosen_ratio: float = _f(0.3, "k for chosen responses: top k% of tokens (Eq. 25)")
+        rejected_ratio: float = _f(0.3, "k for rejected responses: bottom k% of tokens (Eq. 25)")
+        dpo_beta: float = _f(0.1, "beta of the oracle's DPO")
+        beta: float = _f(1.0, "beta of Eq. 24 and Eq. 26 (the released code: 1)")
+        gamma: float = _f(0.0, "margin gamma of Eq. 26 (the released code: 0)")
+        sft_lr: float = _f(5e-7, "learning rate of the oracle's SFT (Eq. 23)")
+        dpo_lr: float = _f(5e-7, "learning rate of the oracle's DPO")
+        policy_lr: float = _f(5e-7, "learning rate of the policy (SePO: 5e-7, cosine, 3% warm-up, AdamW (0.9, 0.95))")
+        sft_epochs: int = _f(1, "epochs of the oracle's SFT")
+        global_batch_size: int = _f(128, "pairs per optimizer step in every stage")
+        micro_batch_size: int = _f(2, "pairs per rank per forward")
+        max_length: int = _f(2048, "prompt + response tokens")
+        max_prompt_length: int = _f(1800, "prompt tokens")
+        max_steps: int = _f(-1, "cap every training stage at this many steps (-1 = epochs)")
+        cross_tokenizer: bool = _f(False, "allow an oracle tokenizer other than the policy's (map selections by text)")
+        tiny_world: str = _f("tiny_world", "folder of the offline tiny world")
+        cache_dir: str = _f("", "datasets cache folder")
+        device: str = _f("auto", "auto | cpu | cuda")
+
+    return PipelineConfig
+
+
+# `python sepo.py` without --data: small batches and large learning rates for the tiny world
+PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-4, sft_epochs=2,
+                     max_length=128, max_prompt_length=64)
+
+
+def write_subset(cfg, out_path):
+    """D_m: a seeded random subset of the target pairs, written as JSONL in the explicit-prompt layout."""
+    import data
+    ds = data.load_preferences(cfg.data, split=cfg.split, cache_dir=cfg.cache_dir or None)
+    m = round(cfg.subset * len(ds)) if cfg.subset <= 1 else int(cfg.subset)
+    if not 1 <= m <= len(ds):
+        raise SystemExit(f"--subset {cfg.subset}: D_m would hold {m} of {len(ds)} pairs")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:m].sort().values.tolist()
+    lines = [json.dumps({k: ds[i][k] for k in ("prompt", "chosen", "rejected")}) for i in order]
+    tmp = f"{out_path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(tmp, out_path)
+    return m
+
+
+def run_pipeline(argv=None):
+    """SFT (Eq. 23) and DPO on D_m give pi_ref and pi_oracle; score.py scores and selects (Eq. 24-25) the whole
+    target data; train.py trains the policy with Eq. 26. Each stage is skipped when its output exists, and each
+    training stage resumes from its own checkpoints: run the same command again after an interruption."""
+    import torch.distributed as dist
+
+    import data
+    import score
+    import train
+    cfg, explicit = train.parse_dataclass(_pipeline_config(), argv, run_pipeline.__doc__)
+    owner = not dist.is_initialized()
+    rank, world, device = train.init_distributed(cfg)
+    try:
+        tiny = not cfg.data
+        if tiny:
+            for key, value in PIPELINE_TINY.items():
+                if key not in explicit:
+                    setattr(cfg, key, value)
+            if rank == 0:
+                data.build_tiny_world(cfg.tiny_world)
+            dist.barrier()
+            paths = data.build_tiny_world(cfg.tiny_world)
+            cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
+            cfg.oracle_base = cfg.oracle_base or paths["llama-tiny"]
+            cfg.policy = cfg.policy or train.tiny_sft_model(cfg, paths, rank, world, device)
+        if not (cfg.oracle_base and cfg.policy):
+            raise SystemExit("sepo.py needs --oracle_base and --policy (or neither, with no --data: the tiny world)")
+        out = cfg.output_dir
+        os.makedirs(out, exist_ok=True)
+        subset = os.path.join(out, "subset.jsonl")
+        if rank == 0 and not os.path.exists(subset):
+            train.log0(f"D_m: {write_subset(cfg, subset)} pairs -> {subset}")
+        dist.barrier()
+        common = ["--cache_dir", cfg.cache_dir, "--seed", str(cfg.seed), "--max_length", str(cfg.max_length),
+                  "--max_prompt_length", str(cfg.max_prompt_length), "--global_batch_size",
+                  str(cfg.global_batch_size), "--micro_batch_size", str(cfg.micro_batch_size), "--max_steps",
+                  str(cfg.max_steps), "--device", cfg.device, "--judge", "none"]
+
+        def stage(name, args):
+            final = os.path.join(out, name, "final")
+            if not os.path.exists(os.path.join(final, "config.json")):
+                train.log0(f"\n== {name} ==")
+                train.main(args + ["--output_dir", os.path.join(out, name)] + common)
+            return final
+
+        # Eq. 23: SFT on the chosen responses of D_m; the result is pi_ref
+        ref = stage("oracle_sft", ["--method", "sft", "--model", cfg.oracle_base, "--data", subset,
+                                   "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs)])
+        # the oracle: DPO on D_m from pi_ref
+        oracle = stage("oracle_dpo", ["--method", "dpo", "--model", ref, "--data", subset, "--lr", str(cfg.dpo_lr),
+                                      "--beta", str(cfg.dpo_beta)])
+        # Eq. 24-25: score every token of the target data, keep the top / bottom k% of each response
+        scores_dir = os.path.join(out, "scores")
+        selections = os.path.join(scores_dir, score.selection_name(cfg.chosen_ratio, cfg.rejected_ratio, "jsonl"))
+        if not os.path.exists(selections):
+            train.log0("\n== scores ==")
+            score.main(["--oracle", oracle, "--reference", ref, "--policy", cfg.policy, "--data", cfg.data,
+                        "--split", cfg.split, "--beta", str(cfg.beta), "--ratios",
+                        f"{cfg.chosen_ratio}:{cfg.rejected_ratio}", "--output_dir", scores_dir, "--max_length",
+                        str(cfg.max_length), "--max_prompt_length", str(cfg.max_prompt_length), "--cache_dir",
+                        cfg.cache_dir, "--device", cfg.device, "--report", os.path.join(scores_dir, "report.html"),
+                        "--cross_tokenizer", str(cfg.cross_tokenizer)])
+        # Eq. 26: the policy, on the selected tokens only
+        final = stage("policy", ["--method", "sepo", "--model", cfg.policy, "--data", cfg.data, "--split", cfg.split,
+                                 "--selections", selections, "--eval_data", cfg.eval_data, "--lr", str(cfg.policy_lr),
+                                 "--warmup_ratio", "0.03", "--adam_beta2", "0.95", "--beta", str(cfg.beta),
+                                 "--gamma", str(cfg.gamma)])
+        if tiny and rank == 0:
+            prompts = [row["prompt"] for row in data.load_preferences(cfg.eval_data, cache_dir=cfg.cache_dir or None)]
+            before = train.synthetic_reward_of(cfg.policy, prompts[:100], device)
+            after = train.synthetic_reward_of(final, prompts[:100], device)
+            train.log0(f"synthetic reward of greedy answers to 100 held-out prompts: {before:.3f} before, "
+                       f"{after:.3f} after SePO")
+        train.log0(f"done: {out} (oracle_sft/, oracle_dpo/, scores/ with report.html, policy/final)")
+        return final
+    finally:
+        if owner:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(0 if run_pipeline() else 1)

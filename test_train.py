@@ -1,5 +1,6 @@
 """train.py on the tiny offline world (CPU, gloo): N ranks equal 1 rank, accumulation equals one big micro-batch,
 resumed runs equal uninterrupted ones (after a clean halt and after kill -9), every method learns, errors are clear.
+The `world` fixture (conftest.py) is the tiny offline world, built once per session.
 """
 
 import json
@@ -20,18 +21,6 @@ import train
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    paths = data.build_tiny_world(str(root / "tiny_world"))
-    # a small overfit set: 16 pairs of the synthetic task
-    small = root / "small.jsonl"
-    with open(paths["train"]) as src, open(small, "w") as dst:
-        for _ in range(16):
-            dst.write(src.readline())
-    return {**paths, "small": str(small), "cache": str(root / "cache"), "root": root}
 
 
 def base_args(world, out, **extra):
@@ -249,3 +238,80 @@ def test_clear_errors(world, tmp_path, capsys):
     bad.write_text("\n".join(json.dumps(r) for r in rows))
     with pytest.raises(ValueError, match=r"bad.jsonl row 3, field 'chosen_n'"):
         train.main(base_args(world, tmp_path / "b", method="sepo", selections=bad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def world_of_one():
+    import torch.distributed as dist
+    cfg = train.Config(device="cpu")
+    train.init_distributed(cfg)
+    yield cfg
+    dist.destroy_process_group()
+
+
+def tiny_batch(world, tokenizer_path, n=3):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    ds, _ = data.tokenize_preferences(data.load_preferences(world["small"], cache_dir=world["cache"]), tok)
+    return data.collate_pairs([ds[i] for i in range(n)], tok.pad_token_id)
+
+
+def test_logits_path_equals_chunked_path(world, world_of_one):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(world["llama-tiny"])
+    batch = tiny_batch(world, world["llama-tiny"])
+    labels = batch["labels"].clone()
+    labels[1] = -100  # a row without any response token
+    real = batch["attention_mask"][2, 1:] == 1  # a row labelled from position 1 on (no prompt but its first token)
+    labels[2, 1:] = torch.where(real, batch["input_ids"][2, 1:], -100)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    chunked, m1 = train.PolicyLogps(model, "chunked", 4)(**inputs)
+    logits, m2 = train.PolicyLogps(model, "logits", 4)(**inputs)
+    assert chunked.shape == logits.shape == labels.shape and torch.equal(m1, m2)
+    torch.testing.assert_close(chunked, logits, rtol=1e-5, atol=1e-5)
+    full_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    reference = torch.log_softmax(full_logits, -1)[:, :-1].gather(
+        -1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1) * m1[:, 1:]
+    torch.testing.assert_close(chunked[:, 1:], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_that_transform_logits_are_not_chunked(world, world_of_one):
+    from transformers import AutoModelForCausalLM, GraniteConfig, GraniteForCausalLM
+    granite = GraniteForCausalLM(GraniteConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, logits_scaling=8.0))
+    assert train.choose_logp_path("auto", granite) == "logits"
+    with pytest.raises(SystemExit, match="not hidden @ W.T"):
+        train.choose_logp_path("chunked", granite)
+    # a transformation no config names is caught at the first forward
+    model = AutoModelForCausalLM.from_pretrained(world["llama-tiny"])
+    assert train.choose_logp_path("auto", model) == "chunked"
+    model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
+    batch = tiny_batch(world, world["llama-tiny"])
+    with pytest.raises(RuntimeError, match="use --logp_path logits"):
+        train.PolicyLogps(model, "chunked", 64)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def test_frozen_reference_stays_sharded_after_forward(world, world_of_one):
+    from torch.distributed.tensor import DTensor
+    cfg = world_of_one
+    mesh = train.make_mesh(cfg, 1, torch.device("cpu"))
+    ref = train.load_model(world["llama-tiny"], cfg, mesh, torch.device("cpu"), trainable=False)
+    batch = tiny_batch(world, world["llama-tiny"])
+    with torch.no_grad():
+        ref(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert all(isinstance(p, DTensor) for p in ref.parameters())
+    assert not any(p.requires_grad for p in ref.parameters())
+
+
+def test_trim_metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "split": "train"}) + "\n" for s in (0, 1, 2, 3)]
+    path.write_text("".join(lines) + '{"step": 4, "spl')  # a line cut short by a kill
+    train.trim_metrics(str(path), 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
+    train.trim_metrics(str(path), 0)  # a fresh start: nothing of the old run stays
+    assert path.read_text() == ""

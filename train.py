@@ -101,6 +101,7 @@ class Config:
     activation_checkpointing: bool = _f(False, "recompute decoder layers in backward (saves memory)")
     logp_path: str = _f("auto", "chunked: log-probs from hidden states, never the full logits | logits | auto")
     chunk_size: int = _f(1024, "response tokens per vocabulary block in the log-prob computation")
+    disable_dropout: bool = _f(True, "set every dropout probability of policy and reference to 0 (as TRL)")
     hybrid_shard: bool = _f(False, "replicate across nodes, shard within a node (2-D mesh)")
     # bookkeeping
     log_every: int = _f(10, "steps between lines of metrics.jsonl")
@@ -110,6 +111,8 @@ class Config:
     keep_last: int = _f(2, "checkpoints kept")
     resume: bool = _f(True, "continue from the newest checkpoint in output_dir if there is one")
     export: bool = _f(True, "write a Hugging Face folder output_dir/final at the end")
+    judge: str = _f("auto", "after the export, score greedy answers: synthetic (the tiny world's task) | none | auto "
+                            "(synthetic when training on the tiny world)")
 
 
 # The offline default (`python train.py`): a small model and batch, so that it finishes in about two minutes on two
@@ -118,7 +121,7 @@ TINY_DEFAULTS = dict(max_length=128, max_prompt_length=64, global_batch_size=32,
                      log_every=5, eval_every=20, eval_max_pairs=200, save_every=50)
 
 # Fields that may differ when a run is resumed (everything else must match the run in output_dir).
-RESUMABLE_FIELDS = {"halt_after", "log_every", "eval_every", "eval_max_pairs", "save_every", "keep_last", "resume",
+RESUMABLE_FIELDS = {"judge", "halt_after", "log_every", "eval_every", "eval_max_pairs", "save_every", "keep_last", "resume",
                     "export", "num_proc", "cache_dir", "skip_bad_rows", "device", "hybrid_shard", "activation_checkpointing",
                     "chunk_size", "logp_path", "micro_batch_size"}
 
@@ -155,44 +158,45 @@ def _parse_bool(s):
     raise ValueError(f"expected true or false, got {s!r}")
 
 
-def _field_type(f):
-    """The Python type of a config field: its annotation (a field defaulting to None still has one)."""
-    return f.type
-
-
-def parse_config(argv=None):
-    """Flags override --config FILE.json, which overrides the defaults. Returns (Config, names set explicitly)."""
+def parse_dataclass(cls, argv=None, description=None, choices=None):
+    """Flags override --config FILE.json, which overrides the dataclass defaults; every field is a flag with its
+    help text. choices: {field: allowed values}. Returns (instance, names set explicitly). Also used by score.py
+    and sepo.py."""
     import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = choices or {}
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="a JSON file of config fields (flags given here override it)")
-    for f in dataclasses.fields(Config):
-        kind = _field_type(f)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for f in fields.values():
         help_text = f"{f.metadata['help']} (default: {f.default})"
-        if f.name == "method":
-            parser.add_argument("--method", choices=sorted(METHODS), default=argparse.SUPPRESS, help=help_text)
-        elif kind is bool:
+        if f.type is bool:
             parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
                                 help=help_text + "; --flag alone means true")
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(f"--{f.name}", type=f.type, choices=choices.get(f.name), default=argparse.SUPPRESS,
+                                help=help_text)
     args = vars(parser.parse_args(argv))
     values = {}
     if "config" in args:
         with open(args.pop("config")) as fh:
             values = json.load(fh)
-        names = {f.name: f for f in dataclasses.fields(Config)}
         for key, value in values.items():
-            if key not in names:
+            if key not in fields:
                 parser.error(f"--config: unknown field {key!r}")
-            kind = _field_type(names[key])
+            kind = fields[key].type
             if value is not None and not (isinstance(value, kind) or (kind is float and isinstance(value, int))
                                           or (key == "threshold" and isinstance(value, (int, float)))):
                 parser.error(f"--config: field {key!r} must be {kind.__name__}, got {value!r}")
-        if values.get("method") is not None and values["method"] not in METHODS:
-            parser.error(f"--config: unknown method {values['method']!r}; choose from {sorted(METHODS)}")
+            if key in choices and value not in choices[key]:
+                parser.error(f"--config: {key} {value!r} is not one of {choices[key]}")
     values.update(args)
-    return Config(**values), set(values)
+    return cls(**values), set(values)
+
+
+def parse_config(argv=None):
+    """The training config from flags and --config. Returns (Config, names set explicitly)."""
+    return parse_dataclass(Config, argv, __doc__, {"method": sorted(METHODS)})
 
 
 def resolve(cfg, explicit):
@@ -222,7 +226,12 @@ def resolve(cfg, explicit):
             try:
                 value = float(value)
             except ValueError:
-                raise SystemExit(f"--threshold must be arithmetic, geometric or a probability, got {value!r}")
+                value = -1.0
+            if not 0 < value <= 1:
+                raise SystemExit(f"--threshold must be arithmetic, geometric or a probability in (0, 1], "
+                                 f"got {getattr(cfg, name)!r}")
+        if name == "normalize" and value not in ("selected", "response"):
+            raise SystemExit(f"--normalize must be selected or response, got {value!r}")
         hparams[name] = value
     return hparams
 
@@ -232,8 +241,13 @@ def resolve(cfg, explicit):
 # ---------------------------------------------------------------------------------------------------------------
 
 def init_distributed(cfg):
-    """Process group from torchrun's environment, or a world of one. Returns (rank, world, device)."""
+    """Process group from torchrun's environment, or a world of one; an existing group is reused.
+    Returns (rank, world, device)."""
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        return dist.get_rank(), dist.get_world_size(), device
     if "RANK" in os.environ:  # torchrun
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -270,8 +284,6 @@ def log0(*args):
 def prepare_data(cfg, tokenizer, rank):
     """Tokenized train (and held-out) pairs. Rank 0 tokenizes first and fills the datasets cache; the others
     then read it, so that N ranks do not tokenize N times."""
-    world = dist.get_world_size()
-
     def load(source, split):
         ds = data.load_preferences(source, split=split, form=cfg.form, skip_bad_rows=cfg.skip_bad_rows,
                                    num_proc=cfg.num_proc, cache_dir=cfg.cache_dir or None)
@@ -281,21 +293,45 @@ def prepare_data(cfg, tokenizer, rank):
              "truncated response")
         return ds
 
-    out = {}
-    for turn in ([0, 1] if world > 1 else [0]):
-        if (rank == 0) == (turn == 0):
-            out["train"] = load(cfg.data, cfg.split)
-            if cfg.eval_data or cfg.eval_split:
-                out["eval"] = load(cfg.eval_data or cfg.data, cfg.eval_split or cfg.split)
-        if world > 1:
-            dist.barrier()
+    def load_all():
+        out = {"train": load(cfg.data, cfg.split)}
+        if cfg.eval_data or cfg.eval_split:
+            out["eval"] = load(cfg.eval_data or cfg.data, cfg.eval_split or cfg.split)
+        return out
+
+    out = rank_zero_first(load_all)
     if cfg.method == "sepo":
+        check_selections_tokenizer(cfg.selections, tokenizer)
         out["train"] = sepo.attach_selections(out["train"], sepo.load_selections(cfg.selections), cfg.selections)
-        out.pop("eval", None)  # the held-out pairs have no selections
+        if "eval" in out:  # held-out pairs have no oracle selection: evaluate over all response tokens
+            out["eval"] = out["eval"].map(lambda ex: {f"{s}_select": [int(x != losses.IGNORE_INDEX) for x in
+                                                                      ex[f"{s}_labels"]] for s in ("chosen", "rejected")})
     if len(out["train"]) < cfg.global_batch_size:
         raise SystemExit(f"{cfg.data}: {len(out['train'])} pairs, fewer than one global batch "
                          f"({cfg.global_batch_size}); lower --global_batch_size")
     return out
+
+
+def check_selections_tokenizer(path, tokenizer):
+    """score.py records the fingerprint of the tokenizer its positions refer to: it must be the policy's."""
+    manifest = os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")
+    if os.path.exists(manifest):
+        with open(manifest) as fh:
+            expected = json.load(fh).get("policy_tokenizer")
+        if expected and expected != data.tokenizer_hash(tokenizer):
+            raise SystemExit(f"{path}: these selections index the tokens of another tokenizer (see {manifest}); "
+                             "score again with --policy set to this model")
+
+
+def rank_zero_first(fn):
+    """Run fn on rank 0, then on the other ranks: rank 0 fills the datasets cache, the others read it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = fn() if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+        result = result if rank == 0 else fn()
+        dist.barrier()
+    return result
 
 
 def batch_order(n_pairs, cfg, epoch):
@@ -330,13 +366,30 @@ class PolicyLogps(torch.nn.Module):
     def __init__(self, model, path, chunk_size):
         super().__init__()
         self.model, self.path, self.chunk_size = model, path, chunk_size
+        self.checked = path != "chunked"
 
     def forward(self, input_ids, attention_mask, labels):
-        if self.path == "chunked":
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
-            head = self.model.get_output_embeddings()
-            return losses.chunked_token_logps(hidden, head.weight, labels, self.chunk_size)
-        first = int((labels != losses.IGNORE_INDEX).float().argmax(-1).min()) if (labels != -100).any() else 1
+        if self.path == "logits":
+            return self.logits_path(input_ids, attention_mask, labels)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+        logps, mask = losses.chunked_token_logps(hidden, self.model.get_output_embeddings().weight, labels,
+                                                 self.chunk_size)
+        if not self.checked:  # once: the model's own logits must agree (a head may scale them in its forward)
+            with torch.no_grad():
+                expected, _ = self.logits_path(input_ids[:1], attention_mask[:1], labels[:1])
+            gap = float((expected - logps[:1].detach()).abs().max())
+            if gap > (1e-3 if logps.dtype == torch.float32 and hidden.dtype == torch.float32 else 5e-2):
+                raise RuntimeError(f"{type(self.model).__name__}: log-probs from hidden @ W.T differ from the "
+                                   f"model's own logits by {gap:.3g} (its head transforms the logits); use "
+                                   "--logp_path logits")
+            self.checked = True
+        return logps, mask
+
+    def logits_path(self, input_ids, attention_mask, labels):
+        """The model's logits from the first response position on (logits_to_keep), reduced by token_logps."""
+        has = (labels != losses.IGNORE_INDEX)
+        starts = has.float().argmax(-1)[has.any(-1)]  # first labelled position of each row that has one
+        first = max(1, int(starts.min())) if starts.numel() else 1
         keep = labels.shape[1] - first + 1  # logits from position first-1, which predicts the first response token
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         logps, mask = losses.token_logps(logits, labels[:, -keep:], chunk_size=self.chunk_size)
@@ -344,16 +397,21 @@ class PolicyLogps(torch.nn.Module):
         return torch.nn.functional.pad(logps, (pad, 0)), torch.nn.functional.pad(mask, (pad, 0))
 
 
-def choose_logp_path(cfg, model):
+# Config attributes by which a head transforms hidden @ W.T (Gemma-2 soft-capping, Cohere's logit_scale, Granite's
+# logits_scaling, Falcon-H1's lm_head_multiplier). Others are caught by PolicyLogps' first-call check.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                    "lm_head_multiplier": 1.0}
+
+
+def choose_logp_path(requested, model):
     """chunked when logits are exactly hidden @ W.T; else the model's own logits."""
     head = model.get_output_embeddings()
     plain = (isinstance(head, torch.nn.Linear) and head.bias is None
-             and not getattr(model.config, "final_logit_softcapping", None)
-             and getattr(model.config, "logit_scale", 1.0) in (None, 1.0))
-    if cfg.logp_path == "chunked" and not plain:
+             and all(getattr(model.config, k, neutral) in (None, neutral) for k, neutral in LOGIT_TRANSFORMS.items()))
+    if requested == "chunked" and not plain:
         raise SystemExit(f"--logp_path chunked: {type(model).__name__}'s logits are not hidden @ W.T "
-                         "(bias, soft-capping or a logit scale); use --logp_path logits")
-    return cfg.logp_path if cfg.logp_path != "auto" else ("chunked" if plain else "logits")
+                         "(a bias, soft-capping or a logit scale); use --logp_path logits")
+    return requested if requested != "auto" else ("chunked" if plain else "logits")
 
 
 def load_model(path, cfg, mesh, device, trainable):
@@ -371,18 +429,23 @@ def load_model(path, cfg, mesh, device, trainable):
     compute_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    wrapped = PolicyLogps(model, choose_logp_path(cfg, model), cfg.chunk_size)
+    wrapped = PolicyLogps(model, choose_logp_path(cfg.logp_path, model), cfg.chunk_size)
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         raise SystemExit(f"{path}: cannot find the decoder layers of {type(model).__name__} to shard")
     for i, layer in enumerate(layers):
-        # the last layer's parameters are needed again right at the start of backward: keep them gathered
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(wrapped, mesh=mesh, mp_policy=mp)
+        # a trained model needs its last layer again right at the start of backward: keep it gathered; a frozen
+        # reference never runs backward, so everything (its root included) is resharded after forward
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable or i < len(layers) - 1)
+    fully_shard(wrapped, mesh=mesh, mp_policy=mp, **({} if trainable else {"reshard_after_forward": True}))
     wrapped.train(trainable)
     if not trainable:
         wrapped.requires_grad_(False)
+    if cfg.disable_dropout:  # as TRL: dropout would make the log-probs (and ConfPO's threshold) noisy
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
     return wrapped
 
 
@@ -405,6 +468,12 @@ def micro_step(cfg, policy, ref, batch, hparams, generator):
         with torch.no_grad():
             ref_logps, _ = ref(**inputs)
         kw.update(ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:])
+    if cfg.method == "kto":  # z_ref over the micro-batches of all ranks (TRL's estimate), not this rank's alone
+        beta = hparams.get("beta", inspect.signature(fn).parameters["beta"].default)
+        total, count = losses.kto_reference_point(**kw, beta=beta)
+        both = torch.stack([total, torch.tensor(float(count), device=total.device)]).double()
+        dist.all_reduce(both)
+        kw["z_ref"] = max(0.0, float(both[0] / both[1]))
     if cfg.method == "sepo":
         select = batch["select"].bool()
         kw.update(chosen_selected=select[:B], rejected_selected=select[B:])
@@ -470,9 +539,17 @@ def evaluate(cfg, policy, ref, eval_ds, hparams, pad_id, device, rank, world):
             per_pair, metrics = micro_step(cfg, policy, ref, batch, hparams, torch.Generator(device).manual_seed(0))
             keep = valid.nonzero().squeeze(-1)
             meter.add(logged_loss(cfg, per_pair, metrics)[keep], {k: v[keep] for k, v in metrics.items()},
-                      int(batch["attention_mask"].sum()))
+                      forwarded_tokens(cfg, batch, valid))
     policy.train()
     return meter.result()
+
+
+def forwarded_tokens(cfg, batch, valid=None):
+    """Tokens the policy read in this micro-batch (SFT reads the chosen rows only), over valid pairs only."""
+    B = batch["input_ids"].shape[0] // 2
+    pairs = torch.ones(B, dtype=torch.bool, device=batch["input_ids"].device) if valid is None else valid
+    rows = torch.cat([pairs, torch.zeros_like(pairs) if cfg.method == "sft" else pairs])
+    return int(batch["attention_mask"][rows].sum())
 
 
 def logged_loss(cfg, per_pair, metrics):
@@ -528,12 +605,30 @@ def save_checkpoint(cfg, policy, optimizer, scheduler, step, rank):
     if rank == 0:
         state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size()}
         _atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state))
-        if os.path.exists(final):  # re-saving a step (after a resume): replace it
-            shutil.rmtree(final)
+        if os.path.exists(final):  # re-saving a step (a run restarted from scratch): retire the old one first
+            _remove(final)
         os.replace(tmp, final)
+        _fsync_dir(root)
         for old in checkpoints(cfg.output_dir)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     dist.barrier()
+
+
+def _remove(path):
+    """Delete a checkpoint so that a kill half-way leaves nothing that looks complete: rename it to *.tmp (atomic),
+    then delete; leftover *.tmp folders are cleared when the next run starts."""
+    doomed = f"{path}.old.tmp"
+    os.replace(path, doomed)
+    _fsync_dir(os.path.dirname(path))
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path, policy, optimizer, scheduler, rank):
@@ -562,9 +657,11 @@ def export(cfg, policy, tokenizer, model_path, rank):
     sd = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         config = AutoConfig.from_pretrained(model_path)
+        dtype = getattr(config, "dtype", None) or torch.float32  # the source checkpoint's dtype (bf16 stays bf16)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(sd, assign=True)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
         model.tie_weights()
         out = os.path.join(cfg.output_dir, "final")
         tmp = out + ".tmp"
@@ -607,22 +704,31 @@ def check_output_dir(cfg, rank):
 
 
 def trim_metrics(path, step):
-    """After a resume, drop the lines a killed run wrote after its last checkpoint (they will be written again)."""
+    """Drop the lines a stopped run wrote after its last checkpoint (they will be written again): all of them when
+    starting from step 0, and a line cut short by a kill."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as fh:
-        lines = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-    _atomic_write(path, "".join(lines))
+        for line in fh:
+            try:
+                if step > 0 and json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+    _atomic_write(path, "".join(kept))
 
 
 def main(argv=None):
     cfg, explicit = parse_config(argv)
     hparams = resolve(cfg, explicit)
+    owner = not dist.is_initialized()  # sepo.py runs several stages in one process group
     rank, world, device = init_distributed(cfg)
     try:
         return train(cfg, hparams, rank, world, device)
     finally:
-        dist.destroy_process_group()
+        if owner:
+            dist.destroy_process_group()
 
 
 def train(cfg, hparams, rank, world, device):
@@ -703,7 +809,7 @@ def train(cfg, hparams, rank, world, device):
             generator = torch.Generator(device).manual_seed(hash((cfg.seed, step, rank * len(batches) + i)) % 2**63)
             per_pair, metrics = micro_step(cfg, policy, ref, batch, hparams, generator)
             (per_pair.sum() * world / count).backward()
-            meter.add(logged_loss(cfg, per_pair, metrics), metrics, int(batch["attention_mask"].sum()))
+            meter.add(logged_loss(cfg, per_pair, metrics), metrics, forwarded_tokens(cfg, batch))
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
                                                    float("inf"))
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
@@ -737,8 +843,10 @@ def train(cfg, hparams, rank, world, device):
     bar.close()
     if cfg.export:
         export(cfg, policy, tokenizer, cfg.model, rank)
-        if tiny and rank == 0:  # the synthetic task has a programmatic judge: score greedy answers
-            prompts = [row["prompt"] for row in data.load_preferences(paths["test"])][:100]
+        if (cfg.judge == "synthetic" or (cfg.judge == "auto" and tiny)) and rank == 0:
+            # the synthetic task has a programmatic judge: score greedy answers to held-out prompts
+            source = cfg.eval_data or cfg.data
+            prompts = [row["prompt"] for row in data.load_preferences(source, cache_dir=cfg.cache_dir or None)][:100]
             before = synthetic_reward_of(cfg.model, prompts, device)
             after = synthetic_reward_of(os.path.join(cfg.output_dir, "final"), prompts, device)
             write({"step": step, "split": "generate", "reward_before": before, "reward_after": after,

@@ -1,0 +1,17 @@
+"""Shared test fixtures: the tiny offline world, built once per test session in a temporary folder."""
+
+import pytest
+
+import data
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """data.build_tiny_world's paths, plus `small` (16 synthetic pairs), `cache` (a datasets cache) and `root`."""
+    root = tmp_path_factory.mktemp("world")
+    paths = data.build_tiny_world(str(root / "tiny_world"))
+    small = root / "small.jsonl"
+    with open(paths["train"]) as src, open(small, "w") as dst:
+        for _ in range(16):
+            dst.write(src.readline())
+    return {**paths, "small": str(small), "cache": str(root / "cache"), "root": root}

@@ -1,0 +1,241 @@
+"""score.py and the SePO pipeline on the tiny world: scores equal a direct computation with the two models,
+floor(k n) tokens per response, kill-and-resume, 2 ranks = 1 rank, tokenizer checks, the cross-tokenizer mapping on
+known key spans, the HTML report, ConfPO's selection, and the whole pipeline end to end.
+
+The "oracle" and "reference" of most tests are two different untrained models that share a tokenizer (llama-tiny
+and neox-tiny): what is tested is the arithmetic of Eq. 24-25 and the plumbing, not the quality of an oracle.
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import confpo
+import data
+import score
+import sepo
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def score_args(world, out, **extra):
+    args = {"oracle": world["llama-tiny"], "reference": world["neox-tiny"], "data": world["small"],
+            "output_dir": str(out), "cache_dir": world["cache"], "batch_size": 3, "shard_size": 5, **extra}
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def read_jsonl(path):
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def direct_logps(model_path, tok_row, side):
+    """log pi(y_t | x, y_<t) of each response token, from the model's full log-softmax (no repo code)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    ids = torch.tensor([tok_row[f"{side}_input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    start = tok_row["prompt_len"]
+    return [float(logp[t - 1, ids[0, t]]) for t in range(start, ids.shape[1])]
+
+
+def tokenized_rows(world, tokenizer_path, source=None, **kw):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    ds, _ = data.tokenize_preferences(data.load_preferences(source or world["small"], cache_dir=world["cache"]),
+                                      tok, **kw)
+    return {r["row"]: r for r in ds}
+
+
+def test_scores_equal_a_direct_computation_and_counts_are_floor_kn(world, tmp_path):
+    out = tmp_path / "scores"
+    score.main(score_args(world, out, ratios="0.3:0.3,0.5:0.1", save_scores=True, beta=0.5))
+    rows = tokenized_rows(world, world["llama-tiny"])
+    for name, (rc, rl) in (("selections-c0.3-r0.3.jsonl", (0.3, 0.3)), ("selections-c0.5-r0.1.jsonl", (0.5, 0.1))):
+        records = read_jsonl(out / name)
+        assert [r["row"] for r in records] == sorted(rows)
+        for rec in records[:4] if rc == 0.3 else records:
+            for side, ratio, highest in (("chosen", rc, True), ("rejected", rl, False)):
+                n = rec[f"{side}_n"]
+                assert len(rec[f"{side}_selected"]) == math.floor(ratio * n + 1e-9)
+                if rc == 0.3:  # Eq. 24 against the two models' own log-softmax
+                    expected = [0.5 * (o - r) for o, r in zip(direct_logps(world["llama-tiny"], rows[rec["row"]], side),
+                                                             direct_logps(world["neox-tiny"], rows[rec["row"]], side))]
+                    assert len(expected) == n
+                    torch.testing.assert_close(torch.tensor(rec[f"{side}_scores"]), torch.tensor(expected).float(),
+                                               rtol=1e-4, atol=1e-4)
+                # Eq. 25 from the written scores: best first, ties to the earliest position
+                s = rec[f"{side}_scores"]
+                order = sorted(range(n), key=lambda i: ((-s[i] if highest else s[i]), i))
+                assert rec[f"{side}_selected"] == sorted(order[:len(rec[f"{side}_selected"])])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["pairs"] == 16
+    assert manifest["policy_tokenizer"] == data.tokenizer_hash(__import__("transformers").AutoTokenizer
+                                                               .from_pretrained(world["llama-tiny"]))
+    assert 0 <= manifest["selections"]["selections-c0.3-r0.3.jsonl"]["key_chosen"]["recall"] <= 1
+
+
+def test_killed_score_resumes_to_the_same_files(world, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    extra = dict(data=world["train"], max_pairs=300, batch_size=1, shard_size=6, ratios="0.3:0.3")
+    score.main(score_args(world, full, **extra))
+    cmd = [sys.executable, os.path.join(HERE, "score.py"), *score_args(world, killed, **extra)]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not (killed / "shards" / "block_000004.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    blocks = len(os.listdir(killed / "shards"))
+    assert 5 <= blocks < 50 and not (killed / "selections-c0.3-r0.3.jsonl").exists(), blocks  # really interrupted
+    score.main(score_args(world, killed, **extra))
+    assert (killed / "selections-c0.3-r0.3.jsonl").read_bytes() == (full / "selections-c0.3-r0.3.jsonl").read_bytes()
+    # the same folder with other models is refused rather than mixed
+    with pytest.raises(SystemExit, match="holds scores of another run"):
+        score.main(score_args(world, killed, **{**extra, "reference": world["llama-small"]}))
+
+
+def test_two_ranks_score_like_one(world, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    score.main(score_args(world, one, save_scores=True))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "score.py"), *score_args(world, two, save_scores=True)]
+    proc = subprocess.run(cmd, env=ENV, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = read_jsonl(one / "selections-c0.3-r0.3.jsonl"), read_jsonl(two / "selections-c0.3-r0.3.jsonl")
+    assert [r["row"] for r in a] == [r["row"] for r in b]
+    for x, y in zip(a, b):
+        assert x["chosen_selected"] == y["chosen_selected"] and x["rejected_selected"] == y["rejected_selected"]
+        torch.testing.assert_close(torch.tensor(x["chosen_scores"]), torch.tensor(y["chosen_scores"]))
+
+
+def test_tokenizer_mismatch_fails_with_its_message(world, tmp_path):
+    char_model = data.build_tiny_model(str(tmp_path / "char-llama"), world["tokenizer_char"], "llama", "tiny")
+    with pytest.raises(SystemExit, match=r"different tokenizers: vocabulary .* pass --cross_tokenizer"):
+        score.main(score_args(world, tmp_path / "a", policy=char_model))
+    with pytest.raises(SystemExit, match="the oracle and the reference must share a tokenizer"):
+        score.main(score_args(world, tmp_path / "b", reference=char_model))
+    # train.py refuses selections that index another tokenizer's tokens
+    score.main(score_args(world, tmp_path / "c"))
+    with pytest.raises(SystemExit, match="index the tokens of another tokenizer"):
+        train.main(["--method", "sepo", "--model", char_model, "--data", world["small"], "--selections",
+                    str(tmp_path / "c" / "selections-c0.3-r0.3.jsonl"), "--output_dir", str(tmp_path / "t"),
+                    "--cache_dir", world["cache"], "--global_batch_size", "8"])
+
+
+def test_map_across_tokenizers_selects_the_known_spans(world):
+    """A perfect oracle in the BPE tokenization (it selects the tokens overlapping the key span) carried to the
+    one-token-per-character tokenizer selects exactly the characters of those BPE tokens: the key and nothing
+    beyond the BPE tokens that contain it."""
+    bpe = tokenized_rows(world, world["tokenizer"], offsets=True)
+    char = tokenized_rows(world, world["tokenizer_char"], offsets=True)
+    pairs = {i: json.loads(line) for i, line in enumerate(open(world["small"]))}
+    for row, pair in pairs.items():
+        for side in ("chosen", "rejected"):
+            src = torch.tensor(score.response_part(bpe[row], side, "offsets"))
+            dst = torch.tensor(score.response_part(char[row], side, "offsets"))
+            key = torch.tensor(score.response_part(bpe[row], side, "key")).bool()
+            scores = torch.where(key, 1.0, -1.0)
+            sel, mapped = score.map_across_tokenizers(src, key, scores, dst)
+            (a, b), = pair[f"{side}_key_spans"]
+            covered = set()
+            for (s, e), k in zip(src.tolist(), key.tolist()):
+                if k:
+                    covered |= set(range(s, e))
+            assert set(range(a, b)) <= covered
+            chars = {s for (s, e), x in zip(dst.tolist(), sel.tolist()) if x and s >= 0}
+            assert chars == covered, (row, side)
+            assert sel[-1].item() is False and dst[-1, 0] == -1  # the EOS follows the source EOS (not selected)
+            torch.testing.assert_close(mapped[sel], torch.ones(int(sel.sum())))
+
+
+def test_cross_tokenizer_end_to_end(world, tmp_path):
+    """An oracle of one tokenizer selects for a policy of another; train.py accepts the result."""
+    char_model = data.build_tiny_model(str(tmp_path / "char-llama"), world["tokenizer_char"], "llama", "tiny")
+    out = tmp_path / "scores"
+    score.main(score_args(world, out, policy=char_model, cross_tokenizer=True, save_scores=True))
+    char_rows = tokenized_rows(world, char_model)
+    for rec in read_jsonl(out / "selections-c0.3-r0.3.jsonl"):
+        for side in ("chosen", "rejected"):
+            n = sum(1 for x in char_rows[rec["row"]][f"{side}_labels"] if x != -100)
+            assert rec[f"{side}_n"] == n == len(rec[f"{side}_scores"])
+            assert rec[f"{side}_selected"] and max(rec[f"{side}_selected"]) < n
+    assert json.loads((out / "manifest.json").read_text())["cross_tokenizer"] is True
+    train.main(["--method", "sepo", "--model", char_model, "--data", world["small"], "--selections",
+                str(out / "selections-c0.3-r0.3.jsonl"), "--output_dir", str(tmp_path / "policy"), "--cache_dir",
+                world["cache"], "--global_batch_size", "8", "--micro_batch_size", "4", "--max_steps", "2",
+                "--lr", "1e-3", "--export", "false"])
+    assert (tmp_path / "policy" / "metrics.jsonl").exists()
+
+
+def test_report_shows_tokens_scores_selections_and_histograms(world, tmp_path):
+    out = tmp_path / "scores"
+    report = tmp_path / "report.html"
+    score.main(score_args(world, out, report=str(report), report_pairs=4, save_scores=True, data=world["train"],
+                          max_pairs=40))
+    html = report.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.count("<svg") == 2
+    assert "SePO Fig. 6" in html and "ConfPO Fig. 12" in html and "precision" in html
+    records = {r["row"]: r for r in read_jsonl(out / "selections-c0.3-r0.3.jsonl")}
+    shown = [int(x) for x in re.findall(r"<h3>pair (\d+)</h3>", html)]
+    assert len(shown) == 4
+    blocks = html.split("<h3>pair ")[1:]
+    for row, block in zip(shown, blocks):
+        for side, part in zip(("chosen", "rejected"), block.split("<div class='resp'>")[1:]):
+            part = part.split("</div>")[0]
+            assert part.count("class='tok sel") == len(records[row][f"{side}_selected"])
+            assert part.count(" key'") >= 1  # the synthetic task's key tokens are marked
+            assert part.count("<span") == records[row][f"{side}_n"]
+            titles = [float(t) for t in re.findall(r"title='score (-?[\d.]+)", part)]
+            torch.testing.assert_close(torch.tensor(titles), torch.tensor(records[row][f"{side}_scores"]),
+                                       rtol=0, atol=6e-4)
+        assert re.search(r"chosen: \d+ of \d+ tokens selected \(\d+%\)", block)
+
+
+def test_confpo_selection_under_a_model(world, tmp_path):
+    out = tmp_path / "confpo"
+    score.main(["--confpo", "--model", world["llama-tiny"], "--data", world["small"], "--output_dir", str(out),
+                "--cache_dir", world["cache"], "--report", str(tmp_path / "confpo.html")])
+    records = read_jsonl(out / "confpo.jsonl")
+    rows = tokenized_rows(world, world["llama-tiny"])
+    for rec in records:
+        for side in ("chosen", "rejected"):
+            logps = torch.tensor(direct_logps(world["llama-tiny"], rows[rec["row"]], side))[None]
+            sel, _ = confpo.confpo_mask(logps, torch.ones_like(logps, dtype=torch.bool))
+            assert rec[f"{side}_selected"] == sel[0].nonzero().squeeze(-1).tolist()
+    assert "ConfPO selection under" in (tmp_path / "confpo.html").read_text()
+
+
+def test_sepo_pipeline_end_to_end(world, tmp_path):
+    out = tmp_path / "sepo"
+    final = sepo.run_pipeline(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
+                               "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64"])
+    assert final == str(out / "policy" / "final")
+    assert len(read_jsonl(out / "subset.jsonl")) == 64
+    for stage in ("oracle_sft", "oracle_dpo", "policy"):
+        assert (out / stage / "final" / "config.json").exists()
+    config = json.loads((out / "policy" / "config.json").read_text())
+    assert config["method"] == "sepo" and config["model"].endswith("llama-small-sft")
+    manifest = json.loads((out / "scores" / "manifest.json").read_text())
+    assert manifest["identity"]["oracle"].endswith("oracle_dpo/final")
+    assert manifest["identity"]["reference"].endswith("oracle_sft/final")
+    assert (out / "scores" / "report.html").exists()
+    evals = [json.loads(x) for x in (out / "policy" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in evals if m["split"] == "eval"] == [0, 3]
+    # run again: every stage is found done, nothing is retrained
+    mtime = (out / "policy" / "final" / "model.safetensors").stat().st_mtime
+    sepo.run_pipeline(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
+                       "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64"])
+    assert (out / "policy" / "final" / "model.safetensors").stat().st_mtime == mtime
