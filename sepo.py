@@ -160,7 +160,7 @@ def _pipeline_config():
 
 
 # `python sepo.py` without --data: small batches and large learning rates for the tiny world
-PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-4, sft_epochs=2,
+PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-5, sft_epochs=2,
                      max_length=128, max_prompt_length=64)
 
 

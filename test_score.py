@@ -239,3 +239,26 @@ def test_sepo_pipeline_end_to_end(world, tmp_path):
     sepo.run_pipeline(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
                        "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64"])
     assert (out / "policy" / "final" / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_selections_land_on_the_scored_tokens_in_training_batches(world, tmp_path):
+    """Selections written as response-token indices come back, through attach_selections and the collator, on
+    exactly the tokens they name: here the synthetic task's key tokens, compared position by position."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(world["llama-tiny"])
+    ds, _ = data.tokenize_preferences(data.load_preferences(world["small"], cache_dir=world["cache"]), tok)
+    path = tmp_path / "sel.jsonl"
+    with open(path, "w") as fh:
+        for ex in ds:
+            rec = {"row": ex["row"]}
+            for side in ("chosen", "rejected"):
+                key = score.response_part(ex, side, "key")
+                rec.update({f"{side}_n": len(key), f"{side}_selected": [i for i, k in enumerate(key) if k]})
+            fh.write(json.dumps(rec) + "\n")
+    attached = sepo.attach_selections(ds, sepo.load_selections(str(path)), str(path))
+    batch = data.collate_pairs([attached[i] for i in range(len(attached))], tok.pad_token_id,
+                               token_fields=("select", "key"))
+    assert batch["select"].sum() > 0 and torch.equal(batch["select"], batch["key"])
+    # and the training loop's mask of those positions is the response mask restricted to them
+    logps_mask = batch["labels"] != -100
+    assert not (batch["select"].bool() & ~logps_mask).any()
