@@ -33,7 +33,7 @@ import data
 import losses
 import sepo
 import train
-from train import _f
+from train import _f, atomic_write
 
 
 @dataclass
@@ -123,15 +123,6 @@ def block_path(cfg, b):
     return os.path.join(cfg.output_dir, "shards", f"block_{b:06d}.jsonl")
 
 
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def response_values(values, labels):
     """Per row, the values at the response positions (labels != -100), as lists."""
     mask = labels != losses.IGNORE_INDEX
@@ -172,7 +163,7 @@ def score_blocks(cfg, tokenized, pad_id, rank, world, device):
             tokens += int(batch["attention_mask"].sum())
             bar.update(B)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        write_atomic(block_path(cfg, b), "\n".join(lines) + "\n")
+        atomic_write(block_path(cfg, b), "\n".join(lines) + "\n")
     bar.close()
 
 
@@ -295,7 +286,7 @@ def write_selections(cfg, name, records):
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     else:
-        write_atomic(path if path.endswith(".jsonl") else path + ".jsonl",
+        atomic_write(path if path.endswith(".jsonl") else path + ".jsonl",
                      "".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -405,7 +396,7 @@ def write_report(cfg, path, name, records, sides, tok_rows, tokenizer, stats):
             out.append(f"<p class='meta'>{side}: {sum(sel)} of {len(sel)} tokens selected "
                        f"({sum(sel) / max(len(sel), 1):.0%})</p><div class='resp'>{''.join(spans)}</div>")
     out.append("</body></html>")
-    write_atomic(path, "".join(out))
+    atomic_write(path, "".join(out))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,7 +484,7 @@ def run(cfg, rank, world, device):
             raise SystemExit(f"{cfg.output_dir} holds scores of another run (differs in: {', '.join(changed)}); "
                              "choose another --output_dir")
     elif rank == 0:
-        write_atomic(manifest_path, json.dumps({"identity": identity, "complete": False}, indent=2))
+        atomic_write(manifest_path, json.dumps({"identity": identity, "complete": False}, indent=2))
     pad_id = score_tok.pad_token_id if score_tok.pad_token_id is not None else score_tok.eos_token_id
     score_blocks(cfg, tokenized, pad_id, rank, world, device)
     dist.barrier()
@@ -521,7 +512,7 @@ def finish(cfg, tokenized, stats, ds, score_tok, policy_tok, identity, manifest_
     manifest = {"identity": identity, "complete": True, "pairs": len(rows), "tokenize": stats,
                 "policy": cfg.policy, "policy_tokenizer": data.tokenizer_hash(policy_tok),
                 "cross_tokenizer": cfg.cross_tokenizer, "selections": ratio_stats}
-    write_atomic(manifest_path, json.dumps(manifest, indent=2))
+    atomic_write(manifest_path, json.dumps(manifest, indent=2))
     for name, entry in ratio_stats.items():
         line = f"wrote {os.path.join(cfg.output_dir, entry['file'])}"
         if "key_chosen" in entry:

@@ -39,6 +39,9 @@ def select_tokens(scores, mask, ratio, highest=True):
     its n response tokens (the first response token and the EOS included) -> (B, T) bool.
 
     Ties go to the earliest position (a stable sort), as in the released code; vectorised (losses.top_k_mask).
+    NOTE(deviation): the paper says "the highest k%"; floor(ratio * n) is the released code's count (a response
+    shorter than 1/ratio tokens selects nothing, which the losses turn into a zero-loss pair). Unlike the released
+    scorer, the first response token is scored and can be selected.
     """
     # I_k(y_t) = 1 if s(y_t) ranks in the highest (chosen) / lowest (rejected) k% of its response
     return top_k_mask(scores if highest else -scores, mask, selection_counts(mask, ratio))
@@ -167,16 +170,14 @@ PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_
 def write_subset(cfg, out_path):
     """D_m: a seeded random subset of the target pairs, written as JSONL in the explicit-prompt layout."""
     import data
+    import train
     ds = data.load_preferences(cfg.data, split=cfg.split, cache_dir=cfg.cache_dir or None)
     m = round(cfg.subset * len(ds)) if cfg.subset <= 1 else int(cfg.subset)
     if not 1 <= m <= len(ds):
         raise SystemExit(f"--subset {cfg.subset}: D_m would hold {m} of {len(ds)} pairs")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:m].sort().values.tolist()
     lines = [json.dumps({k: ds[i][k] for k in ("prompt", "chosen", "rejected")}) for i in order]
-    tmp = f"{out_path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(tmp, out_path)
+    train.atomic_write(out_path, "\n".join(lines) + "\n")
     return m
 
 
@@ -222,7 +223,7 @@ def run_pipeline(argv=None):
             final = os.path.join(out, name, "final")
             if not os.path.exists(os.path.join(final, "config.json")):
                 train.log0(f"\n== {name} ==")
-                train.main(args + ["--output_dir", os.path.join(out, name)] + common)
+                train.main(common + args + ["--output_dir", os.path.join(out, name)])  # later flags win
             return final
 
         # Eq. 23: SFT on the chosen responses of D_m; the result is pi_ref
@@ -246,13 +247,7 @@ def run_pipeline(argv=None):
         final = stage("policy", ["--method", "sepo", "--model", cfg.policy, "--data", cfg.data, "--split", cfg.split,
                                  "--selections", selections, "--eval_data", cfg.eval_data, "--lr", str(cfg.policy_lr),
                                  "--warmup_ratio", "0.03", "--adam_beta2", "0.95", "--beta", str(cfg.beta),
-                                 "--gamma", str(cfg.gamma)])
-        if tiny and rank == 0:
-            prompts = [row["prompt"] for row in data.load_preferences(cfg.eval_data, cache_dir=cfg.cache_dir or None)]
-            before = train.synthetic_reward_of(cfg.policy, prompts[:100], device)
-            after = train.synthetic_reward_of(final, prompts[:100], device)
-            train.log0(f"synthetic reward of greedy answers to 100 held-out prompts: {before:.3f} before, "
-                       f"{after:.3f} after SePO")
+                                 "--gamma", str(cfg.gamma), "--judge", "synthetic" if tiny else "none"])
         train.log0(f"done: {out} (oracle_sft/, oracle_dpo/, scores/ with report.html, policy/final)")
         return final
     finally:

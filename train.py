@@ -567,9 +567,10 @@ def collate(ds, indices, pad_id, cfg, device):
 # Checkpoints and export
 # ---------------------------------------------------------------------------------------------------------------
 
-def _atomic_write(path, text):
+def atomic_write(path, text):
+    """Write a text file through a temporary file and a rename: a reader sees the old file or the new one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
+    with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
@@ -604,7 +605,7 @@ def save_checkpoint(cfg, policy, optimizer, scheduler, step, rank):
     dist.barrier()
     if rank == 0:
         state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size()}
-        _atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state))
+        atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state))
         if os.path.exists(final):  # re-saving a step (a run restarted from scratch): retire the old one first
             _remove(final)
         os.replace(tmp, final)
@@ -700,7 +701,7 @@ def check_output_dir(cfg, rank):
     dist.barrier()
     if rank == 0:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        _atomic_write(path, json.dumps(mine, indent=2))
+        atomic_write(path, json.dumps(mine, indent=2))
 
 
 def trim_metrics(path, step):
@@ -716,7 +717,7 @@ def trim_metrics(path, step):
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 pass
-    _atomic_write(path, "".join(kept))
+    atomic_write(path, "".join(kept))
 
 
 def main(argv=None):
