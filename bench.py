@@ -4,7 +4,8 @@
     python bench.py --large    # closer to a real batch (a Llama-3 vocabulary); wants a GPU or patience
 
 Memory is what autograd keeps for backward beyond the inputs (bytes of tensors saved by the graph, counted with
-torch.autograd.graph.saved_tensors_hooks), so the numbers are exact and do not depend on the allocator. Time is the median of a few forward+backward passes.
+torch.autograd.graph.saved_tensors_hooks), so the numbers are exact and do not depend on the allocator. Time is the
+median of a few forward + backward passes.
 """
 
 import argparse

@@ -136,6 +136,14 @@ def test_incomplete_checkpoint_is_ignored(world, tmp_path):
     train.main(base_args(world, out, method="simpo", max_steps=4, epochs=2))
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
     assert not stale.exists()
+    # --resume false starts over: the old run's checkpoints and metric lines are gone, not mixed in
+    first = params(out)
+    train.main(base_args(world, out, method="simpo", max_steps=4, epochs=2, halt_after=3, resume=False))
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    assert [os.path.basename(c) for c in train.checkpoints(out)] == ["step_00000003"]
+    train.main(base_args(world, out, method="simpo", max_steps=4, epochs=2))
+    second = params(out)
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def _f(default, help, **kw):
 @dataclass
 class Config:
     # what to train
-    method: str = _f("confpo", "objective: one of METHODS", choices=None)
+    method: str = _f("confpo", "objective: one of METHODS")
     model: str = _f("", "policy: a Hugging Face model name or folder ('' = the tiny offline world's llama-small)")
     ref_model: str = _f("", "reference model for DPO-style methods ('' = the initial policy)")
     data: str = _f("", "preference data: JSONL/JSON/Parquet file, save_to_disk folder or hub name ('' = the "
@@ -81,7 +81,7 @@ class Config:
     adam_beta2: float = _f(0.999, "AdamW beta2 (SePO uses 0.95)")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "max global gradient norm (0 = no clipping)")
-    seed: int = _f(42, "seed of the data order, the model init of missing weights and ConfPO-rand")
+    seed: int = _f(42, "seed of the data order and of ConfPO-rand's draws")
     # objective hyper-parameters; None = the method's own default (see its docstring)
     beta: float = _f(None, "beta of the objective")
     gamma: float = _f(None, "target margin gamma (SimPO, ConfPO, SePO)")
@@ -121,9 +121,10 @@ TINY_DEFAULTS = dict(max_length=128, max_prompt_length=64, global_batch_size=32,
                      log_every=5, eval_every=20, eval_max_pairs=200, save_every=50)
 
 # Fields that may differ when a run is resumed (everything else must match the run in output_dir).
-RESUMABLE_FIELDS = {"judge", "halt_after", "log_every", "eval_every", "eval_max_pairs", "save_every", "keep_last", "resume",
-                    "export", "num_proc", "cache_dir", "skip_bad_rows", "device", "hybrid_shard", "activation_checkpointing",
-                    "chunk_size", "logp_path", "micro_batch_size"}
+# micro_batch_size changes only float summation order (and KTO's per-micro-step z_ref estimate).
+RESUMABLE_FIELDS = {"judge", "halt_after", "log_every", "eval_every", "eval_max_pairs", "save_every", "keep_last",
+                    "resume", "export", "num_proc", "cache_dir", "skip_bad_rows", "device", "hybrid_shard",
+                    "activation_checkpointing", "chunk_size", "logp_path", "micro_batch_size"}
 
 # method -> (objective, needs a reference model). Each objective documents its equation and defaults.
 METHODS = {
@@ -281,9 +282,9 @@ def log0(*args):
 # Data
 # ---------------------------------------------------------------------------------------------------------------
 
-def prepare_data(cfg, tokenizer, rank):
-    """Tokenized train (and held-out) pairs. Rank 0 tokenizes first and fills the datasets cache; the others
-    then read it, so that N ranks do not tokenize N times."""
+def prepare_data(cfg, tokenizer):
+    """Tokenized train (and held-out) pairs, with SePO's selections attached. Rank 0 goes first and fills the
+    datasets cache; the others then read it, so that N ranks do not tokenize N times (nor write the same files)."""
     def load(source, split):
         ds = data.load_preferences(source, split=split, form=cfg.form, skip_bad_rows=cfg.skip_bad_rows,
                                    num_proc=cfg.num_proc, cache_dir=cfg.cache_dir or None)
@@ -297,15 +298,17 @@ def prepare_data(cfg, tokenizer, rank):
         out = {"train": load(cfg.data, cfg.split)}
         if cfg.eval_data or cfg.eval_split:
             out["eval"] = load(cfg.eval_data or cfg.data, cfg.eval_split or cfg.split)
+        if cfg.method == "sepo":
+            out["train"] = sepo.attach_selections(out["train"], sepo.load_selections(cfg.selections), cfg.selections)
+            if "eval" in out:  # held-out pairs have no oracle selection: evaluate over all response tokens
+                out["eval"] = out["eval"].map(lambda ex: {f"{side}_select": [int(x != losses.IGNORE_INDEX)
+                                                                             for x in ex[f"{side}_labels"]]
+                                                          for side in ("chosen", "rejected")})
         return out
 
-    out = rank_zero_first(load_all)
     if cfg.method == "sepo":
         check_selections_tokenizer(cfg.selections, tokenizer)
-        out["train"] = sepo.attach_selections(out["train"], sepo.load_selections(cfg.selections), cfg.selections)
-        if "eval" in out:  # held-out pairs have no oracle selection: evaluate over all response tokens
-            out["eval"] = out["eval"].map(lambda ex: {f"{s}_select": [int(x != losses.IGNORE_INDEX) for x in
-                                                                      ex[f"{s}_labels"]] for s in ("chosen", "rejected")})
+    out = rank_zero_first(load_all)
     if len(out["train"]) < cfg.global_batch_size:
         raise SystemExit(f"{cfg.data}: {len(out['train'])} pairs, fewer than one global batch "
                          f"({cfg.global_batch_size}); lower --global_batch_size")
@@ -616,8 +619,8 @@ def save_checkpoint(cfg, policy, optimizer, scheduler, step, rank):
 
 
 def _remove(path):
-    """Delete a checkpoint so that a kill half-way leaves nothing that looks complete: rename it to *.tmp (atomic),
-    then delete; leftover *.tmp folders are cleared when the next run starts."""
+    """Delete a checkpoint (or an export) so that a kill half-way leaves nothing that looks complete: rename it to
+    *.tmp (atomic), then delete; leftover *.tmp checkpoint folders are cleared when the next run starts."""
     doomed = f"{path}.old.tmp"
     os.replace(path, doomed)
     _fsync_dir(os.path.dirname(path))
@@ -662,15 +665,17 @@ def export(cfg, policy, tokenizer, model_path, rank):
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+        model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
         model.tie_weights()
         out = os.path.join(cfg.output_dir, "final")
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
+        if os.path.exists(out):  # a run resumed after its export: retire the old folder first
+            _remove(out)
         os.replace(tmp, out)
+        _fsync_dir(cfg.output_dir)
         log0(f"exported {out}")
     dist.barrier()
 
@@ -754,7 +759,7 @@ def train(cfg, hparams, rank, world, device):
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ds = prepare_data(cfg, tokenizer, rank)
+    ds = prepare_data(cfg, tokenizer)
     steps_per_epoch = len(ds["train"]) // cfg.global_batch_size
     total = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
     unused = len(ds["train"]) - steps_per_epoch * cfg.global_batch_size
@@ -772,12 +777,17 @@ def train(cfg, hparams, rank, world, device):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
 
     step = 0
-    found = checkpoints(cfg.output_dir) if cfg.resume else []
-    if found:
+    found = checkpoints(cfg.output_dir)
+    if found and cfg.resume:
         step = load_checkpoint(found[-1], policy, optimizer, scheduler, rank)
         log0(f"resumed from {found[-1]} at step {step}")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    dist.barrier()  # every rank has read the checkpoint before rank 0 tidies the folder
     if rank == 0:
+        if found and not cfg.resume:  # --resume false: start over, and leave no old checkpoint to resume from
+            log0(f"--resume false: removing {len(found)} checkpoints of the previous run")
+            for old in found:
+                _remove(old)
         trim_metrics(metrics_path, step)
         for leftover in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "*.tmp")):
             shutil.rmtree(leftover, ignore_errors=True)  # a save that was killed before its rename
@@ -867,7 +877,8 @@ def tiny_sft_model(cfg, paths, rank, world, device):
         sft = Config(method="sft", model=paths["llama-small"], data=paths["train"], tiny_world=cfg.tiny_world,
                      output_dir=path + ".run", resume=False, cache_dir=cfg.cache_dir, seed=cfg.seed,
                      **{**TINY_DEFAULTS, "lr": 1e-3, "epochs": 2, "save_every": 0})
-        shutil.rmtree(sft.output_dir, ignore_errors=True) if rank == 0 else None
+        if rank == 0:
+            shutil.rmtree(sft.output_dir, ignore_errors=True)
         dist.barrier()
         train(sft, {}, rank, world, device)
         if rank == 0:
