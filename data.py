@@ -381,6 +381,9 @@ def tokenize_preferences(ds, tokenizer, max_length=2048, max_prompt_length=1800,
                  else None, new_fingerprint=fingerprint, desc="tokenizing",
                  fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                                 use_template=use_template, offsets=offsets))
+    if len(out) == 0:
+        raise DataError(f"no pair keeps a non-empty response within max_length {max_length} and max_prompt_length "
+                        f"{max_prompt_length} ({len(ds)} pairs, all dropped)")
     stats = {"kept": len(out), "dropped_empty": len(ds) - len(out), "truncated_prompt": sum(out["_trunc_prompt"]),
              "truncated_response": sum(out["_trunc_response"])}
     return out.remove_columns(["_trunc_prompt", "_trunc_response"]), stats

@@ -89,7 +89,8 @@ def token_logps(logits, labels, ignore_index=IGNORE_INDEX, chunk_size=1024):
         chunk_size: response tokens per float32 (chunk_size, V) block; no (B, T, V) float32 copy is ever made and
             prompt and padding positions cost nothing.
     Returns:
-        logps (B, T) float32, mask (B, T) bool (True where a label is given; always False at t = 0).
+        logps (B, T) float32 (float64 for float64 logits), mask (B, T) bool (True where a label is given; always
+        False at t = 0).
     """
     B, T, V = logits.shape
     mask, rows, targets = _targets(labels, ignore_index)

@@ -11,6 +11,7 @@ Shapes as in losses.py: (B, T), position t holds log pi(y_t | x, y_<t), masks Tr
 
 import json
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -123,48 +124,49 @@ def attach_selections(tokenized, selections, source="selections"):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The whole pipeline as one command: python sepo.py
+# (train.py imports this module for the loss, so train and score are imported inside the functions below)
 # ---------------------------------------------------------------------------------------------------------------
 
-def _pipeline_config():
-    from dataclasses import dataclass
-
-    from train import _f
-
-    @dataclass
-    class PipelineConfig:
-        data: str = _f("", "target preference data ('' = the tiny world's synthetic task)")
-        split: str = _f("train", "split of --data")
-        eval_data: str = _f("", "held-out pairs for the final policy ('' = none, or the synthetic test set)")
-        oracle_base: str = _f("", "the model the oracle starts from, SFT then DPO ('' = the tiny world's llama-tiny)")
-        policy: str = _f("", "the policy to align ('' = the tiny world's SFT llama-small, 5x the oracle)")
-        output_dir: str = _f("runs/sepo", "one folder for every stage")
-        subset: float = _f(0.5, "D_m: a fraction (<= 1) or a count (> 1) of the target pairs, drawn at random")
-        seed: int = _f(42, "seed of D_m and of every stage")
-        chosen_ratio: float = _f(0.3, "k for chosen responses: top k% of tokens (Eq. 25)")
-        rejected_ratio: float = _f(0.3, "k for rejected responses: bottom k% of tokens (Eq. 25)")
-        dpo_beta: float = _f(0.1, "beta of the oracle's DPO")
-        beta: float = _f(1.0, "beta of Eq. 24 and Eq. 26 (the released code: 1)")
-        gamma: float = _f(0.0, "margin gamma of Eq. 26 (the released code: 0)")
-        sft_lr: float = _f(5e-7, "learning rate of the oracle's SFT (Eq. 23)")
-        dpo_lr: float = _f(5e-7, "learning rate of the oracle's DPO")
-        policy_lr: float = _f(5e-7, "learning rate of the policy (SePO: 5e-7, cosine, 3% warm-up, AdamW (0.9, 0.95))")
-        sft_epochs: int = _f(1, "epochs of the oracle's SFT")
-        global_batch_size: int = _f(128, "pairs per optimizer step in every stage")
-        micro_batch_size: int = _f(2, "pairs per rank per forward")
-        max_length: int = _f(2048, "prompt + response tokens")
-        max_prompt_length: int = _f(1800, "prompt tokens")
-        max_steps: int = _f(-1, "cap every training stage at this many steps (-1 = epochs)")
-        cross_tokenizer: bool = _f(False, "allow an oracle tokenizer other than the policy's (map selections by text)")
-        tiny_world: str = _f("tiny_world", "folder of the offline tiny world")
-        cache_dir: str = _f("", "datasets cache folder")
-        device: str = _f("auto", "auto | cpu | cuda")
-
-    return PipelineConfig
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
 
 
-# `python sepo.py` without --data: small batches and large learning rates for the tiny world
+@dataclass
+class PipelineConfig:
+    data: str = _f("", "target preference data ('' = the tiny world's synthetic task)")
+    split: str = _f("train", "split of --data")
+    eval_data: str = _f("", "held-out pairs for the final policy ('' = none, or the synthetic test set)")
+    oracle_base: str = _f("", "the model the oracle starts from, SFT then DPO ('' = the tiny world's llama-tiny)")
+    policy: str = _f("", "the policy to align ('' = the tiny world's SFT llama-small, 5x the oracle)")
+    output_dir: str = _f("runs/sepo", "one folder for every stage")
+    subset: float = _f(0.5, "D_m: a fraction (<= 1) or a count (> 1) of the target pairs, drawn at random")
+    seed: int = _f(42, "seed of D_m and of every stage")
+    chosen_ratio: float = _f(0.3, "k for chosen responses: top k% of tokens (Eq. 25)")
+    rejected_ratio: float = _f(0.3, "k for rejected responses: bottom k% of tokens (Eq. 25)")
+    dpo_beta: float = _f(0.1, "beta of the oracle's DPO")
+    beta: float = _f(1.0, "beta of Eq. 24 and Eq. 26 (the released code: 1)")
+    gamma: float = _f(0.0, "margin gamma of Eq. 26 (the released code: 0)")
+    sft_lr: float = _f(5e-7, "learning rate of the oracle's SFT (Eq. 23)")
+    dpo_lr: float = _f(5e-7, "learning rate of the oracle's DPO")
+    policy_lr: float = _f(5e-7, "learning rate of the policy (SePO: 5e-7, cosine, 3% warm-up, AdamW (0.9, 0.95))")
+    sft_epochs: int = _f(1, "epochs of the oracle's SFT")
+    global_batch_size: int = _f(128, "pairs per optimizer step in every stage")
+    micro_batch_size: int = _f(2, "pairs per rank per forward")
+    max_length: int = _f(2048, "prompt + response tokens")
+    max_prompt_length: int = _f(1800, "prompt tokens")
+    max_steps: int = _f(-1, "cap every training stage at this many steps (-1 = epochs)")
+    cross_tokenizer: bool = _f(False, "allow an oracle tokenizer other than the policy's (map selections by text)")
+    tiny_world: str = _f("tiny_world", "folder of the offline tiny world")
+    cache_dir: str = _f("", "datasets cache folder")
+    device: str = _f("auto", "auto | cpu | cuda")
+
+
+# `python sepo.py` without --data: small batches and learning rates that suit the tiny world (a policy lr of 1e-4
+# already collapses the tiny policy: see the README)
 PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-5, sft_epochs=2,
                      max_length=128, max_prompt_length=64)
+# Fields that may change when the same pipeline folder is run again (the others decide what its stages hold)
+PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world"}
 
 
 def write_subset(cfg, out_path):
@@ -181,16 +183,49 @@ def write_subset(cfg, out_path):
     return m
 
 
+def check_pipeline_dir(cfg, rank):
+    """Each stage is skipped when its output exists, so a folder must not be reused with other settings: refuse it
+    (as train.py refuses an output folder holding a different run), then record this run's settings."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    import train
+    path = os.path.join(cfg.output_dir, "pipeline.json")
+    mine = dataclasses.asdict(cfg)
+    if os.path.exists(path):
+        with open(path) as fh:
+            theirs = json.load(fh)
+        diff = sorted(k for k in mine if k not in PIPELINE_RESUMABLE and theirs.get(k) != mine[k])
+        if diff:
+            raise SystemExit(f"{cfg.output_dir} holds a SePO pipeline with other settings (differs in: "
+                             f"{', '.join(diff)}); choose another --output_dir")
+    dist.barrier()
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        train.atomic_write(path, json.dumps(mine, indent=2))
+
+
+def scoring_complete(scores_dir):
+    """score.py marks its manifest complete only once every selection file is in place."""
+    path = os.path.join(scores_dir, "manifest.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as fh:
+        return bool(json.load(fh).get("complete"))
+
+
 def run_pipeline(argv=None):
     """SFT (Eq. 23) and DPO on D_m give pi_ref and pi_oracle; score.py scores and selects (Eq. 24-25) the whole
     target data; train.py trains the policy with Eq. 26. Each stage is skipped when its output exists, and each
     training stage resumes from its own checkpoints: run the same command again after an interruption."""
     import torch.distributed as dist
+    from transformers import AutoTokenizer
 
     import data
     import score
     import train
-    cfg, explicit = train.parse_dataclass(_pipeline_config(), argv, run_pipeline.__doc__)
+    cfg, explicit = train.parse_dataclass(PipelineConfig, argv, run_pipeline.__doc__)
     owner = not dist.is_initialized()
     rank, world, device = train.init_distributed(cfg)
     try:
@@ -208,8 +243,14 @@ def run_pipeline(argv=None):
             cfg.policy = cfg.policy or train.tiny_sft_model(cfg, paths, rank, world, device)
         if not (cfg.oracle_base and cfg.policy):
             raise SystemExit("sepo.py needs --oracle_base and --policy (or neither, with no --data: the tiny world)")
+        # before any training: can the oracle select the policy's tokens? With one vocabulary the oracle is trained
+        # with the policy's tokenizer, so that it reads the data in the format the policy does
+        crossing = score.check_tokenizers(AutoTokenizer.from_pretrained(cfg.oracle_base),
+                                          AutoTokenizer.from_pretrained(cfg.policy), cfg.oracle_base, cfg.policy,
+                                          cfg.cross_tokenizer)
+        oracle_tokenizer = [] if crossing else ["--tokenizer", cfg.policy]
+        check_pipeline_dir(cfg, rank)
         out = cfg.output_dir
-        os.makedirs(out, exist_ok=True)
         subset = os.path.join(out, "subset.jsonl")
         if rank == 0 and not os.path.exists(subset):
             train.log0(f"D_m: {write_subset(cfg, subset)} pairs -> {subset}")
@@ -228,14 +269,13 @@ def run_pipeline(argv=None):
 
         # Eq. 23: SFT on the chosen responses of D_m; the result is pi_ref
         ref = stage("oracle_sft", ["--method", "sft", "--model", cfg.oracle_base, "--data", subset,
-                                   "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs)])
+                                   "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs)] + oracle_tokenizer)
         # the oracle: DPO on D_m from pi_ref
         oracle = stage("oracle_dpo", ["--method", "dpo", "--model", ref, "--data", subset, "--lr", str(cfg.dpo_lr),
                                       "--beta", str(cfg.dpo_beta)])
         # Eq. 24-25: score every token of the target data, keep the top / bottom k% of each response
         scores_dir = os.path.join(out, "scores")
-        selections = os.path.join(scores_dir, score.selection_name(cfg.chosen_ratio, cfg.rejected_ratio, "jsonl"))
-        if not os.path.exists(selections):
+        if not scoring_complete(scores_dir):
             train.log0("\n== scores ==")
             score.main(["--oracle", oracle, "--reference", ref, "--policy", cfg.policy, "--data", cfg.data,
                         "--split", cfg.split, "--beta", str(cfg.beta), "--ratios",
@@ -244,6 +284,7 @@ def run_pipeline(argv=None):
                         cfg.cache_dir, "--device", cfg.device, "--report", os.path.join(scores_dir, "report.html"),
                         "--cross_tokenizer", str(cfg.cross_tokenizer)])
         # Eq. 26: the policy, on the selected tokens only
+        selections = os.path.join(scores_dir, score.selection_name(cfg.chosen_ratio, cfg.rejected_ratio))
         final = stage("policy", ["--method", "sepo", "--model", cfg.policy, "--data", cfg.data, "--split", cfg.split,
                                  "--selections", selections, "--eval_data", cfg.eval_data, "--lr", str(cfg.policy_lr),
                                  "--warmup_ratio", "0.03", "--adam_beta2", "0.95", "--beta", str(cfg.beta),

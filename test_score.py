@@ -8,6 +8,7 @@ and neox-tiny): what is tested is the arithmetic of Eq. 24-25 and the plumbing, 
 
 import json
 import math
+from fractions import Fraction
 import os
 import re
 import signal
@@ -68,7 +69,7 @@ def test_scores_equal_a_direct_computation_and_counts_are_floor_kn(world, tmp_pa
         for rec in records[:4] if rc == 0.3 else records:
             for side, ratio, highest in (("chosen", rc, True), ("rejected", rl, False)):
                 n = rec[f"{side}_n"]
-                assert len(rec[f"{side}_selected"]) == math.floor(ratio * n + 1e-9)
+                assert len(rec[f"{side}_selected"]) == math.floor(Fraction(str(ratio)) * n)  # exact floor(k n)
                 if rc == 0.3:  # Eq. 24 against the two models' own log-softmax
                     expected = [0.5 * (o - r) for o, r in zip(direct_logps(world["llama-tiny"], rows[rec["row"]], side),
                                                              direct_logps(world["neox-tiny"], rows[rec["row"]], side))]
@@ -148,7 +149,8 @@ def test_map_across_tokenizers_selects_the_known_spans(world):
             dst = torch.tensor(score.response_part(char[row], side, "offsets"))
             key = torch.tensor(score.response_part(bpe[row], side, "key")).bool()
             scores = torch.where(key, 1.0, -1.0)
-            sel, mapped = score.map_across_tokenizers(src, key, scores, dst)
+            sel, mapped, covered = score.map_across_tokenizers(src, key, scores, dst)
+            assert covered.all()
             (a, b), = pair[f"{side}_key_spans"]
             covered = set()
             for (s, e), k in zip(src.tolist(), key.tolist()):
@@ -234,11 +236,21 @@ def test_sepo_pipeline_end_to_end(world, tmp_path):
     assert (out / "scores" / "report.html").exists()
     evals = [json.loads(x) for x in (out / "policy" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in evals if m["split"] == "eval"] == [0, 3]
+    # the oracle was trained with the policy's tokenizer, so it reads the data as the policy does
+    for stage in ("oracle_sft", "oracle_dpo"):
+        used = json.loads((out / stage / "config.json").read_text())
+        assert (used["tokenizer"] or used["model"]).endswith(("llama-small-sft", "oracle_sft/final"))
+    assert json.loads((out / "oracle_sft" / "config.json").read_text())["tokenizer"].endswith("llama-small-sft")
     # run again: every stage is found done, nothing is retrained
     mtime = (out / "policy" / "final" / "model.safetensors").stat().st_mtime
     sepo.run_pipeline(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
                        "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64"])
     assert (out / "policy" / "final" / "model.safetensors").stat().st_mtime == mtime
+    # ... and with other settings the folder is refused rather than half reused
+    with pytest.raises(SystemExit, match="other settings .*chosen_ratio"):
+        sepo.run_pipeline(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
+                           "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64",
+                           "--chosen_ratio", "0.5"])
 
 
 def test_selections_land_on_the_scored_tokens_in_training_batches(world, tmp_path):
@@ -262,3 +274,92 @@ def test_selections_land_on_the_scored_tokens_in_training_batches(world, tmp_pat
     # and the training loop's mask of those positions is the response mask restricted to them
     logps_mask = batch["labels"] != -100
     assert not (batch["select"].bool() & ~logps_mask).any()
+
+
+def test_map_across_tokenizers_weights_overlaps_and_pairs_template_tokens():
+    src = torch.tensor([[0, 4], [4, 8], [-1, -1], [-1, -1]])  # two words, then <eot> and EOS
+    dst = torch.tensor([[0, 2], [2, 6], [6, 8], [-1, -1], [-1, -1]])
+    selected, scores, covered = score.map_across_tokenizers(src, torch.tensor([False, True, True, False]),
+                                                            torch.tensor([1.0, 3.0, 9.0, 5.0]), dst)
+    assert selected.tolist() == [False, True, True, True, False]  # [2, 6) overlaps the selected [4, 8)
+    torch.testing.assert_close(scores, torch.tensor([1.0, 2.0, 3.0, 9.0, 5.0]))  # (2 * 1 + 2 * 3) / 4 = 2
+    assert covered.all()
+    # a destination cut by truncation keeps no tail pairing: its template tokens take nothing from the source EOS
+    cut = torch.tensor([[0, 2], [2, 5]])
+    selected, scores, covered = score.map_across_tokenizers(src, torch.tensor([True, False, False, True]),
+                                                            torch.tensor([1.0, 3.0, 9.0, 5.0]), cut, align_tail=False)
+    assert selected.tolist() == [True, True] and covered.all()
+    # text that no source token covers (the source was truncated earlier) is reported
+    short = torch.tensor([[0, 4], [-1, -1]])
+    _, _, covered = score.map_across_tokenizers(short, torch.tensor([True, True]), torch.tensor([1.0, 2.0]), dst,
+                                                align_tail=False)
+    assert covered.tolist() == [True, True, False, True, True]
+
+
+def test_changed_data_or_models_are_not_resumed(world, tmp_path):
+    src = tmp_path / "pairs.jsonl"
+    src.write_text(open(world["small"]).read())
+    score.main(score_args(world, tmp_path / "s", data=str(src)))
+    lines = src.read_text().splitlines()
+    swapped = [json.dumps({**json.loads(x), "chosen": json.loads(x)["rejected"], "rejected": json.loads(x)["chosen"]})
+               for x in lines]
+    src.write_text("\n".join(swapped) + "\n")  # same path, other content
+    with pytest.raises(SystemExit, match="holds scores of another run .*tokenized_data"):
+        score.main(score_args(world, tmp_path / "s", data=str(src)))
+    with pytest.raises(SystemExit, match="holds scores of another run .*dtype"):
+        score.main(score_args(world, tmp_path / "s", data=str(src), dtype="bf16"))
+
+
+def test_cross_tokenizer_with_truncation_drops_nothing_silently(world, tmp_path, capsys):
+    """A one-token-per-character oracle loses whole responses to max_length where the BPE policy keeps them: those
+    pairs get empty selections (not a missing row), and the uncovered share of policy tokens is reported."""
+    char_oracle = data.build_tiny_model(str(tmp_path / "char-oracle"), world["tokenizer_char"], "llama", "tiny")
+    char_ref = data.build_tiny_model(str(tmp_path / "char-ref"), world["tokenizer_char"], "gpt_neox", "tiny")
+    out = tmp_path / "scores"
+    score.main(score_args(world, out, oracle=char_oracle, reference=char_ref, policy=world["llama-tiny"],
+                          cross_tokenizer=True, max_length=60, max_prompt_length=40))
+    printed = capsys.readouterr().out
+    records = read_jsonl(out / "selections-c0.3-r0.3.jsonl")
+    policy_rows = tokenized_rows(world, world["llama-tiny"], max_length=60, max_prompt_length=40)
+    assert sorted(r["row"] for r in records) == sorted(policy_rows)  # every pair the policy trains on
+    assert "overlap no oracle token" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert 0 < manifest["selections"]["uncovered_policy_tokens"] < 1
+    train.main(["--method", "sepo", "--model", world["llama-tiny"], "--data", world["small"], "--selections",
+                str(out / "selections-c0.3-r0.3.jsonl"), "--output_dir", str(tmp_path / "policy"), "--cache_dir",
+                world["cache"], "--global_batch_size", "8", "--max_steps", "1", "--max_length", "60",
+                "--max_prompt_length", "40", "--export", "false"])
+
+
+def test_report_escapes_token_text(world, tmp_path):
+    pairs = tmp_path / "odd.jsonl"
+    odd = {"prompt": "Say it.", "chosen": "<script>alert('x')</script> & \"quotes\" done",
+           "rejected": "plain <b>bold</b> answer"}
+    pairs.write_text(json.dumps(odd) + "\n")
+    report = tmp_path / "r.html"
+    score.main(score_args(world, tmp_path / "s", data=str(pairs), report=str(report), report_pairs=1))
+    text = report.read_text()
+    assert "<script>" not in text and "<b>" not in text
+    assert "&lt;" in text and "&amp;" in text
+
+
+def test_datasets_format_is_read_by_train(world, tmp_path):
+    out = tmp_path / "scores"
+    score.main(score_args(world, out, format="datasets"))
+    folder = out / "selections-c0.3-r0.3"
+    assert folder.is_dir() and (folder / "dataset_info.json").exists()
+    train.main(["--method", "sepo", "--model", world["llama-tiny"], "--data", world["small"], "--selections",
+                str(folder), "--output_dir", str(tmp_path / "policy"), "--cache_dir", world["cache"],
+                "--global_batch_size", "8", "--max_steps", "1", "--export", "false"])
+    assert (tmp_path / "policy" / "metrics.jsonl").exists()
+
+
+def test_an_unfinished_scoring_run_is_refused_by_train(world, tmp_path):
+    out = tmp_path / "scores"
+    score.main(score_args(world, out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(SystemExit, match="has not finished"):
+        train.main(["--method", "sepo", "--model", world["llama-tiny"], "--data", world["small"], "--selections",
+                    str(out / "selections-c0.3-r0.3.jsonl"), "--output_dir", str(tmp_path / "policy"),
+                    "--cache_dir", world["cache"], "--global_batch_size", "8"])

@@ -52,6 +52,7 @@ class Config:
     method: str = _f("confpo", "objective: one of METHODS")
     model: str = _f("", "policy: a Hugging Face model name or folder ('' = the tiny offline world's llama-small)")
     ref_model: str = _f("", "reference model for DPO-style methods ('' = the initial policy)")
+    tokenizer: str = _f("", "tokenizer (and chat template) to use ('' = the model's own); exported with the model")
     data: str = _f("", "preference data: JSONL/JSON/Parquet file, save_to_disk folder or hub name ('' = the "
                        "synthetic task)")
     split: str = _f("train", "split of --data")
@@ -316,14 +317,19 @@ def prepare_data(cfg, tokenizer):
 
 
 def check_selections_tokenizer(path, tokenizer):
-    """score.py records the fingerprint of the tokenizer its positions refer to: it must be the policy's."""
+    """score.py writes manifest.json beside its selections: the scoring must have finished, and the fingerprint of
+    the tokenizer whose positions it wrote must be the policy's."""
     manifest = os.path.join(os.path.dirname(os.path.abspath(path)), "manifest.json")
-    if os.path.exists(manifest):
-        with open(manifest) as fh:
-            expected = json.load(fh).get("policy_tokenizer")
-        if expected and expected != data.tokenizer_hash(tokenizer):
-            raise SystemExit(f"{path}: these selections index the tokens of another tokenizer (see {manifest}); "
-                             "score again with --policy set to this model")
+    if not os.path.exists(manifest):
+        log0(f"warning: no manifest.json beside {path}: cannot check that it indexes this tokenizer's tokens")
+        return
+    with open(manifest) as fh:
+        info = json.load(fh)
+    if not info.get("complete"):
+        raise SystemExit(f"{path}: the score.py run that writes it has not finished ({manifest}); run it again")
+    if info.get("policy_tokenizer") != data.tokenizer_hash(tokenizer):
+        raise SystemExit(f"{path}: these selections index the tokens of another tokenizer (see {manifest}); "
+                         "score again with --policy set to this model")
 
 
 def rank_zero_first(fn):
@@ -578,6 +584,7 @@ def atomic_write(path, text):
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def checkpoints(out_dir):
@@ -738,7 +745,7 @@ def main(argv=None):
 
 
 def train(cfg, hparams, rank, world, device):
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -757,7 +764,10 @@ def train(cfg, hparams, rank, world, device):
                          f"({world} x {cfg.micro_batch_size})")
     check_output_dir(cfg, rank)
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    if cfg.tokenizer and len(tokenizer) > AutoConfig.from_pretrained(cfg.model).vocab_size:
+        raise SystemExit(f"--tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens, more than {cfg.model}'s "
+                         "vocabulary")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ds = prepare_data(cfg, tokenizer)
     steps_per_epoch = len(ds["train"]) // cfg.global_batch_size
@@ -858,7 +868,7 @@ def train(cfg, hparams, rank, world, device):
             # the synthetic task has a programmatic judge: score greedy answers to held-out prompts
             source = cfg.eval_data or cfg.data
             prompts = [row["prompt"] for row in data.load_preferences(source, cache_dir=cfg.cache_dir or None)][:100]
-            before = synthetic_reward_of(cfg.model, prompts, device)
+            before = synthetic_reward_of(cfg.model, prompts, device, tokenizer_path=cfg.tokenizer or cfg.model)
             after = synthetic_reward_of(os.path.join(cfg.output_dir, "final"), prompts, device)
             write({"step": step, "split": "generate", "reward_before": before, "reward_after": after,
                    "prompts": len(prompts)})
@@ -888,10 +898,10 @@ def tiny_sft_model(cfg, paths, rank, world, device):
     return path
 
 
-def synthetic_reward_of(model_path, prompts, device, max_new_tokens=40, batch_size=50):
+def synthetic_reward_of(model_path, prompts, device, max_new_tokens=40, batch_size=50, tokenizer_path=None):
     """Mean programmatic reward (data.synthetic_reward) of a model's greedy answers to synthetic prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
     rewards = []
     for i in range(0, len(prompts), batch_size):
