@@ -217,6 +217,20 @@ def test_config_file_and_flags(world, tmp_path, capsys):
     assert "field 'lr' must be float" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", ["train", "score", "sepo"])
+def test_help_lists_every_field(script, capsys):
+    import dataclasses
+
+    import score
+    cls, run = {"train": (train.Config, train.main), "score": (score.ScoreConfig, score.main),
+                "sepo": (sepo.PipelineConfig, sepo.run_pipeline)}[script]
+    with pytest.raises(SystemExit) as stop:
+        run(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert all(f"--{f.name}" in text for f in dataclasses.fields(cls))
+
+
 def test_clear_errors(world, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.main(["--method", "dpoo"])

@@ -171,7 +171,7 @@ def parse_dataclass(cls, argv=None, description=None, choices=None):
                         help="a JSON file of config fields (flags given here override it)")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for f in fields.values():
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {f.default})".replace("%", "%%")  # argparse formats with %
         if f.type is bool:
             parser.add_argument(f"--{f.name}", type=_parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
                                 help=help_text + "; --flag alone means true")
