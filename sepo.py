@@ -183,29 +183,6 @@ def write_subset(cfg, out_path):
     return m
 
 
-def check_pipeline_dir(cfg, rank):
-    """Each stage is skipped when its output exists, so a folder must not be reused with other settings: refuse it
-    (as train.py refuses an output folder holding a different run), then record this run's settings."""
-    import dataclasses
-
-    import torch.distributed as dist
-
-    import train
-    path = os.path.join(cfg.output_dir, "pipeline.json")
-    mine = dataclasses.asdict(cfg)
-    if os.path.exists(path):
-        with open(path) as fh:
-            theirs = json.load(fh)
-        diff = sorted(k for k in mine if k not in PIPELINE_RESUMABLE and theirs.get(k) != mine[k])
-        if diff:
-            raise SystemExit(f"{cfg.output_dir} holds a SePO pipeline with other settings (differs in: "
-                             f"{', '.join(diff)}); choose another --output_dir")
-    dist.barrier()
-    if rank == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        train.atomic_write(path, json.dumps(mine, indent=2))
-
-
 def scoring_complete(scores_dir):
     """score.py marks its manifest complete only once every selection file is in place."""
     path = os.path.join(scores_dir, "manifest.json")
@@ -249,7 +226,8 @@ def run_pipeline(argv=None):
                                           AutoTokenizer.from_pretrained(cfg.policy), cfg.oracle_base, cfg.policy,
                                           cfg.cross_tokenizer)
         oracle_tokenizer = [] if crossing else ["--tokenizer", cfg.policy]
-        check_pipeline_dir(cfg, rank)
+        # stages are skipped when their output exists: a folder must not be reused with other settings
+        train.check_output_dir(cfg, rank, "pipeline.json", PIPELINE_RESUMABLE, "a SePO pipeline with other settings")
         out = cfg.output_dir
         subset = os.path.join(out, "subset.jsonl")
         if rank == 0 and not os.path.exists(subset):

@@ -699,16 +699,17 @@ def cosine_with_warmup(step, total, warmup):
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def check_output_dir(cfg, rank):
-    """Refuse an output folder that holds a different run; write the resolved config."""
-    path = os.path.join(cfg.output_dir, "config.json")
+def check_output_dir(cfg, rank, file="config.json", resumable=RESUMABLE_FIELDS, what="a different run"):
+    """Refuse an output folder that holds a different run (its saved config differs outside `resumable`); then
+    save this run's config there. Also used by sepo.py for a whole pipeline's folder."""
+    path = os.path.join(cfg.output_dir, file)
     mine = dataclasses.asdict(cfg)
     if os.path.exists(path):
         with open(path) as fh:
             theirs = json.load(fh)
-        diff = {k for k in mine if k not in RESUMABLE_FIELDS and theirs.get(k) != mine[k]}
+        diff = {k for k in mine if k not in resumable and theirs.get(k) != mine[k]}
         if diff:
-            raise SystemExit(f"{cfg.output_dir} holds a different run (differs in: {', '.join(sorted(diff))}); "
+            raise SystemExit(f"{cfg.output_dir} holds {what} (differs in: {', '.join(sorted(diff))}); "
                              "choose another --output_dir or delete it")
     dist.barrier()
     if rank == 0:
