@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from losses import dpo_loss, masked_mean, simpo_loss, top_k_mask, zero_empty_pairs
+from losses import dpo_loss, masked_mean, selective_loss, simpo_loss, top_k_mask
 
 
 def confidence_threshold(logps, mask, kind="arithmetic"):
@@ -49,6 +49,19 @@ def confidence_threshold(logps, mask, kind="arithmetic"):
     return torch.where(n > 0, log_tau, torch.zeros_like(log_tau))
 
 
+def parse_threshold(value):
+    """A threshold from a flag or a file: "arithmetic", "geometric", or a probability in (0, 1] (string or number)."""
+    if value in ("arithmetic", "geometric"):
+        return value
+    try:
+        p = float(value)
+    except (TypeError, ValueError):
+        p = -1.0
+    if not 0 < p <= 1:
+        raise ValueError(f"threshold must be arithmetic, geometric or a probability in (0, 1], got {value!r}")
+    return p
+
+
 def confpo_mask(logps, mask, threshold="arithmetic", strict=False):
     """Eq. 12 selection s(y_i) = 1[pi(y_i) <= tau] on the response tokens, from detached log-probs -> (B, T) bool.
 
@@ -70,12 +83,10 @@ def random_mask_like(selected, mask, generator=None):
     return top_k_mask(keys, mask, (selected & mask).sum(-1))
 
 
-def _selection_metrics(log_tau_chosen, log_tau_rejected, chosen_selected, rejected_selected, chosen_mask,
-                       rejected_mask, empty):
-    return dict(tau_chosen=log_tau_chosen.exp(), tau_rejected=log_tau_rejected.exp(),
-                selected_chosen=chosen_selected.sum(-1).float(), selected_rejected=rejected_selected.sum(-1).float(),
-                length_chosen=chosen_mask.sum(-1).float(), length_rejected=rejected_mask.sum(-1).float(),
-                empty=empty.float())
+def _with_tau(result, log_tau_chosen, log_tau_rejected):
+    losses, metrics = result
+    metrics.update(tau_chosen=log_tau_chosen.exp(), tau_rejected=log_tau_rejected.exp())
+    return losses, metrics
 
 
 def confpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=1.0, gamma=2.0,
@@ -101,13 +112,9 @@ def confpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=1
     sel_l = sel_l if rejected_selected is None else rejected_selected & rejected_mask
     lengths = dict(chosen_length=chosen_mask.sum(-1), rejected_length=rejected_mask.sum(-1))
     # -log sigmoid( beta/|y_s^w| sum s log pi(y^w) - beta/|y_s^l| sum s log pi(y^l) - gamma )
-    losses, metrics = simpo_loss(chosen_logps, sel_w, rejected_logps, sel_l, beta=beta, gamma=gamma,
-                                 **(lengths if normalize == "response" else {}))
-    losses, empty = zero_empty_pairs(losses, sel_w, sel_l)
-    _, all_tokens = simpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=beta, gamma=gamma)
-    metrics.update(rewards_chosen_all=all_tokens["rewards_chosen"], rewards_rejected_all=all_tokens["rewards_rejected"],
-                   **_selection_metrics(log_tau_w, log_tau_l, sel_w, sel_l, chosen_mask, rejected_mask, empty))
-    return losses, metrics
+    return _with_tau(selective_loss(simpo_loss, chosen_logps, chosen_mask, rejected_logps, rejected_mask, sel_w, sel_l,
+                                    beta=beta, gamma=gamma, **(lengths if normalize == "response" else {})),
+                     log_tau_w, log_tau_l)
 
 
 def confpo_rand_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=1.0, gamma=2.0,
@@ -132,11 +139,7 @@ def confpo_dpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, re
     """
     sel_w, log_tau_w = confpo_mask(chosen_logps, chosen_mask, threshold, strict)
     sel_l, log_tau_l = confpo_mask(rejected_logps, rejected_mask, threshold, strict)
-    losses, metrics = dpo_loss(chosen_logps, sel_w, rejected_logps, sel_l, ref_chosen_logps, ref_rejected_logps,
-                               beta=beta)
-    losses, empty = zero_empty_pairs(losses, sel_w, sel_l)
-    _, all_tokens = dpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps,
-                             ref_rejected_logps, beta=beta)
-    metrics.update(rewards_chosen_all=all_tokens["rewards_chosen"], rewards_rejected_all=all_tokens["rewards_rejected"],
-                   **_selection_metrics(log_tau_w, log_tau_l, sel_w, sel_l, chosen_mask, rejected_mask, empty))
-    return losses, metrics
+    # -log sigmoid( beta sum s log pi/pi_ref (y^w) - beta sum s log pi/pi_ref (y^l) )
+    return _with_tau(selective_loss(dpo_loss, chosen_logps, chosen_mask, rejected_logps, rejected_mask, sel_w, sel_l,
+                                    ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+                                    beta=beta), log_tau_w, log_tau_l)

@@ -204,6 +204,25 @@ def zero_empty_pairs(losses, chosen_mask, rejected_mask):
     return torch.where(empty, torch.zeros_like(losses), losses), empty
 
 
+def selective_loss(objective, chosen_logps, chosen_mask, rejected_logps, rejected_mask, chosen_selected,
+                   rejected_selected, **kwargs):
+    """A selective method is a standard objective over other masks: `objective` (any pairwise loss of this file)
+    over the selections (subsets of the response masks), with the rule of every selective loss (an empty selection
+    on either side gives the pair loss 0, kept in the mean; losses.zero_empty_pairs).
+
+    Metrics: the objective's rewards over the selections, its rewards over all response tokens (`*_all`), the
+    selected counts, the response lengths and `empty`. kwargs go to both calls of the objective.
+    """
+    losses, metrics = objective(chosen_logps, chosen_selected, rejected_logps, rejected_selected, **kwargs)
+    losses, empty = zero_empty_pairs(losses, chosen_selected, rejected_selected)
+    _, all_tokens = objective(chosen_logps, chosen_mask, rejected_logps, rejected_mask, **kwargs)
+    metrics.update(rewards_chosen_all=all_tokens["rewards_chosen"], rewards_rejected_all=all_tokens["rewards_rejected"],
+                   selected_chosen=chosen_selected.sum(-1).float(), selected_rejected=rejected_selected.sum(-1).float(),
+                   length_chosen=chosen_mask.sum(-1).float(), length_rejected=rejected_mask.sum(-1).float(),
+                   empty=empty.float())
+    return losses, metrics
+
+
 def _detached(**metrics):
     return {k: v.detach() for k, v in metrics.items()}
 

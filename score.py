@@ -249,16 +249,11 @@ def padded(lists):
     return values, mask
 
 
-def select_by_ratio(scores, ratio, highest):
-    """Eq. 25 for a list of per-response score lists -> list of bool lists."""
-    values, mask = padded(scores)
-    return [sel[:len(s)].tolist() for sel, s in zip(sepo.select_tokens(values, mask, ratio, highest), scores)]
-
-
-def select_by_confidence(logps, threshold, strict):
-    """ConfPO's Eq. 12-14 for a list of per-response log-prob lists -> list of bool lists."""
-    values, mask = padded(logps)
-    return [sel[:len(s)].tolist() for sel, s in zip(confpo.confpo_mask(values, mask, threshold, strict)[0], logps)]
+def per_response(rule, lists):
+    """Apply a batched selection rule (values (N, L), mask (N, L)) -> (N, L) bool to a list of per-response
+    value lists -> list of bool lists."""
+    values, mask = padded(lists)
+    return [sel[:len(x)].tolist() for sel, x in zip(rule(values, mask), lists)]
 
 
 def parse_ratios(text):
@@ -280,13 +275,15 @@ def selection_name(rc, rl, fmt="jsonl"):
 
 def selectors(cfg):
     """{file name: (select chosen, select rejected)}: one entry per ratio pair, or ConfPO's single selection."""
-    if cfg.confpo:
-        threshold = cfg.threshold if cfg.threshold in ("arithmetic", "geometric") else float(cfg.threshold)
-        pick = lambda scores: select_by_confidence(scores, threshold, cfg.strict)  # noqa: E731
+    if cfg.confpo:  # ConfPO's Eq. 12-14
+        threshold = confpo.parse_threshold(cfg.threshold)
+        pick = lambda s: per_response(lambda v, m: confpo.confpo_mask(v, m, threshold, cfg.strict)[0], s)  # noqa
         return {"confpo.jsonl": (pick, pick)}
-    return {selection_name(rc, rl, cfg.format): (lambda s, r=rc: select_by_ratio(s, r, True),
-                                                 lambda s, r=rl: select_by_ratio(s, r, False))
-            for rc, rl in parse_ratios(cfg.ratios)}
+    # Eq. 25: the top k_w of each chosen response, the bottom k_l of each rejected one
+    return {selection_name(rc, rl, cfg.format): (
+        lambda s, r=rc: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=True), s),
+        lambda s, r=rl: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=False), s))
+        for rc, rl in parse_ratios(cfg.ratios)}
 
 
 def response_part(tok_row, side, field):
@@ -557,7 +554,12 @@ def check_config(cfg):
         raise SystemExit("score.py needs --output_dir")
     if cfg.format not in ("jsonl", "datasets"):
         raise SystemExit(f"--format must be jsonl or datasets, got {cfg.format!r}")
-    if not cfg.confpo:
+    if cfg.confpo:
+        try:
+            confpo.parse_threshold(cfg.threshold)
+        except ValueError as e:
+            raise SystemExit(f"--{e}") from None
+    else:
         parse_ratios(cfg.ratios)
 
 

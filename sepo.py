@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from losses import simpo_loss, top_k_mask, zero_empty_pairs
+from losses import selective_loss, simpo_loss, top_k_mask
 
 
 def token_scores(oracle_logps, ref_logps, beta=1.0):
@@ -59,15 +59,9 @@ def sepo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, chosen_s
     intersected with the response masks. A pair with an empty selection on either side has loss 0.
     Metrics: rewards over the selection and over all tokens (`*_all`), selected counts, lengths, `empty`.
     """
-    sel_w, sel_l = chosen_selected & chosen_mask, rejected_selected & rejected_mask
-    losses, metrics = simpo_loss(chosen_logps, sel_w, rejected_logps, sel_l, beta=beta, gamma=gamma)
-    losses, empty = zero_empty_pairs(losses, sel_w, sel_l)
-    _, all_tokens = simpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=beta, gamma=gamma)
-    metrics.update(rewards_chosen_all=all_tokens["rewards_chosen"], rewards_rejected_all=all_tokens["rewards_rejected"],
-                   selected_chosen=sel_w.sum(-1).float(), selected_rejected=sel_l.sum(-1).float(),
-                   length_chosen=chosen_mask.sum(-1).float(), length_rejected=rejected_mask.sum(-1).float(),
-                   empty=empty.float())
-    return losses, metrics
+    # -log sigmoid( beta/|S^w| sum_t I log pi(y_t^w) - beta/|S^l| sum_t I log pi(y_t^l) - gamma )
+    return selective_loss(simpo_loss, chosen_logps, chosen_mask, rejected_logps, rejected_mask,
+                          chosen_selected & chosen_mask, rejected_selected & rejected_mask, beta=beta, gamma=gamma)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -237,6 +237,8 @@ def test_clear_errors(world, tmp_path, capsys):
     assert "invalid choice: 'dpoo'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--method sepo needs --selections"):
         train.main(base_args(world, tmp_path / "s", method="sepo"))
+    with pytest.raises(SystemExit, match=r"--threshold must be arithmetic, geometric or a probability in \(0, 1\]"):
+        train.main(base_args(world, tmp_path / "th", method="confpo", threshold="1.5"))
     with pytest.raises(SystemExit, match="--gamma is not a parameter of dpo"):
         train.main(base_args(world, tmp_path / "g", method="dpo", gamma=1.0))
     # an output folder that holds a different run

@@ -224,14 +224,11 @@ def resolve(cfg, explicit):
         if name not in accepted:
             takes = [p for p in HPARAMS if p in accepted]
             raise SystemExit(f"--{name} is not a parameter of {cfg.method} (it takes: {', '.join(takes) or 'none'})")
-        if name == "threshold" and value not in ("arithmetic", "geometric"):
+        if name == "threshold":
             try:
-                value = float(value)
-            except ValueError:
-                value = -1.0
-            if not 0 < value <= 1:
-                raise SystemExit(f"--threshold must be arithmetic, geometric or a probability in (0, 1], "
-                                 f"got {getattr(cfg, name)!r}")
+                value = confpo.parse_threshold(value)
+            except ValueError as e:
+                raise SystemExit(f"--{e}") from None
         if name == "normalize" and value not in ("selected", "response"):
             raise SystemExit(f"--normalize must be selected or response, got {value!r}")
         hparams[name] = value
