@@ -579,7 +579,8 @@ def build_tokenizer(path, kind="bpe", vocab_size=1024, seed=0):
     return path
 
 
-MODEL_SIZES = {"tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+MODEL_SIZES = {"micro": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64),
+               "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
                "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256)}
 
 

@@ -11,6 +11,7 @@ Shapes as in losses.py: (B, T), position t holds log pi(y_t | x, y_<t), masks Tr
 
 import json
 import os
+import shlex
 from dataclasses import dataclass, field
 
 import torch
@@ -149,6 +150,7 @@ class PipelineConfig:
     max_length: int = _f(2048, "prompt + response tokens")
     max_prompt_length: int = _f(1800, "prompt tokens")
     max_steps: int = _f(-1, "cap every training stage at this many steps (-1 = epochs)")
+    policy_args: str = _f("", "more train.py flags for the policy stage, e.g. '--save_every 10 --keep_last 0'")
     cross_tokenizer: bool = _f(False, "allow an oracle tokenizer other than the policy's (map selections by text)")
     tiny_world: str = _f("tiny_world", "folder of the offline tiny world")
     cache_dir: str = _f("", "datasets cache folder")
@@ -184,6 +186,30 @@ def scoring_complete(scores_dir):
         return False
     with open(path) as fh:
         return bool(json.load(fh).get("complete"))
+
+
+def stage_argv(cfg):
+    """train.py's flags shared by every training stage of the pipeline."""
+    return ["--cache_dir", cfg.cache_dir, "--seed", str(cfg.seed), "--max_length", str(cfg.max_length),
+            "--max_prompt_length", str(cfg.max_prompt_length), "--global_batch_size", str(cfg.global_batch_size),
+            "--micro_batch_size", str(cfg.micro_batch_size), "--max_steps", str(cfg.max_steps), "--device",
+            cfg.device, "--judge", "none"]
+
+
+def scoring_argv(cfg, oracle, ref, ratios, scores_dir):
+    """score.py's flags for Eq. 24-25: the whole target data, one selection file per (k_w, k_l) in `ratios`."""
+    return ["--oracle", oracle, "--reference", ref, "--policy", cfg.policy, "--data", cfg.data, "--split", cfg.split,
+            "--beta", str(cfg.beta), "--ratios", ",".join(f"{rc}:{rl}" for rc, rl in ratios), "--output_dir",
+            scores_dir, "--max_length", str(cfg.max_length), "--max_prompt_length", str(cfg.max_prompt_length),
+            "--cache_dir", cfg.cache_dir, "--device", cfg.device, "--report", os.path.join(scores_dir, "report.html"),
+            "--cross_tokenizer", str(cfg.cross_tokenizer)]
+
+
+def policy_argv(cfg, selections):
+    """train.py's flags for the policy stage (Eq. 26) with SePO's optimiser settings, after the common ones."""
+    return ["--method", "sepo", "--model", cfg.policy, "--data", cfg.data, "--split", cfg.split, "--selections",
+            selections, "--eval_data", cfg.eval_data, "--lr", str(cfg.policy_lr), "--warmup_ratio", "0.03",
+            "--adam_beta2", "0.95", "--beta", str(cfg.beta), "--gamma", str(cfg.gamma)]
 
 
 def run_pipeline(argv=None):
@@ -227,10 +253,7 @@ def run_pipeline(argv=None):
         if rank == 0 and not os.path.exists(subset):
             train.log0(f"D_m: {write_subset(cfg, subset)} pairs -> {subset}")
         dist.barrier()
-        common = ["--cache_dir", cfg.cache_dir, "--seed", str(cfg.seed), "--max_length", str(cfg.max_length),
-                  "--max_prompt_length", str(cfg.max_prompt_length), "--global_batch_size",
-                  str(cfg.global_batch_size), "--micro_batch_size", str(cfg.micro_batch_size), "--max_steps",
-                  str(cfg.max_steps), "--device", cfg.device, "--judge", "none"]
+        common = stage_argv(cfg)
 
         def stage(name, args):
             final = os.path.join(out, name, "final")
@@ -249,18 +272,11 @@ def run_pipeline(argv=None):
         scores_dir = os.path.join(out, "scores")
         if not scoring_complete(scores_dir):
             train.log0("\n== scores ==")
-            score.main(["--oracle", oracle, "--reference", ref, "--policy", cfg.policy, "--data", cfg.data,
-                        "--split", cfg.split, "--beta", str(cfg.beta), "--ratios",
-                        f"{cfg.chosen_ratio}:{cfg.rejected_ratio}", "--output_dir", scores_dir, "--max_length",
-                        str(cfg.max_length), "--max_prompt_length", str(cfg.max_prompt_length), "--cache_dir",
-                        cfg.cache_dir, "--device", cfg.device, "--report", os.path.join(scores_dir, "report.html"),
-                        "--cross_tokenizer", str(cfg.cross_tokenizer)])
+            score.main(scoring_argv(cfg, oracle, ref, [(cfg.chosen_ratio, cfg.rejected_ratio)], scores_dir))
         # Eq. 26: the policy, on the selected tokens only
         selections = os.path.join(scores_dir, score.selection_name(cfg.chosen_ratio, cfg.rejected_ratio))
-        final = stage("policy", ["--method", "sepo", "--model", cfg.policy, "--data", cfg.data, "--split", cfg.split,
-                                 "--selections", selections, "--eval_data", cfg.eval_data, "--lr", str(cfg.policy_lr),
-                                 "--warmup_ratio", "0.03", "--adam_beta2", "0.95", "--beta", str(cfg.beta),
-                                 "--gamma", str(cfg.gamma), "--judge", "synthetic" if tiny else "none"])
+        final = stage("policy", policy_argv(cfg, selections) + ["--judge", "synthetic" if tiny else "none"] +
+                      shlex.split(cfg.policy_args))
         train.log0(f"done: {out} (oracle_sft/, oracle_dpo/, scores/ with report.html, policy/final)")
         return final
     finally:

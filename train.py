@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -896,23 +897,46 @@ def tiny_sft_model(cfg, paths, rank, world, device):
     return path
 
 
+def generate_answers(model, tokenizer, prompts, device, max_new_tokens=40, batch_size=50, sample=False):
+    """Answers of a causal LM to user prompts in its chat template -> (sequences, answer_mask), both [N, T]:
+    left-padded prompt ids followed by the answer, and True on answer tokens up to and including the first EOS.
+    Greedy, or (sample=True) drawn at temperature 1 from the full distribution (no top-k or top-p), with torch's
+    global generator: seed it for repeatable samples."""
+    if tokenizer.padding_side != "left":
+        raise ValueError("generate_answers needs a tokenizer with padding_side='left'")
+    sequences, masks = [], []
+    for i in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                               tokenize=False) for p in prompts[i:i + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 **(dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else
+                                    dict(do_sample=False)))
+        answer = out[:, enc["input_ids"].shape[1]:]
+        is_eos = answer == tokenizer.eos_token_id
+        before_eos = (is_eos.int().cumsum(-1) - is_eos.int()) == 0  # up to and including the first EOS
+        sequences.append(out)
+        masks.append(torch.cat([torch.zeros_like(enc["input_ids"], dtype=torch.bool), before_eos], dim=1))
+    width = max(s.shape[1] for s in sequences)
+    pad = lambda x, v: F.pad(x, (width - x.shape[1], 0), value=v)  # noqa: E731  (left, as the prompts)
+    return (torch.cat([pad(s, tokenizer.pad_token_id) for s in sequences]),
+            torch.cat([pad(m, False) for m in masks]))
+
+
+def answer_texts(tokenizer, sequences, answer_mask):
+    """The answers of generate_answers as text (EOS and padding dropped)."""
+    return [tokenizer.decode(s[m], skip_special_tokens=True) for s, m in zip(sequences, answer_mask)]
+
+
 def synthetic_reward_of(model_path, prompts, device, max_new_tokens=40, batch_size=50, tokenizer_path=None):
     """Mean programmatic reward (data.synthetic_reward) of a model's greedy answers to synthetic prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
-    rewards = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in chunk]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        rewards += [data.synthetic_reward(p, a) for p, a in zip(chunk, answers)]
-    return sum(rewards) / len(rewards)
+    answers = answer_texts(tokenizer, *generate_answers(model, tokenizer, prompts, device, max_new_tokens,
+                                                        batch_size))
+    return sum(data.synthetic_reward(p, a) for p, a in zip(prompts, answers)) / len(prompts)
 
 
 def peak_memory_mib(device):

@@ -1,0 +1,124 @@
+"""experiments.py: the quick study produces every output; the KL estimate and checkpoint loading against slow,
+direct versions."""
+
+import json
+import math
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+import experiments
+import train
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def test_quick_study_writes_every_output_and_reruns_from_its_results(world, tmp_path):
+    args = ["--quick", "--output_dir", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"), "--tiny_world",
+            os.path.dirname(world["data"]), "--cache_dir", world["cache"]]
+    assert experiments.main(args)
+    fig = tmp_path / "fig"
+    results = json.loads((fig / "results.json").read_text())
+    summary, runs = results["summary"], results["runs"]["0"]
+    expected = (["sft", "dpo", "ipo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo", "sepo_k0.1",
+                 "sepo_k0.3", "sepo_tiny_0.25", "sepo_tiny_0.5", "sepo_micro_0.5"])
+    assert sorted(summary) == sorted(expected)
+    for name in expected:
+        for metric in ("reward", "kl", "accuracy", "margin"):
+            mean, std = summary[name][metric]
+            assert math.isfinite(mean) and std == 0.0, (name, metric)  # one seed
+        assert 0 <= summary[name]["accuracy"][0] <= 1
+    assert summary["sft"]["kl"][0] == 0.0  # the SFT model against itself
+    assert all(summary[m]["kl"][0] > 0 for m in ("dpo", "simpo", "confpo"))  # two steps at lr 3e-4 move the model
+    for m in ("dpo", "ipo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo"):  # curves: SFT, step 1, step 2
+        assert [p["step"] for p in runs[m]["curve"]] == [0, 1, 2], m
+        assert runs[m]["curve"][-1]["reward"] == runs[m]["final"]["reward"]
+    assert [p["step"] for p in runs["confpo"]["selected"]] == [1, 2]  # ConfPO Fig. 8's series
+    assert runs["sepo_k0.3"] == runs["sepo"]  # k = --ratio is the pipeline's own policy, not trained twice
+    assert not (tmp_path / "runs" / "seed0" / "dpo" / "checkpoints").exists()  # deleted once evaluated
+    keys = results["keys"]
+    assert keys["confpo"]["key_chosen"]["recall"] > 0 and set(keys["sepo"]) == {
+        "0/tiny/0.5", "0/sweep", "0/tiny/0.25", "0/micro/0.5"}
+    for name in ("methods", "kl_reward", "confpo_selected", "sepo", "key_tokens"):
+        root = ET.parse(fig / f"{name}.svg").getroot()
+        assert root.tag == f"{SVG}svg" and len(root.findall(f".//{SVG}circle")) >= 2, name
+    table = (fig / "results.md").read_text()
+    assert "| confpo_rand |" in table and "| SePO k=0.1 | chosen |" in table and "nan" not in table
+    # a second run finds every result in place: the same numbers, nothing retrained
+    mtime = os.path.getmtime(tmp_path / "runs" / "seed0" / "dpo" / "result.json")
+    assert experiments.main(args)
+    assert json.loads((fig / "results.json").read_text())["summary"] == summary
+    assert os.path.getmtime(tmp_path / "runs" / "seed0" / "dpo" / "result.json") == mtime
+
+
+def slow_sequence_kl(model, sft, sequences, answer_mask, pad_id):
+    """One answer at a time, unpadded, one token at a time: sum_t sum_v p(v) (log p(v) - log q(v))."""
+    out = []
+    for ids, answer in zip(sequences.tolist(), answer_mask.tolist()):
+        keep = [i for i, (t, a) in enumerate(zip(ids, answer)) if t != pad_id or a]
+        ids, answer = [ids[i] for i in keep], [answer[i] for i in keep]
+        total = 0.0
+        for t in range(1, len(ids)):
+            if answer[t]:
+                prefix = torch.tensor([ids[:t]])
+                with torch.no_grad():
+                    p = torch.log_softmax(model(prefix).logits[0, -1].double(), -1)
+                    q = torch.log_softmax(sft(prefix).logits[0, -1].double(), -1)
+                total += float((p.exp() * (p - q)).sum())
+        out.append(total)
+    return out
+
+
+def test_sequence_kl_and_answer_masks_match_a_slow_loop(world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(world["llama-tiny"], padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(world["llama-tiny"]).eval()
+    sft = AutoModelForCausalLM.from_pretrained(world["llama-tiny"]).eval()
+    with torch.no_grad():
+        for p in sft.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = ["What is 3 plus 4?", "Name a colour.", "Hi"]  # different lengths: left padding
+    torch.manual_seed(0)
+    seqs, answer = train.generate_answers(model, tok, prompts, torch.device("cpu"), max_new_tokens=12, sample=True,
+                                          batch_size=2)
+    for ids, mask in zip(seqs.tolist(), answer.tolist()):  # the mask: generated tokens up to the first EOS
+        pos = [i for i, m in enumerate(mask) if m]
+        assert pos == list(range(pos[0], pos[-1] + 1))
+        run = [ids[i] for i in pos]
+        assert tok.eos_token_id not in run[:-1] and (run[-1] == tok.eos_token_id or len(run) == 12)
+        assert all(t == tok.pad_token_id for t in ids[pos[-1] + 1:])
+    fast = experiments.sequence_kl(model, sft, seqs, answer, tok.pad_token_id, batch_size=2)
+    slow = slow_sequence_kl(model, sft, seqs, answer, tok.pad_token_id)
+    assert torch.allclose(fast.double(), torch.tensor(slow, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    assert all(v > 0 for v in slow)
+    assert float(experiments.sequence_kl(model, model, seqs, answer, tok.pad_token_id).abs().max()) < 1e-6
+
+
+def test_checkpoint_weights_equal_the_exported_model(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    train.main(["--method", "simpo", "--model", world["llama-tiny"], "--data", world["small"], "--output_dir",
+                str(out), "--global_batch_size", "8", "--micro_batch_size", "4", "--max_length", "128",
+                "--max_prompt_length", "64", "--lr", "1e-3", "--max_steps", "2", "--save_every", "1", "--keep_last",
+                "0", "--judge", "none", "--cache_dir", world["cache"]])
+    base = lambda: AutoModelForCausalLM.from_pretrained(world["llama-tiny"])  # noqa: E731
+    from_checkpoint = experiments.load_weights(base(), str(out / "checkpoints" / "step_00000002")).state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    first = experiments.load_weights(base(), str(out / "checkpoints" / "step_00000001")).state_dict()
+    original = base().state_dict()
+    for k, v in exported.items():
+        assert torch.equal(from_checkpoint[k], v), k
+    assert any(not torch.equal(first[k], exported[k]) for k in exported)
+    assert any(not torch.equal(original[k], first[k]) for k in exported)
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (0.37, 0.41), (-3.2, 17.0), (0.5, 0.5), (1e-4, 3e-4)])
+def test_ticks_cover_the_range_with_round_even_steps(lo, hi):
+    ticks = experiments._ticks(lo, hi)
+    assert ticks[0] <= lo and ticks[-1] >= hi and 3 <= len(ticks) <= 12
+    steps = [b - a for a, b in zip(ticks, ticks[1:])]
+    assert max(steps) - min(steps) < 1e-9 * max(1.0, abs(hi))
+    mantissa = steps[0] / 10 ** math.floor(math.log10(steps[0]))
+    assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5, 10))
