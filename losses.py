@@ -42,6 +42,14 @@ def _scatter_rows(values, mask):
     return out.masked_scatter(mask, values)
 
 
+CHUNK_BYTES = 2**25  # the default block: 32 MiB of float32 logits, whatever the vocabulary (bench.py item 2)
+
+
+def _chunk_rows(chunk_size, V):
+    """Response tokens per (rows, V) block: chunk_size when given, else as many as fit in CHUNK_BYTES."""
+    return chunk_size if chunk_size else max(1, CHUNK_BYTES // (4 * V))
+
+
 class _LogSoftmaxGather(torch.autograd.Function):
     """log_softmax(logits)[rows, targets] computed chunk by chunk, in float32 (float64 stays float64), with a
     recomputing backward.
@@ -70,14 +78,14 @@ class _LogSoftmaxGather(torch.autograd.Function):
         grad_logits = torch.zeros_like(logits)
         for s in range(0, rows.numel(), ctx.chunk_size):
             r, g = rows[s:s + ctx.chunk_size], grad[s:s + ctx.chunk_size, None].to(lse.dtype)
-            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z)
-            d = (_f32(logits.index_select(0, r)) - lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # (c, V)
+            # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z), built in place in the block (one (c, V) alive)
+            d = _f32(logits.index_select(0, r)).sub_(lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # (c, V)
             d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g)
             grad_logits.index_copy_(0, r, d.to(logits.dtype))
         return grad_logits, None, None, None
 
 
-def token_logps(logits, labels, ignore_index=IGNORE_INDEX, chunk_size=1024):
+def token_logps(logits, labels, ignore_index=IGNORE_INDEX, chunk_size=None):
     """Per-token log-probs of the labels under the logits.
 
     logps[b, t] = log softmax(logits[b, t-1])[labels[b, t]]  where labels[b, t] != ignore_index, else 0.
@@ -86,15 +94,15 @@ def token_logps(logits, labels, ignore_index=IGNORE_INDEX, chunk_size=1024):
         logits: (B, T, V) any float dtype (bf16 accepted); the model's output for the same input ids.
         labels: (B, T) long, Hugging Face layout (same length as the input ids, -100 outside responses); the
             shift happens here.
-        chunk_size: response tokens per float32 (chunk_size, V) block; no (B, T, V) float32 copy is ever made and
-            prompt and padding positions cost nothing.
+        chunk_size: response tokens per float32 (chunk_size, V) block (None: as many as fit in CHUNK_BYTES); no
+            (B, T, V) float32 copy is ever made and prompt and padding positions cost nothing.
     Returns:
         logps (B, T) float32 (float64 for float64 logits), mask (B, T) bool (True where a label is given; always
         False at t = 0).
     """
     B, T, V = logits.shape
     mask, rows, targets = _targets(labels, ignore_index)
-    picked = _LogSoftmaxGather.apply(logits.reshape(B * T, V), rows, targets, chunk_size)  # (N,)
+    picked = _LogSoftmaxGather.apply(logits.reshape(B * T, V), rows, targets, _chunk_rows(chunk_size, V))  # (N,)
     return _scatter_rows(picked, mask), mask
 
 
@@ -124,7 +132,7 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
             r, g = rows[s:s + ctx.chunk_size], grad[s:s + ctx.chunk_size, None].float()
             h = hidden.index_select(0, r)  # (c, H)
             z = (h @ weight.T).float()  # (c, V), recomputed rather than stored
-            d = (z - lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # onehot(y) - softmax(z), times grad
+            d = z.sub_(lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # onehot(y) - softmax(z), times grad
             d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g)
             d = d.to(weight.dtype)
             grad_hidden.index_copy_(0, r, (d @ weight).to(hidden.dtype))
@@ -132,7 +140,7 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
-def chunked_token_logps(hidden, lm_head_weight, labels, chunk_size=1024, ignore_index=IGNORE_INDEX):
+def chunked_token_logps(hidden, lm_head_weight, labels, chunk_size=None, ignore_index=IGNORE_INDEX):
     """`token_logps` from the last hidden states, never materialising the (B, T, V) logits.
 
     logps[b, t] = log softmax(hidden[b, t-1] @ W.T)[labels[b, t]]  for labelled t, else 0.
@@ -149,7 +157,8 @@ def chunked_token_logps(hidden, lm_head_weight, labels, chunk_size=1024, ignore_
     """
     B, T, H = hidden.shape
     mask, rows, targets = _targets(labels, ignore_index)
-    picked = _LinearLogSoftmaxGather.apply(hidden.reshape(B * T, H), lm_head_weight, rows, targets, chunk_size)
+    picked = _LinearLogSoftmaxGather.apply(hidden.reshape(B * T, H), lm_head_weight, rows, targets,
+                                           _chunk_rows(chunk_size, lm_head_weight.shape[0]))
     return _scatter_rows(picked, mask), mask
 
 
@@ -215,7 +224,8 @@ def selective_loss(objective, chosen_logps, chosen_mask, rejected_logps, rejecte
     """
     losses, metrics = objective(chosen_logps, chosen_selected, rejected_logps, rejected_selected, **kwargs)
     losses, empty = zero_empty_pairs(losses, chosen_selected, rejected_selected)
-    _, all_tokens = objective(chosen_logps, chosen_mask, rejected_logps, rejected_mask, **kwargs)
+    with torch.no_grad():  # metrics only: no graph
+        _, all_tokens = objective(chosen_logps, chosen_mask, rejected_logps, rejected_mask, **kwargs)
     metrics.update(rewards_chosen_all=all_tokens["rewards_chosen"], rewards_rejected_all=all_tokens["rewards_rejected"],
                    selected_chosen=chosen_selected.sum(-1).float(), selected_rejected=rejected_selected.sum(-1).float(),
                    length_chosen=chosen_mask.sum(-1).float(), length_rejected=rejected_mask.sum(-1).float(),

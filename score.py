@@ -181,7 +181,7 @@ def load_scorer(path, cfg, device):
     """A causal LM for inference that returns per-token log-probs (train.PolicyLogps), no FSDP: ranks split data."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype(cfg)).to(device).eval()
-    return train.PolicyLogps(model, train.choose_logp_path("auto", model), chunk_size=1024)
+    return train.PolicyLogps(model, train.choose_logp_path("auto", model), chunk_size=None)
 
 
 def block_path(cfg, b):

@@ -102,7 +102,8 @@ class Config:
     device: str = _f("auto", "auto | cpu | cuda")
     activation_checkpointing: bool = _f(False, "recompute decoder layers in backward (saves memory)")
     logp_path: str = _f("auto", "chunked: log-probs from hidden states, never the full logits | logits | auto")
-    chunk_size: int = _f(1024, "response tokens per vocabulary block in the log-prob computation")
+    chunk_size: int = _f(0, "response tokens per vocabulary block in the log-prob computation (0 = as many as fit "
+                            "in 32 MiB of float32 logits)")
     disable_dropout: bool = _f(True, "set every dropout probability of policy and reference to 0 (as TRL)")
     hybrid_shard: bool = _f(False, "replicate across nodes, shard within a node (2-D mesh)")
     # bookkeeping
