@@ -1,0 +1,110 @@
+"""bench.py: its memory counter is exact, and a --quick run produces every item with agreeing implementations and
+sane ratios. No timing target is tested (timings on a shared machine are noise); the FSDP memory ratio is structural
+and is."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIB = 2**20
+
+
+def test_peak_bytes_counts_what_is_alive_at_once():
+    def two_alive():
+        a = torch.empty(MIB, dtype=torch.float32)  # 4 MiB
+        b = torch.empty(2 * MIB, dtype=torch.float32)  # 8 MiB, while a is alive
+        del a, b
+
+    def one_after_the_other():
+        a = torch.empty(MIB, dtype=torch.float32)
+        del a
+        b = torch.empty(2 * MIB, dtype=torch.float32)
+        del b
+
+    assert abs(bench.peak_bytes(two_alive) - 12 * MIB) < 4096
+    assert abs(bench.peak_bytes(one_after_the_other) - 8 * MIB) < 4096
+
+
+def test_peak_bytes_of_naive_log_softmax_backward():
+    """The naive way holds three (rows, V) float32 tensors at once in backward: the saved log-softmax, the gradient
+    of the gather and the gradient of the log-softmax (plus the logits' gradient, one more, written at the end)."""
+    logits = torch.randn(4, 65, 2048, requires_grad=True)
+    labels = torch.randint(0, 2048, (4, 65))
+    copy = 4 * 64 * 2048 * 4
+    peak = bench.peak_bytes(lambda: bench.naive_token_logps(logits, labels)[0].sum().backward())
+    assert 3 * copy <= peak < 4.2 * copy
+
+
+def ratios(obj, path=""):
+    """Every value under a key named *ratio* (numbers, or dicts of numbers), with where it was found."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if "ratio" in k and isinstance(v, (int, float)):
+                yield f"{path}/{k}", v
+            elif "ratio" in k and isinstance(v, dict):
+                yield from ((f"{path}/{k}/{kk}", vv) for kk, vv in v.items() if isinstance(vv, (int, float)))
+            else:
+                yield from ratios(v, f"{path}/{k}")
+
+
+def test_quick_run(world, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--out", str(out), "--threads", "1",
+           "--tiny_world", os.path.dirname(world["data"]), "--cache_dir", world["cache"]]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "targets met" in proc.stdout
+    result = json.loads(out.read_text())
+
+    for item in ("machine", "1_step_time", "2_logps", "3_trl_throughput", "4_fsdp", "5_score", "select_tokens",
+                 "verdicts", "runtime_s"):
+        assert item in result, item
+    assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
+    found = list(ratios(result))
+    assert len(found) > 20
+    for where, r in found:
+        assert math.isfinite(r) and r > 0, (where, r)
+    for v in result["verdicts"]:
+        assert v["met"] in (True, False) and math.isfinite(v["ratio"])
+
+    # 1: every method took its step, with a finite loss
+    steps = result["1_step_time"]
+    assert steps["losses_finite"] and set(steps["ratio"]) == {"confpo", "confpo_rand", "sepo", "confpo_dpo"}
+    # 2: every variant agreed with the naive way before it was measured
+    for shape in result["2_logps"].values():
+        for path in [p for p in shape if p.startswith("from_")]:
+            assert shape[path]["agree_with_naive"] and all(shape[path]["agree_with_naive"].values())
+            assert set(shape[path]["peak_ratio"]) == set(shape[path]["agree_with_naive"]) - {"naive"}
+    # 3: measured against TRL, or skipped with the install hint (TRL is never a dependency)
+    trl = result["3_trl_throughput"]
+    assert ("ratio" in trl) != trl.get("skipped", "").startswith("skipped (pip install -r requirements-bench.txt)")
+    assert trl["tokens_per_s"]["ours_simpo"] > 0 and trl["tokens_per_s"]["ours_dpo"] > 0
+    # 4: FSDP shards parameters, gradients and AdamW state: half per rank with 2 ranks, up to uneven rows
+    fsdp = result["4_fsdp"]
+    one = fsdp["ranks_1"][0]
+    assert one["params"] == 4 * one["n_params"] and one["grads"] == one["params"]
+    assert 2 * one["params"] <= one["optimizer_state"] < 2 * one["params"] + 4096  # exp_avg, exp_avg_sq, steps
+    assert len(fsdp["ranks_2"]) == 2 and fsdp["ratio"] < 0.75
+    # 5 and the selection
+    assert result["5_score"]["score_tokens_per_s"] > 0
+    assert result["select_tokens"]["agree"]
+
+
+def test_a_wrong_variant_cannot_win():
+    """compare_variants refuses a variant whose loss or gradient differs from the baseline's before timing it."""
+    x = torch.randn(4, 8, requires_grad=True)
+    fns = {"naive": lambda: x.square().sum(), "fast but wrong": lambda: (x.square() * 1.001).sum()}
+    with pytest.raises(AssertionError, match="fast but wrong"):
+        bench.compare_variants(fns, lambda f: f(), [x], 1, "cpu")
+    good = {"naive": lambda: x.square().sum(), "same": lambda: (x * x).sum()}
+    result = bench.compare_variants(good, lambda f: f(), [x], 2, "cpu")
+    assert result["agree_with_naive"] == {"naive": True, "same": True} and len(result["times_s"]["same"]) == 2
