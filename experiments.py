@@ -53,8 +53,9 @@ class ExperimentConfig:
     tiny_world: str = _f("tiny_world", "folder of the offline tiny world")
     seeds: str = _f("0,1,2", "seeds: data order, ConfPO-rand's draws, the oracle's data share")
     methods: str = _f("dpo,ipo,simpo,confpo,confpo_rand,confpo_dpo", "train.py methods compared with SePO")
-    lr: float = _f(3e-4, "learning rate of every method but SePO (train.py's tiny default)")
-    sepo_lr: float = _f(3e-5, "learning rate of SePO's policy (sepo.py's tiny default; 1e-4 collapses)")
+    lr: float = _f(3e-4, "learning rate of every method, SePO included (train.py's tiny default)")
+    sepo_lr: float = _f(3e-5, "learning rate of sepo.py's own policy stage (its tiny default), reported beside SePO at "
+                              "--lr as sepo_lr<value>")
     ratio: float = _f(0.3, "SePO's k (chosen and rejected) in the comparison of methods and the oracle studies")
     ratios: str = _f("0.1,0.3,0.5,0.7,0.9", "SePO's k swept with the default oracle")
     shares: str = _f("0.1,0.25,0.5,1.0", "oracle data shares (the default oracle uses 0.5)")
@@ -195,20 +196,23 @@ def sepo_pipeline_cfg(ctx, seed, size, share, out):
 
 
 def sepo_run(ctx, seed, size, share, curve):
-    """The whole SePO pipeline (sepo.py) -> (result of its policy, its selections' key-token statistics)."""
+    """The whole SePO pipeline (sepo.py, its policy at --sepo_lr), then a policy from the same selections at the
+    comparison's --lr -> (result at --lr, result of the pipeline's policy, the selections' key-token statistics)."""
     out = os.path.join(ctx["output_dir"], f"seed{seed}", f"sepo_{size}_{share}")
     cfg = sepo_pipeline_cfg(ctx, seed, size, share, out)
 
     def go():
-        argv = [f"--{k}={v}" for k, v in asdict(cfg).items()]
-        sepo.run_pipeline(argv)
+        sepo.run_pipeline([f"--{k}={v}" for k, v in asdict(cfg).items()])
         return evaluate_run(ctx, os.path.join(out, "policy"), curve)
-    result = finished(os.path.join(out, "policy"), go)
-    return result, manifest_stats(os.path.join(out, "scores"))
+    own = finished(os.path.join(out, "policy"), go)
+    selections = os.path.join(out, "scores", score.selection_name(ctx["ratio"], ctx["ratio"]))
+    common = sepo_policy(ctx, cfg, selections, os.path.join(out, f"policy_lr{ctx['lr']:g}"), curve)
+    return common, own, manifest_stats(os.path.join(out, "scores"))
 
 
 def sepo_sweep(ctx, seed):
-    """SePO with the default oracle of this seed at every k of the sweep: one scoring pass, one policy per k."""
+    """SePO with the default oracle of this seed at every k of the sweep (one scoring pass, one policy per k, at
+    --lr) -> ({k: result, None for --ratio, which sepo_run trained}, key-token statistics)."""
     out = os.path.join(ctx["output_dir"], f"seed{seed}", f"sepo_{DEFAULT_SIZE}_{DEFAULT_SHARE}")
     cfg = sepo_pipeline_cfg(ctx, seed, DEFAULT_SIZE, DEFAULT_SHARE, out)
     scores = os.path.join(out, "sweep_scores")
@@ -216,23 +220,23 @@ def sepo_sweep(ctx, seed):
         ratios = [(k, k) for k in ctx["ratios"]]
         score.main(sepo.scoring_argv(cfg, os.path.join(out, "oracle_dpo", "final"),
                                      os.path.join(out, "oracle_sft", "final"), ratios, scores))
-    stats = manifest_stats(scores)
     results = {}
     for k in ctx["ratios"]:
-        if k == ctx["ratio"]:
-            results[k] = None
-            continue
         selections = os.path.join(scores, score.selection_name(k, k))
-        policy = os.path.join(out, f"policy_k{k}")
-        results[k] = finished(policy, lambda: train_run_sepo(ctx, cfg, selections, policy))
-    return results, stats
+        results[k] = None if k == ctx["ratio"] else sepo_policy(
+            ctx, cfg, selections, os.path.join(out, f"policy_k{k}_lr{ctx['lr']:g}"), curve=False)
+    return results, manifest_stats(scores)
 
 
-def train_run_sepo(ctx, cfg, selections, out):
-    if not os.path.exists(os.path.join(out, "final", "config.json")):
-        train.main(sepo.stage_argv(cfg) + sepo.policy_argv(cfg, selections) + ctx["eval_flags"].split() +
-                   ["--output_dir", out, "--save_every", "0"])
-    return evaluate_run(ctx, out, curve=False)
+def sepo_policy(ctx, cfg, selections, out, curve):
+    """SePO's policy (Eq. 26) from a selection file with the pipeline's settings but the comparison's --lr."""
+    def go():
+        if not os.path.exists(os.path.join(out, "final", "config.json")):
+            train.main(sepo.stage_argv(cfg) + sepo.policy_argv(cfg, selections) + ctx["eval_flags"].split() +
+                       ["--lr", str(ctx["lr"]), "--output_dir", out, "--save_every",
+                        str(ctx["curve_every"] if curve else 0), "--keep_last", "0"])
+        return evaluate_run(ctx, out, curve)
+    return finished(out, go)
 
 
 def manifest_stats(scores_dir):
@@ -297,7 +301,8 @@ def setup(cfg, rank, world, device):
     ctx = dict(output_dir=cfg.output_dir, tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir, device=device,
                device_flag=cfg.device, sft_path=sft_path, train_data=train_data, test_data=test_data,
                oracles=oracles, ratio=cfg.ratio, ratios=[float(k) for k in cfg.ratios.split(",")],
-               sepo_lr=cfg.sepo_lr, curve_every=cfg.curve_every, max_steps=int(steps[1]), eval_flags=eval_flags,
+               lr=cfg.lr, sepo_lr=cfg.sepo_lr, curve_every=cfg.curve_every, max_steps=int(steps[1]),
+               eval_flags=eval_flags,
                tokenizer=tokenizer, prompts=[row["prompt"] for row in test][:cfg.eval_prompts],
                max_new_tokens=cfg.max_new_tokens, batches=batches)
     ctx["train_argv"] = (["--model", sft_path, "--data", train_data, "--max_length", "128", "--max_prompt_length",
@@ -323,8 +328,8 @@ def run_study(cfg, ctx):
             out = os.path.join(cfg.output_dir, f"seed{seed}", method)
             r[method] = train_run(ctx, out, ["--method", method, "--seed", str(seed), "--lr", str(cfg.lr)], True)
         train.log0(f"\n==== seed {seed}: sepo (oracle {DEFAULT_SIZE}, share {DEFAULT_SHARE}) ====")
-        r["sepo"], keys["sepo"][f"{seed}/{DEFAULT_SIZE}/{DEFAULT_SHARE}"] = sepo_run(ctx, seed, DEFAULT_SIZE,
-                                                                                   DEFAULT_SHARE, True)
+        r["sepo"], r[f"sepo_lr{cfg.sepo_lr:g}"], keys["sepo"][f"{seed}/{DEFAULT_SIZE}/{DEFAULT_SHARE}"] = sepo_run(
+            ctx, seed, DEFAULT_SIZE, DEFAULT_SHARE, True)
         sweep, keys["sepo"][f"{seed}/sweep"] = sepo_sweep(ctx, seed)
         for k, result in sweep.items():
             r[f"sepo_k{k}"] = result or r["sepo"]  # k = --ratio is the pipeline's own policy
@@ -333,10 +338,15 @@ def run_study(cfg, ctx):
             share = float(share)
             if (size, share) != (DEFAULT_SIZE, DEFAULT_SHARE):
                 train.log0(f"\n==== seed {seed}: sepo (oracle {size}, share {share}) ====")
-                r[f"sepo_{size}_{share}"], keys["sepo"][f"{seed}/{size}/{share}"] = sepo_run(ctx, seed, size, share,
-                                                                                           False)
+                r[f"sepo_{size}_{share}"], _, keys["sepo"][f"{seed}/{size}/{share}"] = sepo_run(ctx, seed, size,
+                                                                                              share, False)
         r[f"sepo_{DEFAULT_SIZE}_{DEFAULT_SHARE}"] = r["sepo"]
     return runs, keys
+
+
+def compared(cfg):
+    """The runs of the comparison of methods: SFT, every --methods, SePO at --lr and SePO at --sepo_lr."""
+    return ["sft"] + cfg.methods.split(",") + ["sepo", f"sepo_lr{cfg.sepo_lr:g}"]
 
 
 def mean_std(values):
@@ -385,27 +395,31 @@ def _ticks(lo, hi, n=5):
 
 def svg_panel(x0, y0, w, h, panel):
     """One chart at (x0, y0): panel = {title, xlabel, ylabel, series: [{label, x, y, err?, colour?, dashed?}],
-    xticks?: [(x, text)] (categorical?: the x are category indices), points_only?: no connecting lines}."""
+    xticks? / yticks?: [(value, text)] (categorical?: the x are category indices), points_only?: no lines}."""
     xs = [v for s in panel["series"] for v in s["x"]]
     ys = [v + sgn * e for s in panel["series"] for v, e in zip(s["y"], s.get("err") or [0] * len(s["y"]))
           for sgn in (-1, 1)]
     xt = [t for t, _ in panel["xticks"]] if panel.get("xticks") else _ticks(min(xs), max(xs))
-    yt = _ticks(min(ys), max(ys))
+    yt = [t for t, _ in panel["yticks"]] if panel.get("yticks") else _ticks(min(ys), max(ys))
     xlo, xhi = min(xt + xs), max(xt + xs)
     if panel.get("categorical"):
         xlo, xhi = xlo - 0.5, xhi + 0.5
-    ylo, yhi = yt[0], yt[-1]
-    left, right, top, bottom = x0 + 52, x0 + w - 10, y0 + 24, y0 + h - 38
+    ylo, yhi = min(yt + ys), max(yt + ys)
+    legend = 24 + 6.5 * max(len(s["label"]) for s in panel["series"])  # the legend sits right of the axes
+    below = 62 if panel.get("categorical") else 38  # room for slanted category names
+    left, right, top, bottom = x0 + 52, x0 + w - 10 - legend, y0 + 24, y0 + h - below
     px = lambda v: left + (v - xlo) / ((xhi - xlo) or 1) * (right - left)  # noqa: E731
     py = lambda v: bottom - (v - ylo) / ((yhi - ylo) or 1) * (bottom - top)  # noqa: E731
     o = [f'<text x="{(left + right) / 2}" y="{y0 + 14}" text-anchor="middle" font-weight="bold">'
          f'{escape(panel["title"])}</text>',
          f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#999"/>']
-    for v in yt:
+    for v, text in panel.get("yticks") or [(v, f"{v:g}") for v in yt]:
         o.append(f'<line x1="{left}" x2="{right}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#eee"/>'
-                 f'<text x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+                 f'<text x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{escape(str(text))}</text>')
     for v, text in panel.get("xticks") or [(v, f"{v:g}") for v in xt]:
-        o.append(f'<text x="{px(v):.1f}" y="{bottom + 14}" text-anchor="middle">{escape(str(text))}</text>')
+        slant = f' text-anchor="end" transform="rotate(-30 {px(v):.1f} {bottom + 14})"' if panel.get("categorical") \
+            else ' text-anchor="middle"'
+        o.append(f'<text x="{px(v):.1f}" y="{bottom + 14}"{slant}>{escape(str(text))}</text>')
     o.append(f'<text x="{(left + right) / 2}" y="{y0 + h - 6}" text-anchor="middle">{escape(panel["xlabel"])}</text>')
     o.append(f'<text transform="translate({x0 + 12},{(top + bottom) / 2}) rotate(-90)" text-anchor="middle">'
              f'{escape(panel["ylabel"])}</text>')
@@ -420,8 +434,8 @@ def svg_panel(x0, y0, w, h, panel):
             if e:
                 o.append(f'<line x1="{a:.1f}" x2="{a:.1f}" y1="{py(v - e):.1f}" y2="{py(v + e):.1f}" stroke="{c}"/>')
             o.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>')
-        o.append(f'<rect x="{right - 128}" y="{top + 6 + 14 * i}" width="10" height="10" fill="{c}"/>'
-                 f'<text x="{right - 114}" y="{top + 15 + 14 * i}">{escape(s["label"])}</text>')
+        o.append(f'<rect x="{right + 8}" y="{top + 6 + 14 * i}" width="10" height="10" fill="{c}"/>'
+                 f'<text x="{right + 22}" y="{top + 15 + 14 * i}">{escape(s["label"])}</text>')
     return o
 
 
@@ -437,11 +451,11 @@ def write_svg(path, panels, width=420, height=300):
 
 def plot_all(cfg, runs, summary, keys):
     d = cfg.figures
-    methods = ["sft"] + cfg.methods.split(",") + ["sepo"]
+    methods = compared(cfg)
     cat = [(i, m) for i, m in enumerate(methods)]
 
     def dots(metric, label):
-        return {"title": label, "xlabel": "method", "ylabel": label, "xticks": cat, "categorical": True,
+        return {"title": label, "xlabel": "", "ylabel": label, "xticks": cat, "categorical": True,
                 "points_only": True,
                 "series": [{"label": "mean ± std over seeds", "x": list(range(len(methods))),
                             "y": [summary[m][metric][0] for m in methods],
@@ -450,24 +464,31 @@ def plot_all(cfg, runs, summary, keys):
                                   [dots("reward", "reward of greedy answers"), dots("accuracy", "held-out accuracy")],
                                   width=560)}
     curves = [m for m in methods[1:] if runs[next(iter(runs))][m]["curve"]]
-    series = []
-    for m in curves:
-        _, kl = mean_curve(runs, m, "kl")
-        steps, reward = mean_curve(runs, m, "reward")
-        series.append({"label": m, "x": [math.log1p(v) for v in kl], "y": reward})
-    top = max(max(s["x"]) for s in series)
-    kl_ticks = [(math.log1p(v), f"{v:g}") for v in (0, 1, 3, 10, 30, 100, 300, 1000) if math.log1p(v) <= top + 1]
+    by_kl, kl_by_step, reward_by_step = [], [], []
+    for i, m in enumerate(curves):
+        steps, kl = mean_curve(runs, m, "kl")
+        _, reward = mean_curve(runs, m, "reward")
+        log_kl = [math.log1p(v) for v in kl]
+        by_kl.append({"label": m, "x": log_kl, "y": reward, "colour": COLOURS[i % len(COLOURS)]})
+        kl_by_step.append({"label": m, "x": steps, "y": log_kl, "colour": COLOURS[i % len(COLOURS)]})
+        reward_by_step.append({"label": m, "x": steps, "y": reward, "colour": COLOURS[i % len(COLOURS)]})
+    top = max(max(s["x"]) for s in by_kl)
+    kl_ticks = [(math.log1p(v), f"{v:g}") for v in (0, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000)]
+    kl_ticks = kl_ticks[:next((i + 1 for i, (t, _) in enumerate(kl_ticks) if t >= top), len(kl_ticks))]
+    kl_label = "KL from SFT, nats per answer (log scale)"
     files["kl_reward"] = write_svg(os.path.join(d, "kl_reward.svg"), [
-        {"title": f"reward against KL from the SFT model (every {cfg.curve_every} steps)", "xticks": kl_ticks,
-         "xlabel": "KL(pi || pi_sft), nats per answer (log(1 + KL) scale)", "ylabel": "reward", "series": series}],
-        width=620, height=380)
+        {"title": "reward against KL (ConfPO Fig. 7)", "xticks": kl_ticks, "xlabel": kl_label, "ylabel": "reward",
+         "series": by_kl},
+        {"title": "reward over training", "xlabel": "step", "ylabel": "reward", "series": reward_by_step},
+        {"title": "KL from the SFT model over training", "xlabel": "step", "ylabel": kl_label, "series": kl_by_step,
+         "yticks": kl_ticks}], width=500, height=330)
     sel = []
-    for m in ("confpo", "confpo_dpo"):
+    for colour, m in zip(COLOURS, ("confpo", "confpo_dpo")):
         rows = [runs[s][m]["selected"] for s in runs if m in runs[s] and runs[s][m]["selected"]]
         if rows:
             steps = [p["step"] for p in rows[0]]
             for side in ("chosen", "rejected"):
-                sel.append({"label": f"{m} {side}", "x": steps, "dashed": side == "rejected",
+                sel.append({"label": f"{m} {side}", "x": steps, "dashed": side == "rejected", "colour": colour,
                             "y": [statistics.fmean(r[i][side] for r in rows) for i in range(len(steps))]})
     files["confpo_selected"] = write_svg(os.path.join(d, "confpo_selected.svg"), [
         {"title": "ConfPO: share of response tokens selected", "xlabel": "step", "ylabel": "selected tokens",
@@ -540,9 +561,9 @@ def fmt(pair, digits=3):
     return "–" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def results_markdown(cfg, summary, keys, n_seeds, minutes):
-    methods = ["sft"] + cfg.methods.split(",") + ["sepo"]
-    out = [f"Mean ± standard deviation over {n_seeds} seed(s); {minutes:.0f} minutes on this machine.", "",
+def results_markdown(cfg, summary, keys, n_seeds):
+    methods = compared(cfg)
+    out = [f"Mean ± standard deviation over {n_seeds} seed(s).", "",
            "| method | reward (greedy) | KL from SFT | accuracy | margin | own accuracy | own margin |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for m in methods:
@@ -582,8 +603,9 @@ def main(argv=None):
         files = plot_all(cfg, runs, summary, keys)
         minutes = (time.time() - t0) / 60
         train.atomic_write(os.path.join(cfg.figures, "results.json"), json.dumps(
-            {"config": asdict(cfg), "minutes": minutes, "summary": summary, "keys": keys, "runs": runs}, indent=1))
-        table = results_markdown(cfg, summary, keys, len(runs), minutes)
+            {"config": asdict(cfg), "invocation_minutes": minutes, "summary": summary, "keys": keys, "runs": runs},
+            indent=1))
+        table = results_markdown(cfg, summary, keys, len(runs))
         train.atomic_write(os.path.join(cfg.figures, "results.md"), table)
         print(table)
         print("wrote " + ", ".join(sorted(files.values())) + f" and results.json / results.md in {cfg.figures}")

@@ -22,8 +22,8 @@ def test_quick_study_writes_every_output_and_reruns_from_its_results(world, tmp_
     fig = tmp_path / "fig"
     results = json.loads((fig / "results.json").read_text())
     summary, runs = results["summary"], results["runs"]["0"]
-    expected = (["sft", "dpo", "ipo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo", "sepo_k0.1",
-                 "sepo_k0.3", "sepo_tiny_0.25", "sepo_tiny_0.5", "sepo_micro_0.5"])
+    expected = ["sft", "dpo", "ipo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo", "sepo_lr3e-05",
+                "sepo_k0.1", "sepo_k0.3", "sepo_tiny_0.25", "sepo_tiny_0.5", "sepo_micro_0.5"]
     assert sorted(summary) == sorted(expected)
     for name in expected:
         for metric in ("reward", "kl", "accuracy", "margin"):
@@ -32,7 +32,7 @@ def test_quick_study_writes_every_output_and_reruns_from_its_results(world, tmp_
         assert 0 <= summary[name]["accuracy"][0] <= 1
     assert summary["sft"]["kl"][0] == 0.0  # the SFT model against itself
     assert all(summary[m]["kl"][0] > 0 for m in ("dpo", "simpo", "confpo"))  # two steps at lr 3e-4 move the model
-    for m in ("dpo", "ipo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo"):  # curves: SFT, step 1, step 2
+    for m in ("dpo", "ipo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo", "sepo_lr3e-05"):  # SFT, 1, 2
         assert [p["step"] for p in runs[m]["curve"]] == [0, 1, 2], m
         assert runs[m]["curve"][-1]["reward"] == runs[m]["final"]["reward"]
     assert [p["step"] for p in runs["confpo"]["selected"]] == [1, 2]  # ConfPO Fig. 8's series
