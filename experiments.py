@@ -72,6 +72,11 @@ QUICK = dict(seeds="0", ratios="0.1,0.3", shares="0.25,0.5", oracle_sizes="micro
              eval_prompts=16)
 DEFAULT_SHARE, DEFAULT_SIZE = 0.5, "tiny"
 TRAIN_PAIRS_QUICK, TEST_PAIRS_QUICK = 128, 16
+# train.py's tiny shapes, for every stage and for scoring
+SHAPE = ["--max_length", str(train.TINY_DEFAULTS["max_length"]), "--max_prompt_length",
+         str(train.TINY_DEFAULTS["max_prompt_length"])]
+BATCH = ["--global_batch_size", str(train.TINY_DEFAULTS["global_batch_size"]), "--micro_batch_size",
+         str(train.TINY_DEFAULTS["micro_batch_size"])]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,8 +90,8 @@ def load_weights(model, path):
         dcp.load({"model": sd}, checkpoint_id=path)
         model.load_state_dict({k[len("model."):]: v for k, v in sd.items()})
     else:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        from transformers import AutoModelForCausalLM
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(path).state_dict())
     return model.eval()
 
 
@@ -145,7 +150,7 @@ def evaluate_run(ctx, out, curve):
     for path in train.checkpoints(out) if curve else []:
         step = int(os.path.basename(path).split("_")[1])
         points.append({"step": step, **evaluate(load_weights(model, path), ctx)})
-    final = points[-1] if curve else {**evaluate(load_weights(model, os.path.join(out, "final")), ctx)}
+    final = points[-1] if curve else evaluate(load_weights(model, os.path.join(out, "final")), ctx)
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         lines = [json.loads(line) for line in fh]
     own = [line for line in lines if line.get("split") == "eval"][-1]
@@ -249,8 +254,7 @@ def confpo_selection(ctx):
     out = os.path.join(ctx["output_dir"], "confpo_selection")
     if not sepo.scoring_complete(out):
         score.main(["--confpo", "--model", ctx["sft_path"], "--data", ctx["train_data"], "--output_dir", out,
-                    "--max_length", "128", "--max_prompt_length", "64", "--cache_dir", ctx["cache_dir"],
-                    "--device", ctx["device_flag"]])
+                    "--cache_dir", ctx["cache_dir"], "--device", ctx["device_flag"]] + SHAPE)
     return manifest_stats(out)["confpo.jsonl"]
 
 
@@ -285,9 +289,8 @@ def setup(cfg, rank, world, device):
         sft_path = os.path.join(cfg.output_dir, "sft", "final")
         if not os.path.exists(os.path.join(sft_path, "config.json")):
             train.main(["--method", "sft", "--model", paths["llama-small"], "--data", train_data, "--max_steps",
-                        "2", "--output_dir", os.path.dirname(sft_path), "--global_batch_size", "32",
-                        "--micro_batch_size", "8", "--max_length", "128", "--max_prompt_length", "64",
-                        "--lr", "1e-3", "--save_every", "0", "--judge", "none", "--cache_dir", cfg.cache_dir])
+                        "2", "--output_dir", os.path.dirname(sft_path), "--lr", "1e-3", "--save_every", "0",
+                        "--judge", "none", "--cache_dir", cfg.cache_dir] + SHAPE + BATCH)
     else:
         sft_path = train.tiny_sft_model(train.Config(tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir),
                                         paths, rank, world, device)
@@ -295,7 +298,8 @@ def setup(cfg, rank, world, device):
                   f"--eval_max_pairs 200")
     tokenizer = AutoTokenizer.from_pretrained(sft_path, padding_side="left")
     test = data.load_preferences(test_data)
-    tokenized, _ = data.tokenize_preferences(test, tokenizer, 128, 64)
+    tokenized, _ = data.tokenize_preferences(test, tokenizer, train.TINY_DEFAULTS["max_length"],
+                                             train.TINY_DEFAULTS["max_prompt_length"])
     batches = [{k: v.to(device) for k, v in data.collate_pairs([tokenized[j] for j in range(i, min(i + 50, len(
         tokenized)))], tokenizer.pad_token_id).items()} for i in range(0, len(tokenized), 50)]
     ctx = dict(output_dir=cfg.output_dir, tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir, device=device,
@@ -305,8 +309,7 @@ def setup(cfg, rank, world, device):
                eval_flags=eval_flags,
                tokenizer=tokenizer, prompts=[row["prompt"] for row in test][:cfg.eval_prompts],
                max_new_tokens=cfg.max_new_tokens, batches=batches)
-    ctx["train_argv"] = (["--model", sft_path, "--data", train_data, "--max_length", "128", "--max_prompt_length",
-                          "64", "--global_batch_size", "32", "--micro_batch_size", "8", "--judge", "none",
+    ctx["train_argv"] = (["--model", sft_path, "--data", train_data] + SHAPE + BATCH + ["--judge", "none",
                           "--cache_dir", cfg.cache_dir, "--device", cfg.device] + steps + eval_flags.split())
     ctx["sft"] = AutoModelForCausalLM.from_pretrained(sft_path).to(device).eval()
     ctx["sft_eval"] = evaluate(ctx["sft"], ctx)
