@@ -64,6 +64,8 @@ class ExperimentConfig:
     eval_prompts: int = _f(200, "held-out prompts for reward and KL (at most the test set's 200)")
     max_new_tokens: int = _f(40, "answer length limit for reward and KL")
     quick: bool = _f(False, "a smoke run: 1 seed, 2 steps per stage, 128 training pairs, 16 held-out prompts")
+    setup_only: bool = _f(False, "build what every seed shares (SFT model, oracle bases, ConfPO's selection), then "
+                                 "stop: run it once before starting one process per seed")
     cache_dir: str = _f("", "datasets cache folder")
     device: str = _f("auto", "auto | cpu | cuda")
 
@@ -600,6 +602,9 @@ def main(argv=None):
         raise SystemExit("experiments.py runs in one process (its runs are tiny); start it with python, not torchrun")
     try:
         ctx = setup(cfg, rank, world, device)
+        if cfg.setup_only:
+            confpo_selection(ctx)
+            return True
         runs, keys = run_study(cfg, ctx)
         summary = summarize(runs)
         os.makedirs(cfg.figures, exist_ok=True)
