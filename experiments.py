@@ -28,7 +28,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from xml.sax.saxutils import escape
 
 import torch
@@ -40,10 +40,7 @@ import losses
 import score
 import sepo
 import train
-
-
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
+from train import _f
 
 
 @dataclass
@@ -132,9 +129,7 @@ def preference(model, batches):
 def evaluate(model, ctx, sample_seed=1234):
     """reward (greedy answers), kl from the SFT model (sampled answers), accuracy and margin (held-out pairs)."""
     tok, device = ctx["tokenizer"], ctx["device"]
-    seqs, answer = train.generate_answers(model, tok, ctx["prompts"], device, ctx["max_new_tokens"])
-    answers = train.answer_texts(tok, seqs, answer)
-    reward = sum(data.synthetic_reward(p, a) for p, a in zip(ctx["prompts"], answers)) / len(answers)
+    reward = train.greedy_synthetic_reward(model, tok, ctx["prompts"], device, ctx["max_new_tokens"])
     torch.manual_seed(sample_seed)
     seqs, answer = train.generate_answers(model, tok, ctx["prompts"], device, ctx["max_new_tokens"], sample=True)
     kl = sequence_kl(model, ctx["sft"], seqs, answer, tok.pad_token_id)
@@ -181,11 +176,12 @@ def finished(out, fn):
 
 
 def train_run(ctx, out, argv, curve):
-    """train.py with the experiment's common flags, then its evaluation (skipped when already done)."""
+    """train.py with these flags into `out` (with `curve`, a checkpoint every --curve_every steps), then its
+    evaluation; skipped when already done."""
     def go():
         if not os.path.exists(os.path.join(out, "final", "config.json")):
-            train.main(ctx["train_argv"] + argv + ["--output_dir", out, "--save_every",
-                                                   str(ctx["curve_every"] if curve else 0), "--keep_last", "0"])
+            train.main(argv + ["--output_dir", out, "--save_every", str(ctx["curve_every"] if curve else 0),
+                               "--keep_last", "0"])
         return evaluate_run(ctx, out, curve)
     return finished(out, go)
 
@@ -218,15 +214,17 @@ def sepo_run(ctx, seed, size, share, curve):
 
 
 def sepo_sweep(ctx, seed):
-    """SePO with the default oracle of this seed at every k of the sweep (one scoring pass, one policy per k, at
-    --lr) -> ({k: result, None for --ratio, which sepo_run trained}, key-token statistics)."""
+    """SePO with the default oracle of this seed at every k of the sweep (one policy per k, at --lr) -> ({k: result,
+    None for --ratio, which sepo_run trained}, key-token statistics). The selections come from the pipeline's own
+    scores folder: score.py finds every block already scored and only selects again, at every k."""
     out = os.path.join(ctx["output_dir"], f"seed{seed}", f"sepo_{DEFAULT_SIZE}_{DEFAULT_SHARE}")
     cfg = sepo_pipeline_cfg(ctx, seed, DEFAULT_SIZE, DEFAULT_SHARE, out)
-    scores = os.path.join(out, "sweep_scores")
-    if not sepo.scoring_complete(scores):
-        ratios = [(k, k) for k in ctx["ratios"]]
+    scores = os.path.join(out, "scores")
+    ks = sorted({*ctx["ratios"], ctx["ratio"]})  # the pipeline's own k stays in the manifest
+    if not (sepo.scoring_complete(scores) and
+            {score.selection_name(k, k) for k in ks} <= set(manifest_stats(scores))):
         score.main(sepo.scoring_argv(cfg, os.path.join(out, "oracle_dpo", "final"),
-                                     os.path.join(out, "oracle_sft", "final"), ratios, scores))
+                                     os.path.join(out, "oracle_sft", "final"), [(k, k) for k in ks], scores))
     results = {}
     for k in ctx["ratios"]:
         selections = os.path.join(scores, score.selection_name(k, k))
@@ -237,13 +235,8 @@ def sepo_sweep(ctx, seed):
 
 def sepo_policy(ctx, cfg, selections, out, curve):
     """SePO's policy (Eq. 26) from a selection file with the pipeline's settings but the comparison's --lr."""
-    def go():
-        if not os.path.exists(os.path.join(out, "final", "config.json")):
-            train.main(sepo.stage_argv(cfg) + sepo.policy_argv(cfg, selections) + ctx["eval_flags"].split() +
-                       ["--lr", str(ctx["lr"]), "--output_dir", out, "--save_every",
-                        str(ctx["curve_every"] if curve else 0), "--keep_last", "0"])
-        return evaluate_run(ctx, out, curve)
-    return finished(out, go)
+    return train_run(ctx, out, sepo.stage_argv(cfg) + sepo.policy_argv(cfg, selections) +
+                     ctx["eval_flags"].split() + ["--lr", str(ctx["lr"])], curve)
 
 
 def manifest_stats(scores_dir):
@@ -331,7 +324,8 @@ def run_study(cfg, ctx):
         for method in cfg.methods.split(","):
             train.log0(f"\n==== seed {seed}: {method} ====")
             out = os.path.join(cfg.output_dir, f"seed{seed}", method)
-            r[method] = train_run(ctx, out, ["--method", method, "--seed", str(seed), "--lr", str(cfg.lr)], True)
+            r[method] = train_run(ctx, out, ctx["train_argv"] + ["--method", method, "--seed", str(seed), "--lr",
+                                                                 str(cfg.lr)], True)
         train.log0(f"\n==== seed {seed}: sepo (oracle {DEFAULT_SIZE}, share {DEFAULT_SHARE}) ====")
         r["sepo"], r[f"sepo_lr{cfg.sepo_lr:g}"], keys["sepo"][f"{seed}/{DEFAULT_SIZE}/{DEFAULT_SHARE}"] = sepo_run(
             ctx, seed, DEFAULT_SIZE, DEFAULT_SHARE, True)

@@ -930,14 +930,19 @@ def answer_texts(tokenizer, sequences, answer_mask):
     return [tokenizer.decode(s[m], skip_special_tokens=True) for s, m in zip(sequences, answer_mask)]
 
 
-def synthetic_reward_of(model_path, prompts, device, max_new_tokens=40, batch_size=50, tokenizer_path=None):
-    """Mean programmatic reward (data.synthetic_reward) of a model's greedy answers to synthetic prompts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+def greedy_synthetic_reward(model, tokenizer, prompts, device, max_new_tokens=40, batch_size=50):
+    """Mean programmatic reward (data.synthetic_reward) of a loaded model's greedy answers to synthetic prompts."""
     answers = answer_texts(tokenizer, *generate_answers(model, tokenizer, prompts, device, max_new_tokens,
                                                         batch_size))
     return sum(data.synthetic_reward(p, a) for p, a in zip(prompts, answers)) / len(prompts)
+
+
+def synthetic_reward_of(model_path, prompts, device, max_new_tokens=40, batch_size=50, tokenizer_path=None):
+    """greedy_synthetic_reward of the model in a folder (or hub name)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    return greedy_synthetic_reward(model, tokenizer, prompts, device, max_new_tokens, batch_size)
 
 
 def peak_memory_mib(device):
