@@ -54,11 +54,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-import data
 import losses
+import models
 import score
 import sepo
+import tiny
 import train
+from utils import init_distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -316,23 +318,23 @@ def setup(args, work):
     """The tiny world (built or re-used), the training config of its defaults, tokenized pairs and the device."""
     from transformers import AutoTokenizer
     with quiet():
-        paths = data.build_tiny_world(args.tiny_world)
+        paths = tiny.build_tiny_world(args.tiny_world)
     train_file = paths["train"]
     if args.quick:  # a few pairs are enough, and tokenize in a moment
         train_file = os.path.join(work, "train-quick.jsonl")
         with open(paths["train"]) as src, open(train_file, "w") as dst:
             dst.writelines(itertools.islice(src, 256))
     model = paths["llama-tiny" if args.quick else "llama-small"]
-    tiny = {k: v for k, v in train.TINY_DEFAULTS.items() if k in ("max_length", "max_prompt_length",
-                                                                   "global_batch_size", "micro_batch_size", "lr")}
+    shapes = {k: v for k, v in tiny.TRAIN_DEFAULTS.items() if k in ("max_length", "max_prompt_length",
+                                                                    "global_batch_size", "micro_batch_size", "lr")}
     cfg = train.Config(method="simpo", model=model, data=train_file, device="cpu", dtype="fp32",
-                       cache_dir=args.cache_dir or os.path.join(work, "cache"), **tiny)
-    _, _, device = train.init_distributed(cfg)  # a world of one: train.py's FSDP code path
+                       cache_dir=args.cache_dir or os.path.join(work, "cache"), **shapes)
+    _, _, device = init_distributed(cfg.device)  # a world of one: train.py's FSDP code path
     set_threads(args.threads)  # init_distributed sets OMP_NUM_THREADS threads for a world of one
     tokenizer = AutoTokenizer.from_pretrained(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with quiet():
-        ds = train.prepare_data(cfg, tokenizer)["train"]
+        ds = train.prepare_data(cfg, train.METHODS[cfg.method], tokenizer)["train"]
     return {"paths": paths, "model": model, "train_file": train_file, "cfg": cfg, "device": device, "ds": ds,
             "pad_id": pad_id, "work": work}
 
@@ -351,12 +353,12 @@ def bench_steps(ctx, repeats, warmup):
     does the same work. SePO's selection is precomputed as score.py writes it (30% of each response: the top of
     random scores for chosen, the bottom for rejected), so no oracle runs."""
     cfg, device = ctx["cfg"], ctx["device"]
-    mesh = train.make_mesh(cfg, 1, device)
+    mesh = models.make_mesh(cfg, 1, device)
     with quiet():
-        policy = train.load_model(ctx["model"], cfg, mesh, device, trainable=True)
-        ref = train.load_model(ctx["model"], cfg, mesh, device, trainable=False)
+        policy = models.load_model(ctx["model"], cfg, mesh, device, trainable=True)
+        ref = models.load_model(ctx["model"], cfg, mesh, device, trainable=False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.0)
-    batch = train.collate(ctx["ds"], range(cfg.micro_batch_size), ctx["pad_id"], cfg, device)
+    batch = train.collate(ctx["ds"], range(cfg.micro_batch_size), ctx["pad_id"], train.METHODS["simpo"], device)
     B = cfg.micro_batch_size
     response = batch["labels"] != -100
     scores = torch.randn(response.shape, generator=torch.Generator().manual_seed(0))
@@ -364,34 +366,34 @@ def bench_steps(ctx, repeats, warmup):
                                  sepo.select_tokens(scores[B:], response[B:], 0.3, highest=False)]).long()
     losses_seen = {}
 
-    def step(method):
-        cfg_m = dataclasses.replace(cfg, method=method)
+    def step(name):
+        method = train.METHODS[name]
         generator = torch.Generator(device).manual_seed(0)
-        per_pair, _ = train.micro_step(cfg_m, policy, ref if train.METHODS[method][1] else None, batch, {}, generator)
+        per_pair, _ = train.micro_step(method, policy, ref if method.reference else None, batch, {}, generator)
         per_pair.mean().backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses_seen[method] = float(per_pair.detach().mean())
+        losses_seen[name] = float(per_pair.detach().mean())
 
     # The objective alone, the only part of a step that differs between methods: micro_step with models that hand
     # back this batch's log-probs (a leaf that takes the gradient), so its cost does not depend on the model's size.
     with torch.no_grad():
         logps, mask = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
-    def objective(method):
-        cfg_m = dataclasses.replace(cfg, method=method)
+    def objective(name):
         def cached(**inputs):
             return logps.clone().requires_grad_(), mask
 
-        per_pair, _ = train.micro_step(cfg_m, cached, cached, batch, {}, torch.Generator(device).manual_seed(0))
+        per_pair, _ = train.micro_step(train.METHODS[name], cached, cached, batch, {},
+                                       torch.Generator(device).manual_seed(0))
         per_pair.mean().backward()
 
     times = interleaved({m: (lambda m=m: step(m)) for m in STEP_METHODS}, repeats, warmup)
     objective_times = interleaved({m: (lambda m=m: objective(m)) for m in STEP_METHODS}, 5 * repeats, warmup)
     med = {m: statistics.median(t) for m, t in times.items()}
     obj = {m: statistics.median(t) for m, t in objective_times.items()}
-    return {"model": os.path.basename(ctx["model"]), "pairs": B, "tokens": train.forwarded_tokens(cfg, batch),
+    return {"model": os.path.basename(ctx["model"]), "pairs": B, "tokens": train.forwarded_tokens(train.METHODS["simpo"], batch),
             "loss": losses_seen, "losses_finite": all(math.isfinite(v) for v in losses_seen.values()),
             "median_s": med, "times_s": times, "ratio": {m: med[m] / med[b] for m, b in STEP_RATIOS.items()},
             "baseline": STEP_RATIOS, "objective_median_s": obj,
@@ -561,8 +563,8 @@ def fsdp_worker(argv):
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     cfg = train.Config(model=args.model, device="cpu", dtype="fp32")
-    rank, world, device = train.init_distributed(cfg)
-    policy = train.load_model(args.model, cfg, train.make_mesh(cfg, world, device), device, trainable=True)
+    rank, world, device = init_distributed(cfg.device)
+    policy = models.load_model(args.model, cfg, models.make_mesh(cfg, world, device), device, trainable=True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, policy.model.config.vocab_size, (4, 32), generator=gen)

@@ -1,13 +1,15 @@
 """ConfPO (Yoon et al.): preference optimization on the tokens the policy is unsure of.
 
 The selection uses the policy's own per-token log-probs from the training forward pass (detached), so it costs no
-extra forward: ConfPO is SimPO (losses.simpo_loss) over the confidence mask, and ConfPO_DPO is DPO over it.
+extra forward: ConfPO is SimPO (losses.simpo_loss) over the confidence mask, and ConfPO_DPO is DPO over it. Each
+objective below writes its equations out, one per line; tests check them against loops and against SimPO / DPO
+when every token is selected.
 
     Eq. 14  tau = (1/|y|) sum_i pi(y_i)                       (arithmetic mean of token probabilities, per response)
     Eq. 12  s(y_i) = 1[pi(y_i) <= tau],  |y_s| = sum_i s(y_i),  r(x, y) = beta/|y_s| sum_i s(y_i) log pi(y_i)
     Eq. 13  L = -log sigmoid( r(x, y_w) - r(x, y_l) - gamma )
     Eq. 15  L = -log sigmoid( beta sum_i s(y_i^w) log pi/pi_ref(y_i^w) - beta sum_i s(y_i^l) log pi/pi_ref(y_i^l) )
-    App. B  tau = geometric mean, exp((1/|y|) sum_i log pi(y_i)), or a fixed probability (0.6)
+    Eq. 16  (App. B) tau = geometric mean, exp((1/|y|) sum_i log pi(y_i)); or a fixed probability (0.6)
     Table 2 ConfPO-rand: as many tokens as ConfPO selects, drawn uniformly (a control that should do worse)
 
 Shapes as in losses.py: logps and masks are (B, T); position t holds log pi(y_t | x, y_<t).
@@ -16,8 +18,9 @@ Shapes as in losses.py: logps and masks are (B, T); position t holds log pi(y_t 
 import math
 
 import torch
+import torch.nn.functional as F
 
-from losses import dpo_loss, masked_mean, selective_loss, simpo_loss, top_k_mask
+from losses import log_ratio, masked_mean, masked_sum, selection_metrics, top_k_mask, zero_empty_pairs
 
 
 def confidence_threshold(logps, mask, kind="arithmetic"):
@@ -36,8 +39,10 @@ def confidence_threshold(logps, mask, kind="arithmetic"):
     logps = logps.float() if logps.dtype in (torch.float16, torch.bfloat16) else logps
     n = mask.sum(-1)
     if kind == "arithmetic":
+        # Eq. 14: tau = (1/|y|) sum_i pi(y_i), in log space
         log_tau = torch.logsumexp(logps.masked_fill(~mask, -math.inf), dim=-1) - n.clamp(min=1).log()
     elif kind == "geometric":
+        # Eq. 16: tau = (prod_i pi(y_i))^(1/|y|)
         log_tau = masked_mean(logps, mask)
     elif isinstance(kind, (int, float)) and not isinstance(kind, bool) and 0 < kind <= 1:
         return torch.full(n.shape, math.log(kind), dtype=logps.dtype, device=logps.device)
@@ -62,17 +67,18 @@ def parse_threshold(value):
     return p
 
 
-def confpo_mask(logps, mask, threshold="arithmetic", strict=False):
-    """Eq. 12 selection s(y_i) = 1[pi(y_i) <= tau] on the response tokens, from detached log-probs -> (B, T) bool.
+def low_confidence(logps, log_tau, strict=False):
+    """Eq. 12's test pi(y_i) <= tau, from detached log-probs (B, T) and log tau (B,) -> (B, T) bool.
+    strict=True compares with `<`, as the authors' released code does (with it an all-equal response selects
+    nothing)."""
+    below = torch.lt if strict else torch.le
+    return below(logps.detach(), log_tau[:, None])
 
-    strict=True uses `<` as the authors' released code does (the paper writes `<=`; with `<` an all-equal response
-    selects nothing). Returns (selected, log_tau).
-    """
+
+def confpo_mask(logps, mask, threshold="arithmetic", strict=False):
+    """ConfPO's selection of one side (Eq. 12 with tau by Eq. 14) -> (selected (B, T) bool, log tau (B,))."""
     log_tau = confidence_threshold(logps, mask, threshold)
-    logps = logps.detach()
-    logps = logps.float() if logps.dtype in (torch.float16, torch.bfloat16) else logps
-    below = logps < log_tau[:, None] if strict else logps <= log_tau[:, None]
-    return mask & below, log_tau
+    return mask & low_confidence(logps, log_tau, strict), log_tau
 
 
 def random_mask_like(selected, mask, generator=None):
@@ -83,38 +89,45 @@ def random_mask_like(selected, mask, generator=None):
     return top_k_mask(keys, mask, (selected & mask).sum(-1))
 
 
-def _with_tau(result, log_tau_chosen, log_tau_rejected):
-    losses, metrics = result
-    metrics.update(tau_chosen=log_tau_chosen.exp(), tau_rejected=log_tau_rejected.exp())
-    return losses, metrics
-
-
 def confpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=1.0, gamma=2.0,
                 threshold="arithmetic", strict=False, normalize="selected", chosen_selected=None,
                 rejected_selected=None):
-    """ConfPO (Eq. 12-14): SimPO over the confidence masks.
-    r(x, y) = beta/|y_s| sum_i s(y_i) log pi(y_i);   L = -log sigmoid( r(x, y_w) - r(x, y_l) - gamma ).
+    """ConfPO (Eq. 12-14): SimPO whose reward counts only the tokens the policy is unsure of.
+    tau = (1/|y|) sum_i pi(y_i);  s(y_i) = 1[pi(y_i) <= tau];  r(x, y) = beta/|y_s| sum_i s(y_i) log pi(y_i);
+    L = -log sigmoid( r(x, y_w) - r(x, y_l) - gamma ).
 
     Defaults beta 1.0, gamma 2.0: the paper's Llama-3-Base setting (Table 6; Mistral-Base 1.5 / 1.6).
+    threshold: "arithmetic" (Eq. 14), "geometric" (Eq. 16) or a fixed probability (App. B).
+    strict: select pi < tau (the released code) instead of pi <= tau (the paper).
     normalize: "selected" divides by |y_s| (Eq. 12-13 and the released code); "response" divides by |y| as App.
         Table 5 writes it.
-    chosen_selected / rejected_selected: (B, T) bool masks to use instead of the confidence masks (ConfPO-rand).
+    chosen_selected / rejected_selected: (B, T) bool masks to use instead of s (ConfPO-rand).
     A pair with an empty selection on either side has loss 0 (losses.zero_empty_pairs).
-    Metrics: rewards over the selected tokens, rewards over all tokens (`*_all`), tau, selected counts, lengths,
-    `empty`.
+    Metrics: rewards over the selected tokens and over all tokens (`*_all`), tau, selected counts, lengths, `empty`.
     """
     if normalize not in ("selected", "response"):
         raise ValueError(f"normalize must be 'selected' or 'response', got {normalize!r}")
-    # s(y_i) = 1[pi(y_i) <= tau]  with tau from Eq. 14 (or App. B)
-    sel_w, log_tau_w = confpo_mask(chosen_logps, chosen_mask, threshold, strict)
-    sel_l, log_tau_l = confpo_mask(rejected_logps, rejected_mask, threshold, strict)
-    sel_w = sel_w if chosen_selected is None else chosen_selected & chosen_mask
-    sel_l = sel_l if rejected_selected is None else rejected_selected & rejected_mask
-    lengths = dict(chosen_length=chosen_mask.sum(-1), rejected_length=rejected_mask.sum(-1))
-    # -log sigmoid( beta/|y_s^w| sum s log pi(y^w) - beta/|y_s^l| sum s log pi(y^l) - gamma )
-    return _with_tau(selective_loss(simpo_loss, chosen_logps, chosen_mask, rejected_logps, rejected_mask, sel_w, sel_l,
-                                    beta=beta, gamma=gamma, **(lengths if normalize == "response" else {})),
-                     log_tau_w, log_tau_l)
+    # Eq. 14: tau = (1/|y|) sum_i pi(y_i) of each response, from the detached log-probs of this forward pass
+    log_tau_w = confidence_threshold(chosen_logps, chosen_mask, threshold)
+    log_tau_l = confidence_threshold(rejected_logps, rejected_mask, threshold)
+    # Eq. 12: s(y_i) = 1[pi(y_i) <= tau]   (ConfPO-rand passes its own selections instead)
+    s_w = low_confidence(chosen_logps, log_tau_w, strict) if chosen_selected is None else chosen_selected
+    s_l = low_confidence(rejected_logps, log_tau_l, strict) if rejected_selected is None else rejected_selected
+    s_w, s_l = s_w & chosen_mask, s_l & rejected_mask
+    # Eq. 12: |y_s| = sum_i s(y_i)   (normalize="response": |y|, as App. Table 5 writes it)
+    n_w = (s_w if normalize == "selected" else chosen_mask).sum(-1).clamp(min=1)
+    n_l = (s_l if normalize == "selected" else rejected_mask).sum(-1).clamp(min=1)
+    # Eq. 12: r(x, y) = beta/|y_s| sum_i s(y_i) log pi(y_i)
+    r_w = beta * masked_sum(chosen_logps, s_w) / n_w
+    r_l = beta * masked_sum(rejected_logps, s_l) / n_l
+    # Eq. 13: L = -log sigmoid( r(x, y_w) - r(x, y_l) - gamma )
+    losses = -F.logsigmoid(r_w - r_l - gamma)
+    losses, empty = zero_empty_pairs(losses, s_w, s_l)
+    # SimPO's reward over every response token, for comparison (metrics only)
+    r_w_all = beta * masked_sum(chosen_logps.detach(), chosen_mask) / chosen_mask.sum(-1).clamp(min=1)
+    r_l_all = beta * masked_sum(rejected_logps.detach(), rejected_mask) / rejected_mask.sum(-1).clamp(min=1)
+    return losses, selection_metrics(r_w, r_l, r_w_all, r_l_all, s_w, s_l, chosen_mask, rejected_mask, empty,
+                                     tau_chosen=log_tau_w.exp(), tau_rejected=log_tau_l.exp())
 
 
 def confpo_rand_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=1.0, gamma=2.0,
@@ -132,14 +145,25 @@ def confpo_dpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, re
                     beta=0.1, threshold="arithmetic", strict=False):
     """ConfPO_DPO (Eq. 15): DPO whose log-ratios are summed over the policy's low-confidence tokens only.
     L = -log sigmoid( beta sum_i s(y_i^w) log pi/pi_ref(y_i^w) - beta sum_i s(y_i^l) log pi/pi_ref(y_i^l) ),
-    s from the policy's confidence (Eq. 14), the same mask applied to the reference log-probs; sums, not means.
+    s from the policy's confidence (Eq. 12, 14), the same mask applied to the reference log-probs; sums, not means.
 
     threshold "arithmetic" as the paper says ("As in Eq. 14"); the released code uses "geometric" here.
     beta 0.1: DPO's usual value (the paper does not list one). Metrics as `confpo_loss`.
     """
-    sel_w, log_tau_w = confpo_mask(chosen_logps, chosen_mask, threshold, strict)
-    sel_l, log_tau_l = confpo_mask(rejected_logps, rejected_mask, threshold, strict)
-    # -log sigmoid( beta sum s log pi/pi_ref (y^w) - beta sum s log pi/pi_ref (y^l) )
-    return _with_tau(selective_loss(dpo_loss, chosen_logps, chosen_mask, rejected_logps, rejected_mask, sel_w, sel_l,
-                                    ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
-                                    beta=beta), log_tau_w, log_tau_l)
+    # Eq. 14: tau = (1/|y|) sum_i pi_theta(y_i) of each response (the policy's, not the reference's)
+    log_tau_w = confidence_threshold(chosen_logps, chosen_mask, threshold)
+    log_tau_l = confidence_threshold(rejected_logps, rejected_mask, threshold)
+    # Eq. 12: s(y_i) = 1[pi_theta(y_i) <= tau]
+    s_w = chosen_mask & low_confidence(chosen_logps, log_tau_w, strict)
+    s_l = rejected_mask & low_confidence(rejected_logps, log_tau_l, strict)
+    # Eq. 15: r(x, y) = beta sum_i s(y_i) log pi_theta(y_i)/pi_ref(y_i)
+    r_w = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), s_w)
+    r_l = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), s_l)
+    # Eq. 15: L = -log sigmoid( r(x, y_w) - r(x, y_l) )
+    losses = -F.logsigmoid(r_w - r_l)
+    losses, empty = zero_empty_pairs(losses, s_w, s_l)
+    # DPO's reward over every response token, for comparison (metrics only)
+    r_w_all = beta * masked_sum(log_ratio(chosen_logps.detach(), ref_chosen_logps), chosen_mask)
+    r_l_all = beta * masked_sum(log_ratio(rejected_logps.detach(), ref_rejected_logps), rejected_mask)
+    return losses, selection_metrics(r_w, r_l, r_w_all, r_l_all, s_w, s_l, chosen_mask, rejected_mask, empty,
+                                     tau_chosen=log_tau_w.exp(), tau_rejected=log_tau_l.exp())

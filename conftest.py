@@ -2,14 +2,14 @@
 
 import pytest
 
-import data
+import tiny
 
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    """data.build_tiny_world's paths, plus `small` (16 synthetic pairs), `cache` (a datasets cache) and `root`."""
+    """tiny.build_tiny_world's paths, plus `small` (16 synthetic pairs), `cache` (a datasets cache) and `root`."""
     root = tmp_path_factory.mktemp("world")
-    paths = data.build_tiny_world(str(root / "tiny_world"))
+    paths = tiny.build_tiny_world(str(root / "tiny_world"))
     small = root / "small.jsonl"
     with open(paths["train"]) as src, open(small, "w") as dst:
         for _ in range(16):

@@ -9,7 +9,7 @@ DPO, IPO, SimPO, ConfPO, ConfPO-rand, ConfPO-DPO and SePO (an oracle of llama-ti
 half of the data; k = 0.1 ... 0.9) for every seed, plus SePO with oracles on shrinking shares of the data and of
 shrinking size (weak-to-strong). Every model, and every checkpoint of the runs that draw curves, is evaluated the
 same way (`evaluate`):
-  - reward: the task's programmatic reward (data.synthetic_reward) of greedy answers to held-out prompts, the
+  - reward: the task's programmatic reward (tiny.synthetic_reward) of greedy answers to held-out prompts, the
     analogue of the papers' win rates;
   - KL from the SFT model: sum over answer tokens of KL(pi(.|y<t) || pi_sft(.|y<t)), on answers sampled from pi,
     an unbiased estimate of the sequence KL (ConfPO Fig. 7);
@@ -32,39 +32,40 @@ from dataclasses import asdict, dataclass
 from xml.sax.saxutils import escape
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import data
 import losses
 import score
 import sepo
+import sepo_pipeline
+import tiny
 import train
-from train import _f
+from utils import arg, atomic_write, log0, parse_dataclass, run_in_group
 
 
 @dataclass
 class ExperimentConfig:
-    output_dir: str = _f("runs/experiments", "runs, checkpoints and per-run results (reruns skip finished runs)")
-    figures: str = _f("docs/experiments", "where results.json, results.md and the SVG plots go")
-    tiny_world: str = _f("tiny_world", "folder of the offline tiny world")
-    seeds: str = _f("0,1,2", "seeds: data order, ConfPO-rand's draws, the oracle's data share")
-    methods: str = _f("dpo,ipo,simpo,confpo,confpo_rand,confpo_dpo", "train.py methods compared with SePO")
-    lr: float = _f(3e-4, "learning rate of every method, SePO included (train.py's tiny default)")
-    sepo_lr: float = _f(3e-5, "learning rate of sepo.py's own policy stage (its tiny default), reported beside SePO at "
+    output_dir: str = arg("runs/experiments", "runs, checkpoints and per-run results (reruns skip finished runs)")
+    figures: str = arg("docs/experiments", "where results.json, results.md and the SVG plots go")
+    tiny_world: str = arg("tiny_world", "folder of the offline tiny world")
+    seeds: str = arg("0,1,2", "seeds: data order, ConfPO-rand's draws, the oracle's data share")
+    methods: str = arg("dpo,ipo,simpo,confpo,confpo_rand,confpo_dpo", "train.py methods compared with SePO")
+    lr: float = arg(3e-4, "learning rate of every method, SePO included (train.py's tiny default)")
+    sepo_lr: float = arg(3e-5, "learning rate of sepo_pipeline.py's own policy stage (its tiny default), reported beside SePO at "
                               "--lr as sepo_lr<value>")
-    ratio: float = _f(0.3, "SePO's k (chosen and rejected) in the comparison of methods and the oracle studies")
-    ratios: str = _f("0.1,0.3,0.5,0.7,0.9", "SePO's k swept with the default oracle")
-    shares: str = _f("0.1,0.25,0.5,1.0", "oracle data shares (the default oracle uses 0.5)")
-    oracle_sizes: str = _f("micro,tiny,small", "oracle sizes (data.MODEL_SIZES; the policy is small)")
-    curve_every: int = _f(10, "steps between the checkpoints evaluated for the KL-reward curves")
-    eval_prompts: int = _f(200, "held-out prompts for reward and KL (at most the test set's 200)")
-    max_new_tokens: int = _f(40, "answer length limit for reward and KL")
-    quick: bool = _f(False, "a smoke run: 1 seed, 2 steps per stage, 128 training pairs, 16 held-out prompts")
-    setup_only: bool = _f(False, "build what every seed shares (SFT model, oracle bases, ConfPO's selection), then "
+    ratio: float = arg(0.3, "SePO's k (chosen and rejected) in the comparison of methods and the oracle studies")
+    ratios: str = arg("0.1,0.3,0.5,0.7,0.9", "SePO's k swept with the default oracle")
+    shares: str = arg("0.1,0.25,0.5,1.0", "oracle data shares (the default oracle uses 0.5)")
+    oracle_sizes: str = arg("micro,tiny,small", "oracle sizes (tiny.MODEL_SIZES; the policy is small)")
+    curve_every: int = arg(10, "steps between the checkpoints evaluated for the KL-reward curves")
+    eval_prompts: int = arg(200, "held-out prompts for reward and KL (at most the test set's 200)")
+    max_new_tokens: int = arg(40, "answer length limit for reward and KL")
+    quick: bool = arg(False, "a smoke run: 1 seed, 2 steps per stage, 128 training pairs, 16 held-out prompts")
+    setup_only: bool = arg(False, "build what every seed shares (SFT model, oracle bases, ConfPO's selection), then "
                                  "stop: run it once before starting one process per seed")
-    cache_dir: str = _f("", "datasets cache folder")
-    device: str = _f("auto", "auto | cpu | cuda")
+    cache_dir: str = arg("", "datasets cache folder")
+    device: str = arg("auto", "auto | cpu | cuda")
 
 
 QUICK = dict(seeds="0", ratios="0.1,0.3", shares="0.25,0.5", oracle_sizes="micro,tiny", curve_every=1,
@@ -72,10 +73,10 @@ QUICK = dict(seeds="0", ratios="0.1,0.3", shares="0.25,0.5", oracle_sizes="micro
 DEFAULT_SHARE, DEFAULT_SIZE = 0.5, "tiny"
 TRAIN_PAIRS_QUICK, TEST_PAIRS_QUICK = 128, 16
 # train.py's tiny shapes, for every stage and for scoring
-SHAPE = ["--max_length", str(train.TINY_DEFAULTS["max_length"]), "--max_prompt_length",
-         str(train.TINY_DEFAULTS["max_prompt_length"])]
-BATCH = ["--global_batch_size", str(train.TINY_DEFAULTS["global_batch_size"]), "--micro_batch_size",
-         str(train.TINY_DEFAULTS["micro_batch_size"])]
+SHAPE = ["--max_length", str(tiny.TRAIN_DEFAULTS["max_length"]), "--max_prompt_length",
+         str(tiny.TRAIN_DEFAULTS["max_prompt_length"])]
+BATCH = ["--global_batch_size", str(tiny.TRAIN_DEFAULTS["global_batch_size"]), "--micro_batch_size",
+         str(tiny.TRAIN_DEFAULTS["micro_batch_size"])]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,9 +130,9 @@ def preference(model, batches):
 def evaluate(model, ctx, sample_seed=1234):
     """reward (greedy answers), kl from the SFT model (sampled answers), accuracy and margin (held-out pairs)."""
     tok, device = ctx["tokenizer"], ctx["device"]
-    reward = train.greedy_synthetic_reward(model, tok, ctx["prompts"], device, ctx["max_new_tokens"])
+    reward = tiny.greedy_synthetic_reward(model, tok, ctx["prompts"], device, ctx["max_new_tokens"])
     torch.manual_seed(sample_seed)
-    seqs, answer = train.generate_answers(model, tok, ctx["prompts"], device, ctx["max_new_tokens"], sample=True)
+    seqs, answer = tiny.generate_answers(model, tok, ctx["prompts"], device, ctx["max_new_tokens"], sample=True)
     kl = sequence_kl(model, ctx["sft"], seqs, answer, tok.pad_token_id)
     margin = preference(model, ctx["batches"])
     return {"reward": reward, "kl": float(kl.mean()), "accuracy": float((margin > 0).float().mean()),
@@ -170,7 +171,7 @@ def finished(out, fn):
         with open(path) as fh:
             return json.load(fh)
     result = fn()
-    train.atomic_write(path, json.dumps(result, indent=1))
+    atomic_write(path, json.dumps(result, indent=1))
     shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return result
 
@@ -187,8 +188,8 @@ def train_run(ctx, out, argv, curve):
 
 
 def sepo_pipeline_cfg(ctx, seed, size, share, out):
-    """sepo.py's settings for an oracle of `size` trained on `share` of the data (the tiny defaults, spelled out)."""
-    cfg = sepo.PipelineConfig(**{**sepo.PIPELINE_TINY, "data": ctx["train_data"], "eval_data": ctx["test_data"],
+    """sepo_pipeline.py's settings for an oracle of `size` trained on `share` of the data (the tiny defaults, spelled out)."""
+    cfg = sepo_pipeline.PipelineConfig(**{**sepo_pipeline.PIPELINE_TINY, "data": ctx["train_data"], "eval_data": ctx["test_data"],
                                  "oracle_base": ctx["oracles"][size], "policy": ctx["sft_path"], "output_dir": out,
                                  "subset": share, "seed": seed, "chosen_ratio": ctx["ratio"],
                                  "rejected_ratio": ctx["ratio"], "policy_lr": ctx["sepo_lr"],
@@ -205,10 +206,10 @@ def sepo_run(ctx, seed, size, share, curve):
     cfg = sepo_pipeline_cfg(ctx, seed, size, share, out)
 
     def go():
-        sepo.run_pipeline([f"--{k}={v}" for k, v in asdict(cfg).items()])
+        sepo_pipeline.main([f"--{k}={v}" for k, v in asdict(cfg).items()])
         return evaluate_run(ctx, os.path.join(out, "policy"), curve)
     own = finished(os.path.join(out, "policy"), go)
-    selections = os.path.join(out, "scores", score.selection_name(ctx["ratio"], ctx["ratio"]))
+    selections = os.path.join(out, "scores", sepo.selection_name(ctx["ratio"], ctx["ratio"]))
     common = sepo_policy(ctx, cfg, selections, os.path.join(out, f"policy_lr{ctx['lr']:g}"), curve)
     return common, own, manifest_stats(os.path.join(out, "scores"))
 
@@ -222,12 +223,12 @@ def sepo_sweep(ctx, seed):
     scores = os.path.join(out, "scores")
     ks = sorted({*ctx["ratios"], ctx["ratio"]})  # the pipeline's own k stays in the manifest
     if not (sepo.scoring_complete(scores) and
-            {score.selection_name(k, k) for k in ks} <= set(manifest_stats(scores))):
-        score.main(sepo.scoring_argv(cfg, os.path.join(out, "oracle_dpo", "final"),
+            {sepo.selection_name(k, k) for k in ks} <= set(manifest_stats(scores))):
+        score.main(sepo_pipeline.scoring_argv(cfg, os.path.join(out, "oracle_dpo", "final"),
                                      os.path.join(out, "oracle_sft", "final"), [(k, k) for k in ks], scores))
     results = {}
     for k in ctx["ratios"]:
-        selections = os.path.join(scores, score.selection_name(k, k))
+        selections = os.path.join(scores, sepo.selection_name(k, k))
         results[k] = None if k == ctx["ratio"] else sepo_policy(
             ctx, cfg, selections, os.path.join(out, f"policy_k{k}_lr{ctx['lr']:g}"), curve=False)
     return results, manifest_stats(scores)
@@ -235,13 +236,12 @@ def sepo_sweep(ctx, seed):
 
 def sepo_policy(ctx, cfg, selections, out, curve):
     """SePO's policy (Eq. 26) from a selection file with the pipeline's settings but the comparison's --lr."""
-    return train_run(ctx, out, sepo.stage_argv(cfg) + sepo.policy_argv(cfg, selections) +
+    return train_run(ctx, out, sepo_pipeline.stage_argv(cfg) + sepo_pipeline.policy_argv(cfg, selections) +
                      ctx["eval_flags"].split() + ["--lr", str(ctx["lr"])], curve)
 
 
 def manifest_stats(scores_dir):
-    with open(os.path.join(scores_dir, "manifest.json")) as fh:
-        return json.load(fh)["selections"]
+    return sepo.read_manifest(scores_dir)["selections"]
 
 
 def confpo_selection(ctx):
@@ -260,20 +260,20 @@ def confpo_selection(ctx):
 def head_lines(src, dst, n):
     with open(src) as fh:
         lines = [next(fh) for _ in range(n)]
-    train.atomic_write(dst, "".join(lines))
+    atomic_write(dst, "".join(lines))
     return dst
 
 
 def setup(cfg, rank, world, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    paths = data.build_tiny_world(cfg.tiny_world)
+    paths = tiny.build_tiny_world(cfg.tiny_world)
     os.makedirs(cfg.output_dir, exist_ok=True)
     oracles = {size: paths.get(f"llama-{size}") for size in cfg.oracle_sizes.split(",")}
     for size in oracles:
         if oracles[size] is None:  # sizes the world does not hold (micro) are built here, from the same tokenizer
             oracles[size] = os.path.join(cfg.tiny_world, "models", f"llama-{size}")
             if not os.path.exists(os.path.join(oracles[size], "config.json")):
-                data.build_tiny_model(oracles[size] + ".tmp", paths["tokenizer"], "llama", size)
+                tiny.build_tiny_model(oracles[size] + ".tmp", paths["tokenizer"], "llama", size)
                 os.replace(oracles[size] + ".tmp", oracles[size])
     train_data, test_data = paths["train"], paths["test"]
     steps = ["--max_steps", "-1"]
@@ -287,14 +287,13 @@ def setup(cfg, rank, world, device):
                         "2", "--output_dir", os.path.dirname(sft_path), "--lr", "1e-3", "--save_every", "0",
                         "--judge", "none", "--cache_dir", cfg.cache_dir] + SHAPE + BATCH)
     else:
-        sft_path = train.tiny_sft_model(train.Config(tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir),
-                                        paths, rank, world, device)
+        sft_path = tiny.sft_model(cfg.tiny_world, paths, train.main, seed=42, cache_dir=cfg.cache_dir)
     eval_flags = (f"--eval_data {test_data} --log_every {1 if cfg.quick else 5} --eval_every 20 "
                   f"--eval_max_pairs 200")
     tokenizer = AutoTokenizer.from_pretrained(sft_path, padding_side="left")
     test = data.load_preferences(test_data)
-    tokenized, _ = data.tokenize_preferences(test, tokenizer, train.TINY_DEFAULTS["max_length"],
-                                             train.TINY_DEFAULTS["max_prompt_length"])
+    tokenized, _ = data.tokenize_preferences(test, tokenizer, tiny.TRAIN_DEFAULTS["max_length"],
+                                             tiny.TRAIN_DEFAULTS["max_prompt_length"])
     batches = [{k: v.to(device) for k, v in data.collate_pairs([tokenized[j] for j in range(i, min(i + 50, len(
         tokenized)))], tokenizer.pad_token_id).items()} for i in range(0, len(tokenized), 50)]
     ctx = dict(output_dir=cfg.output_dir, tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir, device=device,
@@ -322,11 +321,11 @@ def run_study(cfg, ctx):
         r = runs[seed] = {"sft": {"final": ctx["sft_eval"], "curve": [], "own_accuracy": None, "own_margin": None,
                                   "selected": []}}
         for method in cfg.methods.split(","):
-            train.log0(f"\n==== seed {seed}: {method} ====")
+            log0(f"\n==== seed {seed}: {method} ====")
             out = os.path.join(cfg.output_dir, f"seed{seed}", method)
             r[method] = train_run(ctx, out, ctx["train_argv"] + ["--method", method, "--seed", str(seed), "--lr",
                                                                  str(cfg.lr)], True)
-        train.log0(f"\n==== seed {seed}: sepo (oracle {DEFAULT_SIZE}, share {DEFAULT_SHARE}) ====")
+        log0(f"\n==== seed {seed}: sepo (oracle {DEFAULT_SIZE}, share {DEFAULT_SHARE}) ====")
         r["sepo"], r[f"sepo_lr{cfg.sepo_lr:g}"], keys["sepo"][f"{seed}/{DEFAULT_SIZE}/{DEFAULT_SHARE}"] = sepo_run(
             ctx, seed, DEFAULT_SIZE, DEFAULT_SHARE, True)
         sweep, keys["sepo"][f"{seed}/sweep"] = sepo_sweep(ctx, seed)
@@ -336,7 +335,7 @@ def run_study(cfg, ctx):
                            [(z, DEFAULT_SHARE) for z in cfg.oracle_sizes.split(",")]:
             share = float(share)
             if (size, share) != (DEFAULT_SIZE, DEFAULT_SHARE):
-                train.log0(f"\n==== seed {seed}: sepo (oracle {size}, share {share}) ====")
+                log0(f"\n==== seed {seed}: sepo (oracle {size}, share {share}) ====")
                 r[f"sepo_{size}_{share}"], _, keys["sepo"][f"{seed}/{size}/{share}"] = sepo_run(ctx, seed, size,
                                                                                               share, False)
         r[f"sepo_{DEFAULT_SIZE}_{DEFAULT_SHARE}"] = r["sepo"]
@@ -444,7 +443,7 @@ def write_svg(path, panels, width=420, height=300):
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(panels)}" height="{height}" '
            f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>'
            + "".join(body) + "</svg>\n")
-    train.atomic_write(path, svg)
+    atomic_write(path, svg)
     return path
 
 
@@ -529,7 +528,7 @@ def key_table(keys, ks):
                      e["key_fraction"], e["selected_fraction"]))
     sweeps = [v for k, v in keys["sepo"].items() if k.endswith("/sweep")]
     for k in ks:
-        name = score.selection_name(k, k)
+        name = sepo.selection_name(k, k)
         for side in ("chosen", "rejected"):
             es = [s[name][f"key_{side}"] for s in sweeps]
             m = lambda f: statistics.fmean(e[f] for e in es)  # noqa: E731
@@ -584,37 +583,35 @@ def results_markdown(cfg, summary, keys, n_seeds):
 
 
 def main(argv=None):
-    cfg, explicit = train.parse_dataclass(ExperimentConfig, argv, __doc__)
+    cfg, explicit = parse_dataclass(ExperimentConfig, argv, __doc__)
     if cfg.quick:
         for key, value in QUICK.items():
             if key not in explicit:
                 setattr(cfg, key, value)
+    return run_in_group(cfg.device, lambda rank, world, device: study(cfg, rank, world, device))
+
+
+def study(cfg, rank, world, device):
     t0 = time.time()
-    owner = not dist.is_initialized()
-    rank, world, device = train.init_distributed(cfg)
     if world > 1:
         raise SystemExit("experiments.py runs in one process (its runs are tiny); start it with python, not torchrun")
-    try:
-        ctx = setup(cfg, rank, world, device)
-        if cfg.setup_only:
-            confpo_selection(ctx)
-            return True
-        runs, keys = run_study(cfg, ctx)
-        summary = summarize(runs)
-        os.makedirs(cfg.figures, exist_ok=True)
-        files = plot_all(cfg, runs, summary, keys)
-        minutes = (time.time() - t0) / 60
-        train.atomic_write(os.path.join(cfg.figures, "results.json"), json.dumps(
-            {"config": asdict(cfg), "invocation_minutes": minutes, "summary": summary, "keys": keys, "runs": runs},
-            indent=1))
-        table = results_markdown(cfg, summary, keys, len(runs))
-        train.atomic_write(os.path.join(cfg.figures, "results.md"), table)
-        print(table)
-        print("wrote " + ", ".join(sorted(files.values())) + f" and results.json / results.md in {cfg.figures}")
+    ctx = setup(cfg, rank, world, device)
+    if cfg.setup_only:
+        confpo_selection(ctx)
         return True
-    finally:
-        if owner:
-            dist.destroy_process_group()
+    runs, keys = run_study(cfg, ctx)
+    summary = summarize(runs)
+    os.makedirs(cfg.figures, exist_ok=True)
+    files = plot_all(cfg, runs, summary, keys)
+    minutes = (time.time() - t0) / 60
+    atomic_write(os.path.join(cfg.figures, "results.json"), json.dumps(
+        {"config": asdict(cfg), "invocation_minutes": minutes, "summary": summary, "keys": keys, "runs": runs},
+        indent=1))
+    table = results_markdown(cfg, summary, keys, len(runs))
+    atomic_write(os.path.join(cfg.figures, "results.md"), table)
+    print(table)
+    print("wrote " + ", ".join(sorted(files.values())) + f" and results.json / results.md in {cfg.figures}")
+    return True
 
 
 if __name__ == "__main__":

@@ -200,37 +200,22 @@ def top_k_mask(keys, mask, k):
     return mask & (ranks < k[:, None])
 
 
-def sigmoid_loss(logits, label_smoothing=0.0):
-    """Bradley-Terry negative log-likelihood: -log sigmoid(z), or with conservative label smoothing eps
-    (cDPO): -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)."""
-    return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-
-
-def zero_empty_pairs(losses, chosen_mask, rejected_mask):
-    """The rule of every selective loss: a pair whose selection is empty on either side gets loss 0 and stays in
-    the batch mean (the ConfPO authors' code does the same; SePO's divides 0 by 0). Returns (losses, empty (B,))."""
-    empty = (chosen_mask.sum(-1) == 0) | (rejected_mask.sum(-1) == 0)
+def zero_empty_pairs(losses, chosen_selected, rejected_selected):
+    """The one rule of every selective loss: a pair whose selection is empty on either side gets loss 0 and stays
+    in the batch mean (the ConfPO authors' code does the same; SePO's divides 0 by 0). -> (losses, empty (B,))."""
+    empty = (chosen_selected.sum(-1) == 0) | (rejected_selected.sum(-1) == 0)
     return torch.where(empty, torch.zeros_like(losses), losses), empty
 
 
-def selective_loss(objective, chosen_logps, chosen_mask, rejected_logps, rejected_mask, chosen_selected,
-                   rejected_selected, **kwargs):
-    """A selective method is a standard objective over other masks: `objective` (any pairwise loss of this file)
-    over the selections (subsets of the response masks), with the rule of every selective loss (an empty selection
-    on either side gives the pair loss 0, kept in the mean; losses.zero_empty_pairs).
-
-    Metrics: the objective's rewards over the selections, its rewards over all response tokens (`*_all`), the
-    selected counts, the response lengths and `empty`. kwargs go to both calls of the objective.
-    """
-    losses, metrics = objective(chosen_logps, chosen_selected, rejected_logps, rejected_selected, **kwargs)
-    losses, empty = zero_empty_pairs(losses, chosen_selected, rejected_selected)
-    with torch.no_grad():  # metrics only: no graph
-        _, all_tokens = objective(chosen_logps, chosen_mask, rejected_logps, rejected_mask, **kwargs)
-    metrics.update(rewards_chosen_all=all_tokens["rewards_chosen"], rewards_rejected_all=all_tokens["rewards_rejected"],
-                   selected_chosen=chosen_selected.sum(-1).float(), selected_rejected=rejected_selected.sum(-1).float(),
-                   length_chosen=chosen_mask.sum(-1).float(), length_rejected=rejected_mask.sum(-1).float(),
-                   empty=empty.float())
-    return losses, metrics
+def selection_metrics(rewards_chosen, rewards_rejected, rewards_chosen_all, rewards_rejected_all, chosen_selected,
+                      rejected_selected, chosen_mask, rejected_mask, empty, **extra):
+    """The one place for the metrics of a selective objective, all detached (B,): its rewards over the selected
+    tokens and over every response token (`*_all`), the selected counts, the response lengths and `empty`."""
+    return _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected,
+                     rewards_chosen_all=rewards_chosen_all, rewards_rejected_all=rewards_rejected_all,
+                     selected_chosen=chosen_selected.sum(-1).float(), selected_rejected=rejected_selected.sum(-1).float(),
+                     length_chosen=chosen_mask.sum(-1).float(), length_rejected=rejected_mask.sum(-1).float(),
+                     empty=empty.float(), **extra)
 
 
 def _detached(**metrics):
@@ -242,17 +227,11 @@ def _detached(**metrics):
 #   chosen_logps, rejected_logps: (B, T) policy per-token log-probs (y^w and y^l)
 #   chosen_mask, rejected_mask:   (B, T) bool, the tokens that count
 #   ref_chosen_logps, ref_rejected_logps: (B, T) reference per-token log-probs on the same token ids
-# The two sides may have different T. Returns (losses (B,), metrics).
+# The two sides may have different T. Returns (losses (B,), metrics). The formula of each is on the comment line
+# above the code that computes it, the equation numbers those of the ConfPO paper (Table 5 for the baselines).
+# NOTE(deviation): Table 5 writes the NLL term of CPO, RRHF and SLiC-HF as -lambda log pi(y_w|x), a sum; like the
+# original RRHF, CPO and ORPO code and TRL, we use the per-token mean, which keeps lambda independent of length.
 # ---------------------------------------------------------------------------------------------------------------
-
-def nll(logps, mask):
-    """Mean token negative log-likelihood of each response: -(1/|y|) log pi(y|x) -> (B,).
-
-    NOTE(deviation): Table 5 writes the regulariser of RRHF, SLiC-HF, CPO as -lambda log pi(y_w|x) (a sum); like the
-    original RRHF, CPO and ORPO code and TRL, we use the per-token mean, which keeps lambda independent of length.
-    """
-    return -masked_mean(logps, mask)
-
 
 def sft_loss(logps, mask, length_normalize=True):
     """SFT (SePO Eq. 23): L = -log pi(y^w | x), on the chosen responses only.
@@ -262,6 +241,7 @@ def sft_loss(logps, mask, length_normalize=True):
     NOTE(deviation): Eq. 23 is an expectation of sequence log-likelihoods; train.py divides the summed NLL by the
     global batch's token count instead, the Hugging Face / TRL convention for SFT (a token mean).
     """
+    # Eq. 23: -log pi(y^w | x) = -sum_t log pi(y_t | x, y_<t)
     total = -masked_sum(logps, mask)
     tokens = mask.sum(-1)
     losses = total / tokens.clamp(min=1) if length_normalize else total
@@ -270,17 +250,18 @@ def sft_loss(logps, mask, length_normalize=True):
 
 def dpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
              beta=0.1, label_smoothing=0.0):
-    """DPO (Rafailov et al. 2023; ConfPO Eq. 4):
+    """DPO (Rafailov et al. 2023; ConfPO Eq. 3-4):
     L = -log sigmoid( beta log pi(y_w)/pi_ref(y_w) - beta log pi(y_l)/pi_ref(y_l) ), log-ratios summed over tokens.
 
     label_smoothing eps > 0 gives conservative DPO: -(1-eps) log sigmoid(z) - eps log sigmoid(-z).
     Metrics: rewards = beta * summed log-ratio.
     """
-    # beta * log pi_theta(y|x)/pi_ref(y|x), summed over the masked tokens
-    rewards_chosen = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
-    rewards_rejected = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
-    losses = sigmoid_loss(rewards_chosen - rewards_rejected, label_smoothing)
-    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    # Eq. 3: r(x, y) = beta sum_i log pi_theta(y_i)/pi_ref(y_i)
+    r_w = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
+    r_l = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
+    # Eq. 4: L = -log sigmoid(r_w - r_l)   (cDPO: -(1-eps) log sigmoid(z) - eps log sigmoid(-z))
+    losses = -(1 - label_smoothing) * F.logsigmoid(r_w - r_l) - label_smoothing * F.logsigmoid(-(r_w - r_l))
+    return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
 
 
 def ipo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
@@ -293,40 +274,41 @@ def ipo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chose
     Metrics: rewards = mean token log-ratio.
     """
     # log pi_theta(y|x)/pi_ref(y|x), averaged over the masked tokens
-    rewards_chosen = masked_mean(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
-    rewards_rejected = masked_mean(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
-    losses = (rewards_chosen - rewards_rejected - 1 / (2 * tau)) ** 2
-    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    r_w = masked_mean(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
+    r_l = masked_mean(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
+    # Table 5 (IPO): L = (r_w - r_l - 1/(2 tau))^2
+    losses = (r_w - r_l - 1 / (2 * tau)) ** 2
+    return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
 
 
 def simpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=2.0, gamma=1.0,
-               label_smoothing=0.0, chosen_length=None, rejected_length=None):
+               label_smoothing=0.0):
     """SimPO (Meng et al. 2024; ConfPO Eq. 5-6):
     r(x, y) = beta/|y| sum_t log pi(y_t);   L = -log sigmoid( r(x, y_w) - r(x, y_l) - gamma ).
 
-    Defaults beta 2.0, gamma 1.0: SimPO's Llama-3-Base setting (gamma/beta = 0.5).
-    |y| is the number of masked tokens unless chosen_length / rejected_length (B,) are given: ConfPO's option of
-    normalising a selection by the whole response length. Over a confidence mask this is ConfPO (confpo.py), over
-    an oracle selection with gamma 0 it is SePO's Eq. 26 (sepo.py).
+    Defaults beta 2.0, gamma 1.0: SimPO's Llama-3-Base setting (gamma/beta = 0.5). |y| is the number of masked
+    tokens: over ConfPO's confidence mask this is ConfPO (confpo.py), over an oracle's selection with gamma 0 it is
+    SePO's Eq. 26 (sepo.py); both write their own arithmetic, and tests check them against this function.
     """
-    chosen_length = chosen_mask.sum(-1) if chosen_length is None else chosen_length
-    rejected_length = rejected_mask.sum(-1) if rejected_length is None else rejected_length
-    # r = beta/|y| * sum_t log pi(y_t)
-    rewards_chosen = beta * masked_sum(chosen_logps, chosen_mask) / chosen_length.clamp(min=1)
-    rewards_rejected = beta * masked_sum(rejected_logps, rejected_mask) / rejected_length.clamp(min=1)
-    losses = sigmoid_loss(rewards_chosen - rewards_rejected - gamma, label_smoothing)
-    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    # Eq. 5: r(x, y) = beta/|y| sum_t log pi(y_t)
+    r_w = beta * masked_sum(chosen_logps, chosen_mask) / chosen_mask.sum(-1).clamp(min=1)
+    r_l = beta * masked_sum(rejected_logps, rejected_mask) / rejected_mask.sum(-1).clamp(min=1)
+    # Eq. 6: L = -log sigmoid(r_w - r_l - gamma)   (label smoothing as in DPO)
+    z = r_w - r_l - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
 
 
 def cpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=0.1, lambda_=1.0):
     """CPO (Xu et al. 2024):
     L = -log sigmoid( beta log pi(y_w) - beta log pi(y_l) ) - lambda log pi(y_w), log-probs summed over tokens,
-    the NLL term as a token mean (see `nll`). lambda 1.0 as in the CPO paper (TRL's cpo_alpha).
+    the NLL term as a token mean. lambda 1.0 as in the CPO paper (TRL's cpo_alpha).
     """
-    rewards_chosen = beta * masked_sum(chosen_logps, chosen_mask)
-    rewards_rejected = beta * masked_sum(rejected_logps, rejected_mask)
-    losses = sigmoid_loss(rewards_chosen - rewards_rejected) + lambda_ * nll(chosen_logps, chosen_mask)
-    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    r_w = beta * masked_sum(chosen_logps, chosen_mask)
+    r_l = beta * masked_sum(rejected_logps, rejected_mask)
+    # Table 5 (CPO): L = -log sigmoid(beta log pi(y_w) - beta log pi(y_l)) - lambda log pi(y_w)
+    losses = -F.logsigmoid(r_w - r_l) - lambda_ * masked_mean(chosen_logps, chosen_mask)
+    return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
 
 
 def rrhf_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, lambda_=1.0):
@@ -334,10 +316,11 @@ def rrhf_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, lambda_=
     L = max(0, -(1/|y_w|) log pi(y_w) + (1/|y_l|) log pi(y_l)) - lambda log pi(y_w), NLL as a token mean.
     lambda 1.0: RRHF adds its ranking and fine-tuning losses unweighted.
     """
-    rewards_chosen = masked_mean(chosen_logps, chosen_mask)
-    rewards_rejected = masked_mean(rejected_logps, rejected_mask)
-    losses = torch.relu(rewards_rejected - rewards_chosen) + lambda_ * nll(chosen_logps, chosen_mask)
-    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    r_w = masked_mean(chosen_logps, chosen_mask)
+    r_l = masked_mean(rejected_logps, rejected_mask)
+    # Table 5 (RRHF): L = max(0, -(1/|y_w|) log pi(y_w) + (1/|y_l|) log pi(y_l)) - lambda log pi(y_w)
+    losses = torch.relu(r_l - r_w) - lambda_ * masked_mean(chosen_logps, chosen_mask)
+    return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
 
 
 def slic_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, delta=1.0, lambda_=0.1):
@@ -345,10 +328,11 @@ def slic_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, delta=1.
     L = max(0, delta - log pi(y_w) + log pi(y_l)) - lambda log pi(y_w), log-probs summed, NLL as a token mean.
     delta 1.0 and lambda 0.1 are from the grid SimPO searched for this baseline.
     """
-    rewards_chosen = masked_sum(chosen_logps, chosen_mask)
-    rewards_rejected = masked_sum(rejected_logps, rejected_mask)
-    losses = torch.relu(delta - rewards_chosen + rewards_rejected) + lambda_ * nll(chosen_logps, chosen_mask)
-    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    r_w = masked_sum(chosen_logps, chosen_mask)
+    r_l = masked_sum(rejected_logps, rejected_mask)
+    # Table 5 (SLiC-HF): L = max(0, delta - log pi(y_w) + log pi(y_l)) - lambda log pi(y_w)
+    losses = torch.relu(delta - r_w + r_l) - lambda_ * masked_mean(chosen_logps, chosen_mask)
+    return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
 
 
 def _log1mexp(x):
@@ -365,12 +349,13 @@ def orpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, lambda_=
     loss and its gradient stay finite. Metrics: rewards = (1/|y|) log pi(y|x).
     """
     # log p(y|x) = (1/|y|) log pi(y|x), capped below 0
-    logp_chosen = masked_mean(chosen_logps, chosen_mask).clamp(max=-1e-6)
-    logp_rejected = masked_mean(rejected_logps, rejected_mask).clamp(max=-1e-6)
-    # log odds = log p - log(1 - p)
-    log_odds = (logp_chosen - _log1mexp(logp_chosen)) - (logp_rejected - _log1mexp(logp_rejected))
-    losses = -logp_chosen - lambda_ * F.logsigmoid(log_odds)
-    return losses, _detached(rewards_chosen=logp_chosen, rewards_rejected=logp_rejected, log_odds=log_odds)
+    logp_w = masked_mean(chosen_logps, chosen_mask).clamp(max=-1e-6)
+    logp_l = masked_mean(rejected_logps, rejected_mask).clamp(max=-1e-6)
+    # log odds(y_w) - log odds(y_l), with log odds = log p - log(1 - p)
+    log_odds = (logp_w - _log1mexp(logp_w)) - (logp_l - _log1mexp(logp_l))
+    # Table 5 (ORPO): L = -log p(y_w|x) - lambda log sigmoid(log odds(y_w) - log odds(y_l))
+    losses = -logp_w - lambda_ * F.logsigmoid(log_odds)
+    return losses, _detached(rewards_chosen=logp_w, rewards_rejected=logp_l, log_odds=log_odds)
 
 
 def rdpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps, ref_rejected_logps,
@@ -379,12 +364,11 @@ def rdpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chos
     L = -log sigmoid( beta log pi(y_w)/pi_ref(y_w) - beta log pi(y_l)/pi_ref(y_l) + (alpha |y_w| - alpha |y_l|) ).
     alpha 0.05 from the grid SimPO searched. Metrics: rewards = beta * summed log-ratio (no length term).
     """
-    rewards_chosen = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
-    rewards_rejected = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
-    # + (alpha |y_w| - alpha |y_l|)
-    length_term = alpha * (chosen_mask.sum(-1) - rejected_mask.sum(-1)).to(rewards_chosen.dtype)
-    losses = sigmoid_loss(rewards_chosen - rewards_rejected + length_term)
-    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected)
+    r_w = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
+    r_l = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
+    # Table 5 (R-DPO): L = -log sigmoid(r_w - r_l + (alpha |y_w| - alpha |y_l|))
+    losses = -F.logsigmoid(r_w - r_l + alpha * (chosen_mask.sum(-1) - rejected_mask.sum(-1)).to(r_w.dtype))
+    return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
 
 
 def kto_reference_point(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps,
@@ -412,13 +396,13 @@ def kto_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chose
     second sign is a typo (it would raise the rejected reward); we follow the KTO paper, 1 - v(x, y). TRL averages
     over the 2B examples, which is half this per-pair sum.
     """
-    rewards_chosen = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
-    rewards_rejected = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
+    r_w = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
+    r_l = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
     if z_ref is None:
         total, count = kto_reference_point(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps,
                                            ref_rejected_logps, beta)
         z_ref = (total / count).clamp(min=0)
-    losses = (lambda_w * (1 - torch.sigmoid(rewards_chosen - z_ref))
-              + lambda_l * (1 - torch.sigmoid(z_ref - rewards_rejected)))
-    return losses, _detached(rewards_chosen=rewards_chosen, rewards_rejected=rewards_rejected,
+    # Table 5 (KTO, with the KTO paper's signs): L = lambda_w (1 - sigmoid(r_w - z_ref)) + lambda_l (1 - sigmoid(z_ref - r_l))
+    losses = lambda_w * (1 - torch.sigmoid(r_w - z_ref)) + lambda_l * (1 - torch.sigmoid(z_ref - r_l))
+    return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l,
                              z_ref=torch.as_tensor(z_ref, device=losses.device).expand_as(losses))

@@ -21,7 +21,6 @@ Positions are in the policy's tokenization: the oracle, the reference and the po
 
 import glob
 import hashlib
-import html
 import json
 import math
 import os
@@ -38,44 +37,42 @@ from tqdm import tqdm
 import confpo
 import data
 import losses
+import models
+import report as html_report
 import sepo
-import train
-from train import _f, atomic_write
+from utils import arg, atomic_write, log0, parse_dataclass, rank_zero_first, run_in_group
 
 
 @dataclass
 class ScoreConfig:
-    oracle: str = _f("", "pi_oracle: the DPO-trained oracle (folder or hub name)")
-    reference: str = _f("", "pi_ref: the SFT model the oracle started from")
-    confpo: bool = _f(False, "score with one model's confidence instead (ConfPO Eq. 12-14): needs --model")
-    model: str = _f("", "--confpo: the policy whose confidence selects tokens")
-    policy: str = _f("", "the policy to be trained (its tokenizer fixes the token positions; '' = the oracle's)")
-    cross_tokenizer: bool = _f(False, "allow a policy tokenizer other than the oracle's: map selections by characters")
-    data: str = _f("", "target preference data (file, save_to_disk folder or hub name)")
-    split: str = _f("train", "split of --data")
-    form: str = _f("auto", "data form: auto | standard | conversational | implicit")
-    skip_bad_rows: bool = _f(False, "skip (and count) bad rows")
-    cache_dir: str = _f("", "datasets cache folder ('' = Hugging Face's default)")
-    max_length: int = _f(2048, "prompt + response tokens (use the training run's value)")
-    max_prompt_length: int = _f(1800, "prompt tokens (use the training run's value)")
-    max_pairs: int = _f(0, "score only the first N pairs (0 = all)")
-    beta: float = _f(1.0, "beta of Eq. 24 (rescales scores; the selection does not depend on it)")
-    ratios: str = _f("0.3:0.3", "chosen:rejected selection ratios k (Eq. 25), comma-separated for several")
-    threshold: str = _f("arithmetic", "--confpo: arithmetic | geometric | a probability")
-    strict: bool = _f(False, "--confpo: pi < tau instead of pi <= tau")
-    save_scores: bool = _f(False, "also write each token's score into the selection files")
-    format: str = _f("jsonl", "jsonl | datasets (a save_to_disk folder per ratio pair)")
-    output_dir: str = _f("", "where shards, selections and manifest.json go")
-    batch_size: int = _f(8, "pairs per forward")
-    shard_size: int = _f(512, "pairs per shard file (the unit of resumption and of work split between ranks)")
-    device: str = _f("auto", "auto | cpu | cuda")
-    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
-    report: str = _f("", "write an HTML report here (of the first ratio pair)")
-    report_pairs: int = _f(12, "pairs shown token by token in the report")
-    seed: int = _f(0, "seed of the report's sample of pairs")
-
-
-HISTOGRAM_PAIRS = 20000  # the report's histograms use the first pairs up to this many (memory stays bounded)
+    oracle: str = arg("", "pi_oracle: the DPO-trained oracle (folder or hub name)")
+    reference: str = arg("", "pi_ref: the SFT model the oracle started from")
+    confpo: bool = arg(False, "score with one model's confidence instead (ConfPO Eq. 12-14): needs --model")
+    model: str = arg("", "--confpo: the policy whose confidence selects tokens")
+    policy: str = arg("", "the policy to be trained (its tokenizer fixes the token positions; '' = the oracle's)")
+    cross_tokenizer: bool = arg(False, "allow a policy tokenizer other than the oracle's: map selections by characters")
+    data: str = arg("", "target preference data (file, save_to_disk folder or hub name)")
+    split: str = arg("train", "split of --data")
+    form: str = arg("auto", "data form: auto | standard | conversational | implicit")
+    skip_bad_rows: bool = arg(False, "skip (and count) bad rows")
+    cache_dir: str = arg("", "datasets cache folder ('' = Hugging Face's default)")
+    max_length: int = arg(2048, "prompt + response tokens (use the training run's value)")
+    max_prompt_length: int = arg(1800, "prompt tokens (use the training run's value)")
+    max_pairs: int = arg(0, "score only the first N pairs (0 = all)")
+    beta: float = arg(1.0, "beta of Eq. 24 (rescales scores; the selection does not depend on it)")
+    ratios: str = arg("0.3:0.3", "chosen:rejected selection ratios k (Eq. 25), comma-separated for several")
+    threshold: str = arg("arithmetic", "--confpo: arithmetic | geometric | a probability")
+    strict: bool = arg(False, "--confpo: pi < tau instead of pi <= tau")
+    save_scores: bool = arg(False, "also write each token's score into the selection files")
+    format: str = arg("jsonl", "jsonl | datasets (a save_to_disk folder per ratio pair)")
+    output_dir: str = arg("", "where shards, selections and manifest.json go")
+    batch_size: int = arg(8, "pairs per forward")
+    shard_size: int = arg(512, "pairs per shard file (the unit of resumption and of work split between ranks)")
+    device: str = arg("auto", "auto | cpu | cuda")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    report: str = arg("", "write an HTML report here (of the first ratio pair)")
+    report_pairs: int = arg(12, "pairs shown token by token in the report")
+    seed: int = arg(0, "seed of the report's sample of pairs")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,9 +101,9 @@ def check_tokenizers(oracle_tok, policy_tok, oracle, policy, cross_tokenizer):
                          f"{'; '.join(diffs)}. SePO selects token positions, so they must match (the paper's "
                          "stated limitation); pass --cross_tokenizer to map selections through character offsets")
     if not diffs and getattr(oracle_tok, "chat_template", None) != getattr(policy_tok, "chat_template", None):
-        train.log0(f"warning: {oracle} and {policy} share a vocabulary but not a chat template; the oracle scores "
-                   "the data rendered with the policy's template (train the oracle with --tokenizer set to the "
-                   "policy, as sepo.py does)")
+        log0(f"warning: {oracle} and {policy} share a vocabulary but not a chat template; the oracle scores the "
+             "data rendered with the policy's template (train the oracle with --tokenizer set to the policy, as "
+             "sepo_pipeline.py does)")
     return bool(diffs)
 
 
@@ -158,19 +155,14 @@ def model_fingerprint(path):
     return h.hexdigest()[:32]
 
 
-def identity(cfg, tokenized, score_tok):
+def identity(cfg, tokenized, score_tok, device):
     """Everything that decides the shards' contents."""
-    models = {"model": cfg.model} if cfg.confpo else {"oracle": cfg.oracle, "reference": cfg.reference}
-    return {"mode": "confpo" if cfg.confpo else "sepo", **models,
-            "models": {k: model_fingerprint(v) for k, v in models.items()},
+    scorers = {"model": cfg.model} if cfg.confpo else {"oracle": cfg.oracle, "reference": cfg.reference}
+    return {"mode": "confpo" if cfg.confpo else "sepo", **scorers,
+            "models": {k: model_fingerprint(v) for k, v in scorers.items()},
             "data": cfg.data, "split": cfg.split, "tokenized_data": tokenized._fingerprint, "beta": cfg.beta,
-            "shard_size": cfg.shard_size, "batch_size": cfg.batch_size, "dtype": resolved_dtype(cfg).__repr__(),
-            "scoring_tokenizer": data.tokenizer_hash(score_tok)}
-
-
-def resolved_dtype(cfg):
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.dtype, torch.bfloat16 if use_cuda else torch.float32)
+            "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
+            "dtype": repr(models.compute_dtype(cfg.dtype, device)), "scoring_tokenizer": data.tokenizer_hash(score_tok)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,10 +170,10 @@ def resolved_dtype(cfg):
 # ---------------------------------------------------------------------------------------------------------------
 
 def load_scorer(path, cfg, device):
-    """A causal LM for inference that returns per-token log-probs (train.PolicyLogps), no FSDP: ranks split data."""
+    """A causal LM for inference that returns per-token log-probs (models.PolicyLogps), no FSDP: ranks split data."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype(cfg)).to(device).eval()
-    return train.PolicyLogps(model, train.choose_logp_path("auto", model), chunk_size=None)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=models.compute_dtype(cfg.dtype, device)).to(device).eval()
+    return models.PolicyLogps(model, models.choose_logp_path("auto", model), chunk_size=None)
 
 
 def block_path(cfg, b):
@@ -269,10 +261,6 @@ def parse_ratios(text):
     return pairs
 
 
-def selection_name(rc, rl, fmt="jsonl"):
-    return f"selections-c{rc:g}-r{rl:g}" + (".jsonl" if fmt == "jsonl" else "")
-
-
 def selectors(cfg):
     """{file name: (select chosen, select rejected)}: one entry per ratio pair, or ConfPO's single selection."""
     if cfg.confpo:  # ConfPO's Eq. 12-14
@@ -280,15 +268,10 @@ def selectors(cfg):
         pick = lambda s: per_response(lambda v, m: confpo.confpo_mask(v, m, threshold, cfg.strict)[0], s)  # noqa
         return {"confpo.jsonl": (pick, pick)}
     # Eq. 25: the top k_w of each chosen response, the bottom k_l of each rejected one
-    return {selection_name(rc, rl, cfg.format): (
+    return {sepo.selection_name(rc, rl, cfg.format): (
         lambda s, r=rc: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=True), s),
         lambda s, r=rl: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=False), s))
         for rc, rl in parse_ratios(cfg.ratios)}
-
-
-def response_part(tok_row, side, field):
-    """A per-token field of a tokenized pair (`<side>_<field>`, e.g. key flags or offsets), response tokens only."""
-    return [x for x, lab in zip(tok_row[f"{side}_{field}"], tok_row[f"{side}_labels"]) if lab != losses.IGNORE_INDEX]
 
 
 class Tally:
@@ -327,7 +310,7 @@ def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None):
     policy_index = {r: i for i, r in enumerate(policy_ds["row"])} if tokenizer_crossing else None
     tally, report_name = Tally(), next(iter(files))
     sample_rows = set(random.Random(cfg.seed).sample(range(n_pairs), min(cfg.report_pairs, n_pairs)))
-    report = {"pairs": [], "scores": {"chosen": [], "rejected": []}, "positions": {"chosen": [], "rejected": []}}
+    report = html_report.new_report(report_name)
     written = set()
     for b in range(math.ceil(n_pairs / cfg.shard_size)):
         with open(block_path(cfg, b), encoding="utf-8") as fh:
@@ -337,17 +320,17 @@ def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None):
                 tmp[name].write(json.dumps(rec["out"]) + "\n")
                 written.add(rec["out"]["row"])
                 if name == report_name:
-                    collect_report(report, rec, sample_rows)
+                    html_report.collect_report(report, rec, sample_rows)
     if tokenizer_crossing:  # pairs the policy keeps but the oracle's tokenization dropped: nothing selected
         missing = [i for i, r in enumerate(policy_ds["row"]) if r not in written]
         for i in missing:
             ex = policy_ds[i]
-            empty = {"row": ex["row"], **{f"{s}_n": len(response_part(ex, s, "labels")) for s in ("chosen", "rejected")},
+            empty = {"row": ex["row"], **{f"{s}_n": len(data.response_part(ex, s, "labels")) for s in ("chosen", "rejected")},
                      "chosen_selected": [], "rejected_selected": []}
             for fh in tmp.values():
                 fh.write(json.dumps(empty) + "\n")
         if missing:
-            train.log0(f"warning: {len(missing)} pairs are empty in the oracle's tokenization: nothing selected")
+            log0(f"warning: {len(missing)} pairs are empty in the oracle's tokenization: nothing selected")
     for name, fh in tmp.items():
         fh.close()
         finish_file(cfg, name, fh.name)
@@ -356,9 +339,9 @@ def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None):
         uncovered = tally.n.get("uncovered", 0) / max(tally.n.get("text_tokens", 0), 1)
         stats["uncovered_policy_tokens"] = uncovered
         if uncovered:
-            train.log0(f"warning: {uncovered:.1%} of the policy's response tokens overlap no oracle token (the two "
+            log0(f"warning: {uncovered:.1%} of the policy's response tokens overlap no oracle token (the two "
                        "tokenizations truncate at different places): they are never selected")
-    return stats, {"name": report_name, **report}
+    return stats, report
 
 
 def block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos_ids, tally, name):
@@ -376,12 +359,12 @@ def block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos
             sel, scores = picked[side][i], r[f"{side}_scores"]
             if policy_index is not None:
                 # pair the trailing template tokens only when neither response was cut before its EOS
-                tail = (response_part(scored, side, "input_ids")[-1:] == [eos_ids[0]]
-                        and response_part(target, side, "input_ids")[-1:] == [eos_ids[1]])
+                tail = (data.response_part(scored, side, "input_ids")[-1:] == [eos_ids[0]]
+                        and data.response_part(target, side, "input_ids")[-1:] == [eos_ids[1]])
                 sel, scores, covered = map_across_tokenizers(
-                    torch.tensor(response_part(scored, side, "offsets")), torch.tensor(sel), torch.tensor(scores),
-                    torch.tensor(response_part(target, side, "offsets")), align_tail=tail)
-                has_text = torch.tensor([s >= 0 for s, _ in response_part(target, side, "offsets")])
+                    torch.tensor(data.response_part(scored, side, "offsets")), torch.tensor(sel), torch.tensor(scores),
+                    torch.tensor(data.response_part(target, side, "offsets")), align_tail=tail)
+                has_text = torch.tensor([s >= 0 for s, _ in data.response_part(target, side, "offsets")])
                 tally.add("uncovered", int((has_text & ~covered).sum()))
                 tally.add("text_tokens", int(has_text.sum()))
                 sel, scores = sel.tolist(), scores.tolist()
@@ -393,20 +376,10 @@ def block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos
             tally.add((name, side, "selected"), sum(sel))
             tally.add((name, side, "tokens"), len(sel))
             if f"{side}_key" in target:
-                key = response_part(target, side, "key")
+                key = data.response_part(target, side, "key")
                 tally.add((name, side, "key"), sum(key))
                 tally.add((name, side, "hit"), sum(1 for s, k in zip(sel, key) if s and k))
         yield {"out": out, "sides": sides, "target": target, "index": index}
-
-
-def collect_report(report, rec, sample_rows):
-    """Keep what the report needs: the sampled pairs whole, and scores and selected positions of the first pairs."""
-    if rec["index"] in sample_rows:
-        report["pairs"].append(rec)
-    if rec["index"] < HISTOGRAM_PAIRS:
-        for side, (sel, scores) in rec["sides"].items():
-            report["scores"][side].extend(v for v in scores if math.isfinite(v))
-            report["positions"][side].extend(j / max(len(sel) - 1, 1) for j, s in enumerate(sel) if s)
 
 
 def finish_file(cfg, name, tmp_path):
@@ -423,119 +396,6 @@ def finish_file(cfg, name, tmp_path):
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(folder_tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The report: tokens coloured by score, selections marked, histograms (SePO Fig. 6, ConfPO Fig. 12)
-# ---------------------------------------------------------------------------------------------------------------
-
-def _colour(score, scale, confpo_mode):
-    """Diverging colours: red for high oracle scores (or, for ConfPO, low confidence), blue for the other end."""
-    if not math.isfinite(score):
-        return "transparent"
-    if confpo_mode:  # score = log pi: probability 1 is white, probability 0 red
-        t = 1.0 - math.exp(min(score, 0.0))
-        return f"rgba(220,40,40,{0.85 * t:.3f})"
-    t = max(-1.0, min(1.0, score / scale)) if scale > 0 else 0.0
-    return f"rgba(220,40,40,{0.85 * t:.3f})" if t >= 0 else f"rgba(40,90,220,{-0.85 * t:.3f})"
-
-
-def _histogram_svg(series, title, bins=30, lo=None, hi=None, width=520, height=170):
-    """An inline SVG histogram of one or more named value lists, overlaid; each normalised to sum to 1."""
-    values = [v for _, vals, _ in series for v in vals]
-    if not values:
-        return f"<p>{html.escape(title)}: no values</p>"
-    lo = min(values) if lo is None else lo
-    hi = max(values) if hi is None else hi
-    hi = hi if hi > lo else lo + 1.0
-    counts = []
-    for name, vals, colour in series:
-        c = [0] * bins
-        for v in vals:
-            c[min(bins - 1, max(0, int((v - lo) / (hi - lo) * bins)))] += 1
-        counts.append((name, [x / max(len(vals), 1) for x in c], colour))
-    top = max(max(c) for _, c, _ in counts) or 1.0
-    w = (width - 40) / bins
-    parts = [f'<svg width="{width}" height="{height + 40}" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="20" y="14" font-size="13">{html.escape(title)}</text>']
-    for name, c, colour in counts:
-        for i, x in enumerate(c):
-            h = x / top * height
-            parts.append(f'<rect x="{30 + i * w:.1f}" y="{20 + height - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" '
-                         f'fill="{colour}" fill-opacity="0.55"><title>{html.escape(name)}: {x:.3f} in '
-                         f'[{lo + i * (hi - lo) / bins:.3g}, {lo + (i + 1) * (hi - lo) / bins:.3g})</title></rect>')
-    parts.append(f'<text x="30" y="{height + 36}" font-size="11">{lo:.3g}</text>'
-                 f'<text x="{width - 40}" y="{height + 36}" font-size="11">{hi:.3g}</text>')
-    for k, (name, _, colour) in enumerate(counts):
-        parts.append(f'<rect x="{width - 170}" y="{22 + 16 * k}" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{width - 155}" y="{31 + 16 * k}" font-size="11">{html.escape(name)}</text>')
-    return "".join(parts) + "</svg>"
-
-
-def token_texts(tokenizer, ids):
-    """The text each token adds, decoding prefixes: a character split over several byte-level tokens shows on the
-    token that completes it (decoding tokens one by one would show U+FFFD halves)."""
-    texts, done = [], ""
-    for i in range(len(ids)):
-        cur = tokenizer.decode(ids[:i + 1])
-        if cur.endswith("\ufffd") and i + 1 < len(ids):  # an incomplete character: wait for the next token
-            texts.append("")
-            continue
-        texts.append(cur[len(done):] if cur.startswith(done) else tokenizer.decode([ids[i]]))
-        done = cur
-    return texts
-
-
-def write_report(cfg, path, report, stats, tokenizer):
-    """One HTML file, no dependency: key-token precision, the two histograms, a sample of pairs token by token."""
-    name, entry = report["name"], stats[report["name"]]
-    magnitudes = sorted(abs(v) for side in ("chosen", "rejected") for v in report["scores"][side])
-    scale = magnitudes[int(0.99 * (len(magnitudes) - 1))] if magnitudes else 1.0
-    title = ("ConfPO selection under " + cfg.model) if cfg.confpo else f"SePO selection ({name})"
-    legend = ("colour: 1 - pi(y_t) (red = unsure); outlined: selected (pi <= tau)" if cfg.confpo else
-              "colour: score s(y_t) = beta log(pi_oracle / pi_ref) (red high, blue low); outlined: selected")
-    has_keys = "key_chosen" in entry
-    legend += "; green wavy underline: a known key token of the synthetic task" if has_keys else ""
-    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>", html.escape(title), "</title><style>",
-           "body{font-family:sans-serif;max-width:1100px;margin:20px auto;color:#222}",
-           ".resp{font-family:monospace;white-space:pre-wrap;line-height:1.9;border:1px solid #ddd;padding:6px}",
-           ".tok{padding:1px 0;border-radius:2px}.sel{outline:2px solid #111;outline-offset:-1px}",
-           ".key{text-decoration:underline wavy #0a0;text-underline-offset:4px}",
-           "h3{margin-bottom:4px}.meta{color:#666;font-size:13px}table{border-collapse:collapse}",
-           "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}</style></head><body>",
-           f"<h1>{html.escape(title)}</h1><p class='meta'>{html.escape(legend)}. Hover a token for its value. "
-           f"Data: {html.escape(cfg.data)}; histograms over the first {HISTOGRAM_PAIRS} pairs at most.</p>"]
-    if has_keys:
-        out.append("<table><tr><th>known key tokens</th><th>precision</th><th>recall</th><th>key fraction</th>"
-                   "<th>selected fraction</th></tr>")
-        for side in ("chosen", "rejected"):
-            k = entry[f"key_{side}"]
-            out.append(f"<tr><td>{side}</td><td>{k['precision']:.3f}</td><td>{k['recall']:.3f}</td>"
-                       f"<td>{k['key_fraction']:.3f}</td><td>{k['selected_fraction']:.3f}</td></tr>")
-        out.append("</table><p class='meta'>A random selection of the same size has precision = key fraction.</p>")
-    colours = {"chosen": "#d62728", "rejected": "#1f77b4"}
-    out.append(_histogram_svg([(s, report["scores"][s], colours[s]) for s in colours],
-                              "log pi(y_t) of every response token" if cfg.confpo else
-                              "token scores s(y_t), chosen vs rejected (SePO Fig. 6)"))
-    out.append(_histogram_svg([(s, report["positions"][s], colours[s]) for s in colours],
-                              "selected tokens by relative position in the response (ConfPO Fig. 12)", bins=20,
-                              lo=0.0, hi=1.0))
-    for rec in sorted(report["pairs"], key=lambda r: r["out"]["row"]):
-        out.append(f"<h3>pair {rec['out']['row']}</h3>")
-        for side, (sel, scores) in rec["sides"].items():
-            ids = response_part(rec["target"], side, "input_ids")
-            keys = response_part(rec["target"], side, "key") if has_keys else [0] * len(ids)
-            spans = []
-            for text, s, v, k in zip(token_texts(tokenizer, ids), sel, scores, keys):
-                label = (f"{'log pi' if cfg.confpo else 'score'} {v:.3f}" + (" (selected)" if s else "")
-                         + (" (key token)" if k else ""))
-                classes = "tok" + (" sel" if s else "") + (" key" if k else "")
-                spans.append(f"<span class='{classes}' style='background:{_colour(v, scale, cfg.confpo)}'"
-                             f" title='{html.escape(label)}'>{html.escape(text)}</span>")
-            out.append(f"<p class='meta'>{side}: {sum(sel)} of {len(sel)} tokens selected "
-                       f"({sum(sel) / max(len(sel), 1):.0%})</p><div class='resp'>{''.join(spans)}</div>")
-    out.append("</body></html>")
-    atomic_write(path, "".join(out))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,15 +443,9 @@ def tokenizers(cfg):
 
 
 def main(argv=None):
-    cfg, _ = train.parse_dataclass(ScoreConfig, argv, __doc__)
+    cfg, _ = parse_dataclass(ScoreConfig, argv, __doc__)
     check_config(cfg)
-    owner = not dist.is_initialized()
-    rank, world, device = train.init_distributed(cfg)
-    try:
-        return run(cfg, rank, world, device)
-    finally:
-        if owner:
-            dist.destroy_process_group()
+    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device))
 
 
 def run(cfg, rank, world, device):
@@ -603,13 +457,13 @@ def run(cfg, rank, world, device):
         ds = ds.select(range(min(cfg.max_pairs, len(ds)))) if cfg.max_pairs else ds
         return ds, *data.tokenize_preferences(ds, score_tok, cfg.max_length, cfg.max_prompt_length, offsets=crossing)
 
-    ds, tokenized, stats = train.rank_zero_first(load)
-    train.log0(f"{cfg.data}: {stats['kept']} pairs to score ({stats['dropped_empty']} dropped: empty response)")
+    ds, tokenized, stats = rank_zero_first(load)
+    log0(f"{cfg.data}: {stats['kept']} pairs to score ({stats['dropped_empty']} dropped: empty response)")
     manifest_path = os.path.join(cfg.output_dir, "manifest.json")
-    mine = identity(cfg, tokenized, score_tok)
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as fh:
-            old = json.load(fh)["identity"]
+    mine = identity(cfg, tokenized, score_tok, device)
+    old_manifest = sepo.read_manifest(cfg.output_dir)
+    if old_manifest is not None:
+        old = old_manifest["identity"]
         changed = [k for k in mine if old.get(k) != mine[k]]
         if changed:
             raise SystemExit(f"{cfg.output_dir} holds scores of another run (differs in: {', '.join(changed)}); "
@@ -647,10 +501,10 @@ def finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, mine, man
             line += (f" (known key tokens: chosen precision {entry['key_chosen']['precision']:.3f} / recall "
                      f"{entry['key_chosen']['recall']:.3f}, rejected {entry['key_rejected']['precision']:.3f} / "
                      f"{entry['key_rejected']['recall']:.3f})")
-        train.log0(line)
+        log0(line)
     if cfg.report:
-        write_report(cfg, cfg.report, report, selection_stats, policy_tok)
-        train.log0(f"wrote {cfg.report}")
+        html_report.write_report(cfg, cfg.report, report, selection_stats, policy_tok)
+        log0(f"wrote {cfg.report}")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,20 @@
-"""Tests for data.py: the three forms, truncation, bad input, loading, the collator, key masks, offsets, the tiny
-world and the synthetic task. Offline, CPU, a few seconds of world building shared by the whole module."""
+"""Tests for data.py: the three forms, truncation, bad input, loading, the collator, key masks, offsets. Offline,
+CPU, on the tiny world of conftest.py (its tokenizers and synthetic pairs); the world itself is tested in
+test_tiny.py."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before datasets / transformers are imported: everything here is offline
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import json
-import time
 
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 import data
 from data import DataError, collate_pairs, load_preferences, tokenize_preferences
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world") / "tiny_world"
-    t0 = time.time()
-    paths = data.build_tiny_world(str(root), seed=0)
-    paths["seconds"] = time.time() - t0
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -334,69 +325,3 @@ def test_key_masks_select_the_key_tokens(test_pairs, toks, kind):
             assert "".join(pair[side][a:b] for a, b in offs if a >= 0) == pair[side]
             assert all(tok.decode([i]) == pair[side][a:b] for i, (a, b) in zip(row[f"{side}_input_ids"], offs)
                        if a >= 0)
-
-
-# ------------------------------------------------------------------------------- the tiny world and the task
-
-def test_tiny_world_builds_fast_and_is_reused(world):
-    assert world["seconds"] < 30, world["seconds"]  # about 5 s on 2 cores
-    marker = os.path.join(world["llama-tiny"], "model.safetensors")
-    mtime = os.path.getmtime(marker)
-    t0 = time.time()
-    assert data.build_tiny_world(os.path.dirname(world["tokenizer"]), seed=0) == {
-        k: v for k, v in world.items() if k != "seconds"}
-    assert time.time() - t0 < 2 and os.path.getmtime(marker) == mtime
-    assert not [p for p in os.listdir(os.path.dirname(world["tokenizer"])) if ".tmp" in p]
-
-
-def test_tiny_models_load_and_run(world, toks, test_pairs):
-    tok = toks["bpe"]
-    rows = list(tokenize_preferences(test_pairs.select(range(4)), tok)[0])
-    batch = collate_pairs(rows, tok.pad_token_id)
-    for name, arch in [("llama-tiny", "LlamaForCausalLM"), ("llama-small", "LlamaForCausalLM"),
-                       ("neox-tiny", "GPTNeoXForCausalLM")]:
-        model = AutoModelForCausalLM.from_pretrained(world[name])
-        model_tok = AutoTokenizer.from_pretrained(world[name])
-        assert type(model).__name__ == arch and len(model_tok) == len(tok) == model.config.vocab_size
-        special = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-        assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == special
-        g = model.generation_config
-        assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == special
-        assert 1e5 < sum(p.numel() for p in model.parameters()) < 2e6
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        assert logits.shape == (*batch["input_ids"].shape, len(tok)) and torch.isfinite(logits).all()
-    assert not AutoModelForCausalLM.from_pretrained(world["llama-tiny"]).config.tie_word_embeddings
-
-
-def test_world_is_deterministic_from_the_seed(world, tmp_path):
-    a = data.build_tiny_model(str(tmp_path / "a"), world["tokenizer"], "llama", "tiny", seed=0)
-    b = data.build_tiny_model(str(tmp_path / "b"), world["tokenizer"], "llama", "tiny", seed=1)
-    ref, same, other = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (world["llama-tiny"], a, b))
-    assert all(torch.equal(ref[k], same[k]) for k in ref) and not all(torch.equal(ref[k], other[k]) for k in ref)
-    data.build_tokenizer(str(tmp_path / "tok"), "bpe", seed=0)
-    assert (tmp_path / "tok" / "tokenizer.json").read_text() == open(
-        os.path.join(world["tokenizer"], "tokenizer.json")).read()
-    paths = data.write_synthetic_task(str(tmp_path / "d"), seed=0)
-    assert open(paths["train"]).read() == open(world["train"]).read()
-    assert data.synthetic_pairs(5, seed=1) != data.synthetic_pairs(5, seed=0)
-
-
-def test_world_never_overwrites_foreign_folders(tmp_path):
-    (tmp_path / "data").mkdir()  # a folder without our manifest, e.g. the user's own data
-    with pytest.raises(FileExistsError):
-        data.build_tiny_world(str(tmp_path), seed=0)
-
-
-def test_synthetic_task_reward_and_spans(world):
-    pairs = [json.loads(l) for path in (world["train"], world["test"]) for l in open(path)]
-    assert len(pairs) == 2200 and {p["task"] for p in pairs} == {"sum", "forbidden_word", "polarity"}
-    for p in pairs:
-        assert data.synthetic_reward(p["prompt"], p["chosen"]) == 1.0, p
-        assert data.synthetic_reward(p["prompt"], p["rejected"]) < 1.0, p
-        (cs, ce), = p["chosen_key_spans"]
-        (rs, re_), = p["rejected_key_spans"]
-        assert p["chosen"][cs:ce] != p["rejected"][rs:re_] and p["chosen"][ce:] == p["rejected"][re_:]
-    assert data.synthetic_reward("What is 12 + 30?", "It is 42, I think.") == 1.0
-    assert data.synthetic_reward("What is 12 + 30?", "42? No, 41.") == 0.5
-    assert data.synthetic_reward('Describe the sky without using the word "blue".', "Clear.") == 0.5
-    assert data.synthetic_reward("Write a positive review of the cafe.", "Great place, but poor coffee.") == 0.0

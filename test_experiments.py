@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import experiments
+import tiny
 import train
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -81,7 +82,7 @@ def test_sequence_kl_and_answer_masks_match_a_slow_loop(world):
             p.add_(torch.randn_like(p) * 0.05)
     prompts = ["What is 3 plus 4?", "Name a colour.", "Hi"]  # different lengths: left padding
     torch.manual_seed(0)
-    seqs, answer = train.generate_answers(model, tok, prompts, torch.device("cpu"), max_new_tokens=12, sample=True,
+    seqs, answer = tiny.generate_answers(model, tok, prompts, torch.device("cpu"), max_new_tokens=12, sample=True,
                                           batch_size=2)
     for ids, mask in zip(seqs.tolist(), answer.tolist()):  # the mask: generated tokens up to the first EOS
         pos = [i for i, m in enumerate(mask) if m]

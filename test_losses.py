@@ -12,7 +12,6 @@ from fractions import Fraction
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import confpo
 import losses

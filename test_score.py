@@ -23,6 +23,8 @@ import confpo
 import data
 import score
 import sepo
+import sepo_pipeline
+import tiny
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -123,7 +125,7 @@ def test_two_ranks_score_like_one(world, tmp_path):
 
 
 def test_tokenizer_mismatch_fails_with_its_message(world, tmp_path):
-    char_model = data.build_tiny_model(str(tmp_path / "char-llama"), world["tokenizer_char"], "llama", "tiny")
+    char_model = tiny.build_tiny_model(str(tmp_path / "char-llama"), world["tokenizer_char"], "llama", "tiny")
     with pytest.raises(SystemExit, match=r"different tokenizers: vocabulary .* pass --cross_tokenizer"):
         score.main(score_args(world, tmp_path / "a", policy=char_model))
     with pytest.raises(SystemExit, match="the oracle and the reference must share a tokenizer"):
@@ -145,9 +147,9 @@ def test_map_across_tokenizers_selects_the_known_spans(world):
     pairs = {i: json.loads(line) for i, line in enumerate(open(world["small"]))}
     for row, pair in pairs.items():
         for side in ("chosen", "rejected"):
-            src = torch.tensor(score.response_part(bpe[row], side, "offsets"))
-            dst = torch.tensor(score.response_part(char[row], side, "offsets"))
-            key = torch.tensor(score.response_part(bpe[row], side, "key")).bool()
+            src = torch.tensor(data.response_part(bpe[row], side, "offsets"))
+            dst = torch.tensor(data.response_part(char[row], side, "offsets"))
+            key = torch.tensor(data.response_part(bpe[row], side, "key")).bool()
             scores = torch.where(key, 1.0, -1.0)
             sel, mapped, covered = score.map_across_tokenizers(src, key, scores, dst)
             assert covered.all()
@@ -165,7 +167,7 @@ def test_map_across_tokenizers_selects_the_known_spans(world):
 
 def test_cross_tokenizer_end_to_end(world, tmp_path):
     """An oracle of one tokenizer selects for a policy of another; train.py accepts the result."""
-    char_model = data.build_tiny_model(str(tmp_path / "char-llama"), world["tokenizer_char"], "llama", "tiny")
+    char_model = tiny.build_tiny_model(str(tmp_path / "char-llama"), world["tokenizer_char"], "llama", "tiny")
     out = tmp_path / "scores"
     score.main(score_args(world, out, policy=char_model, cross_tokenizer=True, save_scores=True))
     char_rows = tokenized_rows(world, char_model)
@@ -222,7 +224,7 @@ def test_confpo_selection_under_a_model(world, tmp_path):
 
 def test_sepo_pipeline_end_to_end(world, tmp_path):
     out = tmp_path / "sepo"
-    final = sepo.run_pipeline(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
+    final = sepo_pipeline.main(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
                                "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64"])
     assert final == str(out / "policy" / "final")
     assert len(read_jsonl(out / "subset.jsonl")) == 64
@@ -243,12 +245,12 @@ def test_sepo_pipeline_end_to_end(world, tmp_path):
     assert json.loads((out / "oracle_sft" / "config.json").read_text())["tokenizer"].endswith("llama-small-sft")
     # run again: every stage is found done, nothing is retrained
     mtime = (out / "policy" / "final" / "model.safetensors").stat().st_mtime
-    sepo.run_pipeline(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
+    sepo_pipeline.main(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
                        "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64"])
     assert (out / "policy" / "final" / "model.safetensors").stat().st_mtime == mtime
     # ... and with other settings the folder is refused rather than half reused
     with pytest.raises(SystemExit, match="other settings .*chosen_ratio"):
-        sepo.run_pipeline(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
+        sepo_pipeline.main(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
                            "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64",
                            "--chosen_ratio", "0.5"])
 
@@ -264,7 +266,7 @@ def test_selections_land_on_the_scored_tokens_in_training_batches(world, tmp_pat
         for ex in ds:
             rec = {"row": ex["row"]}
             for side in ("chosen", "rejected"):
-                key = score.response_part(ex, side, "key")
+                key = data.response_part(ex, side, "key")
                 rec.update({f"{side}_n": len(key), f"{side}_selected": [i for i, k in enumerate(key) if k]})
             fh.write(json.dumps(rec) + "\n")
     attached = sepo.attach_selections(ds, sepo.load_selections(str(path)), str(path))
@@ -313,8 +315,8 @@ def test_changed_data_or_models_are_not_resumed(world, tmp_path):
 def test_cross_tokenizer_with_truncation_drops_nothing_silently(world, tmp_path, capsys):
     """A one-token-per-character oracle loses whole responses to max_length where the BPE policy keeps them: those
     pairs get empty selections (not a missing row), and the uncovered share of policy tokens is reported."""
-    char_oracle = data.build_tiny_model(str(tmp_path / "char-oracle"), world["tokenizer_char"], "llama", "tiny")
-    char_ref = data.build_tiny_model(str(tmp_path / "char-ref"), world["tokenizer_char"], "gpt_neox", "tiny")
+    char_oracle = tiny.build_tiny_model(str(tmp_path / "char-oracle"), world["tokenizer_char"], "llama", "tiny")
+    char_ref = tiny.build_tiny_model(str(tmp_path / "char-ref"), world["tokenizer_char"], "gpt_neox", "tiny")
     out = tmp_path / "scores"
     score.main(score_args(world, out, oracle=char_oracle, reference=char_ref, policy=world["llama-tiny"],
                           cross_tokenizer=True, max_length=60, max_prompt_length=40))

@@ -15,8 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import models
 import sepo
 import train
+import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -217,13 +219,14 @@ def test_config_file_and_flags(world, tmp_path, capsys):
     assert "field 'lr' must be float" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("script", ["train", "score", "sepo"])
+@pytest.mark.parametrize("script", ["train", "score", "sepo_pipeline"])
 def test_help_lists_every_field(script, capsys):
     import dataclasses
 
     import score
+    import sepo_pipeline
     cls, run = {"train": (train.Config, train.main), "score": (score.ScoreConfig, score.main),
-                "sepo": (sepo.PipelineConfig, sepo.run_pipeline)}[script]
+                "sepo_pipeline": (sepo_pipeline.PipelineConfig, sepo_pipeline.main)}[script]
     with pytest.raises(SystemExit) as stop:
         run(["--help"])
     assert stop.value.code == 0
@@ -272,7 +275,7 @@ def test_clear_errors(world, tmp_path, capsys):
 def world_of_one():
     import torch.distributed as dist
     cfg = train.Config(device="cpu")
-    train.init_distributed(cfg)
+    utils.init_distributed(cfg.device)
     yield cfg
     dist.destroy_process_group()
 
@@ -293,8 +296,8 @@ def test_logits_path_equals_chunked_path(world, world_of_one):
     real = batch["attention_mask"][2, 1:] == 1  # a row labelled from position 1 on (no prompt but its first token)
     labels[2, 1:] = torch.where(real, batch["input_ids"][2, 1:], -100)
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
-    chunked, m1 = train.PolicyLogps(model, "chunked", 4)(**inputs)
-    logits, m2 = train.PolicyLogps(model, "logits", 4)(**inputs)
+    chunked, m1 = models.PolicyLogps(model, "chunked", 4)(**inputs)
+    logits, m2 = models.PolicyLogps(model, "logits", 4)(**inputs)
     assert chunked.shape == logits.shape == labels.shape and torch.equal(m1, m2)
     torch.testing.assert_close(chunked, logits, rtol=1e-5, atol=1e-5)
     full_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -307,23 +310,23 @@ def test_heads_that_transform_logits_are_not_chunked(world, world_of_one):
     from transformers import AutoModelForCausalLM, GraniteConfig, GraniteForCausalLM
     granite = GraniteForCausalLM(GraniteConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
                                                num_hidden_layers=1, num_attention_heads=2, logits_scaling=8.0))
-    assert train.choose_logp_path("auto", granite) == "logits"
+    assert models.choose_logp_path("auto", granite) == "logits"
     with pytest.raises(SystemExit, match="not hidden @ W.T"):
-        train.choose_logp_path("chunked", granite)
+        models.choose_logp_path("chunked", granite)
     # a transformation no config names is caught at the first forward
     model = AutoModelForCausalLM.from_pretrained(world["llama-tiny"])
-    assert train.choose_logp_path("auto", model) == "chunked"
+    assert models.choose_logp_path("auto", model) == "chunked"
     model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
     batch = tiny_batch(world, world["llama-tiny"])
     with pytest.raises(RuntimeError, match="use --logp_path logits"):
-        train.PolicyLogps(model, "chunked", 64)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        models.PolicyLogps(model, "chunked", 64)(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 def test_frozen_reference_stays_sharded_after_forward(world, world_of_one):
     from torch.distributed.tensor import DTensor
     cfg = world_of_one
-    mesh = train.make_mesh(cfg, 1, torch.device("cpu"))
-    ref = train.load_model(world["llama-tiny"], cfg, mesh, torch.device("cpu"), trainable=False)
+    mesh = models.make_mesh(cfg, 1, torch.device("cpu"))
+    ref = models.load_model(world["llama-tiny"], cfg, mesh, torch.device("cpu"), trainable=False)
     batch = tiny_batch(world, world["llama-tiny"])
     with torch.no_grad():
         ref(batch["input_ids"], batch["attention_mask"], batch["labels"])

@@ -1,0 +1,123 @@
+"""A Hugging Face causal LM as per-token log-probs, loaded and sharded with FSDP2: what train.py trains and
+score.py scores with.
+
+    PolicyLogps       model(input_ids, attention_mask, labels) -> (log pi(y_t | x, y_<t) (B, T), response mask)
+    choose_logp_path  "chunked" (hidden @ W.T block by block, never the (B, T, V) logits) or "logits"
+    load_model        FSDP2 on every decoder layer, then the root; fp32 master weights, bf16 compute on GPU
+"""
+
+import os
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import losses
+
+
+class PolicyLogps(torch.nn.Module):
+    """Wraps a causal LM so that its forward returns per-token log-probs (B, T) and the response mask.
+
+    A module rather than a function so that FSDP2's root unit covers the output embedding: the vocabulary
+    projection then happens inside forward, where the weight is unsharded, and the full (B, T, V) logits never
+    need to exist (chunked path). The logits path lets the model compute logits (for heads with a bias,
+    soft-capping or a logit scale), only from the first response position on.
+    """
+
+    def __init__(self, model, path, chunk_size):
+        super().__init__()
+        self.model, self.path, self.chunk_size = model, path, chunk_size
+        self.checked = path != "chunked"
+
+    def forward(self, input_ids, attention_mask, labels):
+        if self.path == "logits":
+            return self.logits_path(input_ids, attention_mask, labels)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
+        logps, mask = losses.chunked_token_logps(hidden, self.model.get_output_embeddings().weight, labels,
+                                                 self.chunk_size)
+        if not self.checked:  # once: the model's own logits must agree (a head may scale them in its forward)
+            with torch.no_grad():
+                expected, _ = self.logits_path(input_ids[:1], attention_mask[:1], labels[:1])
+            gap = float((expected - logps[:1].detach()).abs().max())
+            if gap > (1e-3 if logps.dtype == torch.float32 and hidden.dtype == torch.float32 else 5e-2):
+                raise RuntimeError(f"{type(self.model).__name__}: log-probs from hidden @ W.T differ from the "
+                                   f"model's own logits by {gap:.3g} (its head transforms the logits); use "
+                                   "--logp_path logits")
+            self.checked = True
+        return logps, mask
+
+    def logits_path(self, input_ids, attention_mask, labels):
+        """The model's logits from the first response position on (logits_to_keep), reduced by token_logps."""
+        has = (labels != losses.IGNORE_INDEX)
+        starts = has.float().argmax(-1)[has.any(-1)]  # first labelled position of each row that has one
+        first = max(1, int(starts.min())) if starts.numel() else 1
+        keep = labels.shape[1] - first + 1  # logits from position first-1, which predicts the first response token
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logps, mask = losses.token_logps(logits, labels[:, -keep:], chunk_size=self.chunk_size)
+        pad = labels.shape[1] - keep
+        return torch.nn.functional.pad(logps, (pad, 0)), torch.nn.functional.pad(mask, (pad, 0))
+
+
+# Config attributes by which a head transforms hidden @ W.T (Gemma-2 soft-capping, Cohere's logit_scale, Granite's
+# logits_scaling, Falcon-H1's lm_head_multiplier). Others are caught by PolicyLogps' first-call check.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0,
+                    "lm_head_multiplier": 1.0}
+
+
+def choose_logp_path(requested, model):
+    """chunked when logits are exactly hidden @ W.T; else the model's own logits."""
+    head = model.get_output_embeddings()
+    plain = (isinstance(head, torch.nn.Linear) and head.bias is None
+             and all(getattr(model.config, k, neutral) in (None, neutral) for k, neutral in LOGIT_TRANSFORMS.items()))
+    if requested == "chunked" and not plain:
+        raise SystemExit(f"--logp_path chunked: {type(model).__name__}'s logits are not hidden @ W.T "
+                         "(a bias, soft-capping or a logit scale); use --logp_path logits")
+    return requested if requested != "auto" else ("chunked" if plain else "logits")
+
+
+def make_mesh(cfg, world, device):
+    if not cfg.hybrid_shard:
+        return init_device_mesh(device.type, (world,))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if world % per_node:
+        raise SystemExit(f"--hybrid_shard: world size {world} is not a multiple of {per_node} ranks per node")
+    return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def compute_dtype(flag, device):
+    """--dtype: "bf16", "fp32", or "auto" (bf16 on GPU, fp32 on CPU)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        flag, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def load_model(path, cfg, mesh, device, trainable):
+    """A causal LM sharded with FSDP2: each decoder layer, then the root (which holds embeddings, final norm and
+    the output embedding). Master weights fp32; on GPU bf16 compute with fp32 gradient reduction."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except ValueError as e:
+        kind = type(AutoConfig.from_pretrained(path)).__name__
+        raise SystemExit(f"{path}: {kind} has no causal-LM head that AutoModelForCausalLM can load ({e})")
+    if cfg.activation_checkpointing and trainable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg.dtype, device), reduce_dtype=torch.float32)
+    wrapped = PolicyLogps(model, choose_logp_path(cfg.logp_path, model), cfg.chunk_size)
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise SystemExit(f"{path}: cannot find the decoder layers of {type(model).__name__} to shard")
+    for i, layer in enumerate(layers):
+        # a trained model needs its last layer again right at the start of backward: keep it gathered; a frozen
+        # reference never runs backward, so everything (its root included) is resharded after forward
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable or i < len(layers) - 1)
+    fully_shard(wrapped, mesh=mesh, mp_policy=mp, **({} if trainable else {"reshard_after_forward": True}))
+    wrapped.train(trainable)
+    if not trainable:
+        wrapped.requires_grad_(False)
+    if cfg.disable_dropout:  # as TRL: dropout would make the log-probs (and ConfPO's threshold) noisy
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    return wrapped

@@ -1,0 +1,172 @@
+"""SePO end to end, as one command with one output folder (the method itself is sepo.py):
+
+    python sepo_pipeline.py                   # the tiny world, offline: about a minute on 2 CPU cores
+    torchrun --standalone --nproc_per_node 8 sepo_pipeline.py --data HuggingFaceH4/ultrafeedback_binarized \
+        --split train_prefs --oracle_base TinyLlama/TinyLlama_v1.1 --policy meta-llama/Llama-2-7b-chat-hf
+
+Stages (each skipped when its output exists; each training stage resumes from its own checkpoints, so the same
+command continues after an interruption):
+    D_m        a seeded random subset of the target data                  subset.jsonl
+    Eq. 23     SFT on the chosen responses of D_m: pi_ref                 oracle_sft/final   (train.py --method sft)
+    oracle     DPO on D_m from pi_ref: pi_oracle                          oracle_dpo/final   (train.py --method dpo)
+    Eq. 24-25  score every token of the target data, keep top / bottom k  scores/            (score.py)
+    Eq. 26     the policy on the selected tokens only                     policy/final       (train.py --method sepo)
+"""
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import data
+import score
+import sepo
+import tiny
+import train
+from utils import arg, atomic_write, claim_output_dir, log0, parse_dataclass, rank_zero_first, run_in_group
+
+
+@dataclass
+class PipelineConfig:
+    data: str = arg("", "target preference data ('' = the tiny world's synthetic task)")
+    split: str = arg("train", "split of --data")
+    eval_data: str = arg("", "held-out pairs for the final policy ('' = none, or the synthetic test set)")
+    oracle_base: str = arg("", "the model the oracle starts from, SFT then DPO ('' = the tiny world's llama-tiny)")
+    policy: str = arg("", "the policy to align ('' = the tiny world's SFT llama-small, 5x the oracle)")
+    output_dir: str = arg("runs/sepo", "one folder for every stage")
+    subset: float = arg(0.5, "D_m: a fraction (<= 1) or a count (> 1) of the target pairs, drawn at random")
+    seed: int = arg(42, "seed of D_m and of every stage")
+    chosen_ratio: float = arg(0.3, "k for chosen responses: top k% of tokens (Eq. 25)")
+    rejected_ratio: float = arg(0.3, "k for rejected responses: bottom k% of tokens (Eq. 25)")
+    dpo_beta: float = arg(0.1, "beta of the oracle's DPO")
+    beta: float = arg(1.0, "beta of Eq. 24 and Eq. 26 (the released code: 1)")
+    gamma: float = arg(0.0, "margin gamma of Eq. 26 (the released code: 0)")
+    sft_lr: float = arg(5e-7, "learning rate of the oracle's SFT (Eq. 23)")
+    dpo_lr: float = arg(5e-7, "learning rate of the oracle's DPO")
+    policy_lr: float = arg(5e-7, "learning rate of the policy (SePO: 5e-7, cosine, 3% warm-up, AdamW (0.9, 0.95))")
+    sft_epochs: int = arg(1, "epochs of the oracle's SFT")
+    global_batch_size: int = arg(128, "pairs per optimizer step in every stage")
+    micro_batch_size: int = arg(2, "pairs per rank per forward")
+    max_length: int = arg(2048, "prompt + response tokens")
+    max_prompt_length: int = arg(1800, "prompt tokens")
+    max_steps: int = arg(-1, "cap every training stage at this many steps (-1 = epochs)")
+    policy_args: str = arg("", "more train.py flags for the policy stage, e.g. '--save_every 10 --keep_last 0'")
+    cross_tokenizer: bool = arg(False, "allow an oracle tokenizer other than the policy's (map selections by text)")
+    tiny_world: str = arg("tiny_world", "folder of the offline tiny world")
+    cache_dir: str = arg("", "datasets cache folder")
+    device: str = arg("auto", "auto | cpu | cuda")
+
+
+# Without --data: small batches and learning rates that suit the tiny world (a policy lr of 1e-4 already collapses
+# the tiny policy: see the README)
+PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-5, sft_epochs=2,
+                     max_length=128, max_prompt_length=64)
+# Fields that may change when the same pipeline folder is run again (the others decide what its stages hold)
+PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world"}
+
+
+def write_subset(cfg, out_path):
+    """D_m: a seeded random subset of the target pairs, written as JSONL in the explicit-prompt layout."""
+    ds = data.load_preferences(cfg.data, split=cfg.split, cache_dir=cfg.cache_dir or None)
+    m = round(cfg.subset * len(ds)) if cfg.subset <= 1 else int(cfg.subset)
+    if not 1 <= m <= len(ds):
+        raise SystemExit(f"--subset {cfg.subset}: D_m would hold {m} of {len(ds)} pairs")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:m].sort().values.tolist()
+    lines = [json.dumps({k: ds[i][k] for k in ("prompt", "chosen", "rejected")}) for i in order]
+    atomic_write(out_path, "\n".join(lines) + "\n")
+    return m
+
+
+def stage_argv(cfg):
+    """train.py's flags shared by every training stage of the pipeline."""
+    return ["--cache_dir", cfg.cache_dir, "--seed", str(cfg.seed), "--max_length", str(cfg.max_length),
+            "--max_prompt_length", str(cfg.max_prompt_length), "--global_batch_size", str(cfg.global_batch_size),
+            "--micro_batch_size", str(cfg.micro_batch_size), "--max_steps", str(cfg.max_steps), "--device",
+            cfg.device, "--judge", "none"]
+
+
+def scoring_argv(cfg, oracle, ref, ratios, scores_dir):
+    """score.py's flags for Eq. 24-25: the whole target data, one selection file per (k_w, k_l) in `ratios`."""
+    return ["--oracle", oracle, "--reference", ref, "--policy", cfg.policy, "--data", cfg.data, "--split", cfg.split,
+            "--beta", str(cfg.beta), "--ratios", ",".join(f"{rc}:{rl}" for rc, rl in ratios), "--output_dir",
+            scores_dir, "--max_length", str(cfg.max_length), "--max_prompt_length", str(cfg.max_prompt_length),
+            "--cache_dir", cfg.cache_dir, "--device", cfg.device, "--report", os.path.join(scores_dir, "report.html"),
+            "--cross_tokenizer", str(cfg.cross_tokenizer)]
+
+
+def policy_argv(cfg, selections):
+    """train.py's flags for the policy stage (Eq. 26) with SePO's optimiser settings, after the common ones."""
+    return ["--method", "sepo", "--model", cfg.policy, "--data", cfg.data, "--split", cfg.split, "--selections",
+            selections, "--eval_data", cfg.eval_data, "--lr", str(cfg.policy_lr), "--warmup_ratio", "0.03",
+            "--adam_beta2", "0.95", "--beta", str(cfg.beta), "--gamma", str(cfg.gamma)]
+
+
+def main(argv=None):
+    """SFT (Eq. 23) and DPO on D_m give pi_ref and pi_oracle; score.py scores and selects (Eq. 24-25) the whole
+    target data; train.py trains the policy with Eq. 26. Each stage is skipped when its output exists, and each
+    training stage resumes from its own checkpoints: run the same command again after an interruption."""
+    cfg, explicit = parse_dataclass(PipelineConfig, argv, __doc__)
+    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, explicit, rank))
+
+
+def run(cfg, explicit, rank):
+    from transformers import AutoTokenizer
+    on_tiny_world = not cfg.data
+    if on_tiny_world:
+        for key, value in PIPELINE_TINY.items():
+            if key not in explicit:
+                setattr(cfg, key, value)
+        paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
+        cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
+        cfg.oracle_base = cfg.oracle_base or paths["llama-tiny"]
+        cfg.policy = cfg.policy or tiny.sft_model(cfg.tiny_world, paths, train.main, cfg.seed, cfg.cache_dir)
+    if not (cfg.oracle_base and cfg.policy):
+        raise SystemExit("sepo_pipeline.py needs --oracle_base and --policy (or neither, with no --data: the tiny "
+                         "world)")
+    # before any training: can the oracle select the policy's tokens? With one vocabulary the oracle is trained
+    # with the policy's tokenizer, so that it reads the data in the format the policy does
+    crossing = score.check_tokenizers(AutoTokenizer.from_pretrained(cfg.oracle_base),
+                                      AutoTokenizer.from_pretrained(cfg.policy), cfg.oracle_base, cfg.policy,
+                                      cfg.cross_tokenizer)
+    oracle_tokenizer = [] if crossing else ["--tokenizer", cfg.policy]
+    # stages are skipped when their output exists: a folder must not be reused with other settings
+    claim_output_dir(cfg, rank, "pipeline.json", PIPELINE_RESUMABLE, "a SePO pipeline with other settings")
+    out = cfg.output_dir
+    subset = os.path.join(out, "subset.jsonl")
+    if rank == 0 and not os.path.exists(subset):
+        log0(f"D_m: {write_subset(cfg, subset)} pairs -> {subset}")
+    dist.barrier()
+    common = stage_argv(cfg)
+
+    def stage(name, args):
+        final = os.path.join(out, name, "final")
+        if not os.path.exists(os.path.join(final, "config.json")):
+            log0(f"\n== {name} ==")
+            train.main(common + args + ["--output_dir", os.path.join(out, name)])  # later flags win
+        return final
+
+    # Eq. 23: SFT on the chosen responses of D_m; the result is pi_ref
+    ref = stage("oracle_sft", ["--method", "sft", "--model", cfg.oracle_base, "--data", subset,
+                               "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs)] + oracle_tokenizer)
+    # the oracle: DPO on D_m from pi_ref
+    oracle = stage("oracle_dpo", ["--method", "dpo", "--model", ref, "--data", subset, "--lr", str(cfg.dpo_lr),
+                                  "--beta", str(cfg.dpo_beta)])
+    # Eq. 24-25: score every token of the target data, keep the top / bottom k% of each response
+    scores_dir = os.path.join(out, "scores")
+    if not sepo.scoring_complete(scores_dir):
+        log0("\n== scores ==")
+        score.main(scoring_argv(cfg, oracle, ref, [(cfg.chosen_ratio, cfg.rejected_ratio)], scores_dir))
+    # Eq. 26: the policy, on the selected tokens only
+    selections = os.path.join(scores_dir, sepo.selection_name(cfg.chosen_ratio, cfg.rejected_ratio))
+    final = stage("policy", policy_argv(cfg, selections) + ["--judge", "synthetic" if on_tiny_world else "none"] +
+                  shlex.split(cfg.policy_args))
+    log0(f"done: {out} (oracle_sft/, oracle_dpo/, scores/ with report.html, policy/final)")
+    return final
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

@@ -1,0 +1,97 @@
+"""Tests for tiny.py: the offline world builds in seconds, is re-used, is deterministic from its seed, never
+overwrites a foreign folder; its models load and run; the synthetic task's judge and key spans."""
+import json
+import os
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tiny
+from data import collate_pairs, load_preferences, tokenize_preferences
+
+
+@pytest.fixture(scope="module")
+def fresh_world(tmp_path_factory):
+    """A world built from nothing in this module, timed."""
+    root = tmp_path_factory.mktemp("fresh") / "tiny_world"
+    t0 = time.time()
+    paths = tiny.build_tiny_world(str(root), seed=0)
+    paths["seconds"] = time.time() - t0
+    return paths
+
+
+@pytest.fixture(scope="module")
+def test_pairs(world, tmp_path_factory):
+    return load_preferences(world["test"], cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def toks(world):
+    return {"bpe": AutoTokenizer.from_pretrained(world["tokenizer"])}
+
+
+def test_tiny_world_builds_fast_and_is_reused(fresh_world):
+    world = fresh_world
+    assert world["seconds"] < 30, world["seconds"]  # about 5 s on 2 cores
+    marker = os.path.join(world["llama-tiny"], "model.safetensors")
+    mtime = os.path.getmtime(marker)
+    t0 = time.time()
+    assert tiny.build_tiny_world(os.path.dirname(world["tokenizer"]), seed=0) == {
+        k: v for k, v in world.items() if k != "seconds"}
+    assert time.time() - t0 < 2 and os.path.getmtime(marker) == mtime
+    assert not [p for p in os.listdir(os.path.dirname(world["tokenizer"])) if ".tmp" in p]
+
+
+def test_tiny_models_load_and_run(world, toks, test_pairs):
+    tok = toks["bpe"]
+    rows = list(tokenize_preferences(test_pairs.select(range(4)), tok)[0])
+    batch = collate_pairs(rows, tok.pad_token_id)
+    for name, arch in [("llama-tiny", "LlamaForCausalLM"), ("llama-small", "LlamaForCausalLM"),
+                       ("neox-tiny", "GPTNeoXForCausalLM")]:
+        model = AutoModelForCausalLM.from_pretrained(world[name])
+        model_tok = AutoTokenizer.from_pretrained(world[name])
+        assert type(model).__name__ == arch and len(model_tok) == len(tok) == model.config.vocab_size
+        special = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == special
+        g = model.generation_config
+        assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == special
+        assert 1e5 < sum(p.numel() for p in model.parameters()) < 2e6
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert logits.shape == (*batch["input_ids"].shape, len(tok)) and torch.isfinite(logits).all()
+    assert not AutoModelForCausalLM.from_pretrained(world["llama-tiny"]).config.tie_word_embeddings
+
+
+def test_world_is_deterministic_from_the_seed(world, tmp_path):
+    a = tiny.build_tiny_model(str(tmp_path / "a"), world["tokenizer"], "llama", "tiny", seed=0)
+    b = tiny.build_tiny_model(str(tmp_path / "b"), world["tokenizer"], "llama", "tiny", seed=1)
+    ref, same, other = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (world["llama-tiny"], a, b))
+    assert all(torch.equal(ref[k], same[k]) for k in ref) and not all(torch.equal(ref[k], other[k]) for k in ref)
+    tiny.build_tokenizer(str(tmp_path / "tok"), "bpe", seed=0)
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == open(
+        os.path.join(world["tokenizer"], "tokenizer.json")).read()
+    paths = tiny.write_synthetic_task(str(tmp_path / "d"), seed=0)
+    assert open(paths["train"]).read() == open(world["train"]).read()
+    assert tiny.synthetic_pairs(5, seed=1) != tiny.synthetic_pairs(5, seed=0)
+
+
+def test_world_never_overwrites_foreign_folders(tmp_path):
+    (tmp_path / "data").mkdir()  # a folder without our manifest, e.g. the user's own data
+    with pytest.raises(FileExistsError):
+        tiny.build_tiny_world(str(tmp_path), seed=0)
+
+
+def test_synthetic_task_reward_and_spans(world):
+    pairs = [json.loads(l) for path in (world["train"], world["test"]) for l in open(path)]
+    assert len(pairs) == 2200 and {p["task"] for p in pairs} == {"sum", "forbidden_word", "polarity"}
+    for p in pairs:
+        assert tiny.synthetic_reward(p["prompt"], p["chosen"]) == 1.0, p
+        assert tiny.synthetic_reward(p["prompt"], p["rejected"]) < 1.0, p
+        (cs, ce), = p["chosen_key_spans"]
+        (rs, re_), = p["rejected_key_spans"]
+        assert p["chosen"][cs:ce] != p["rejected"][rs:re_] and p["chosen"][ce:] == p["rejected"][re_:]
+    assert tiny.synthetic_reward("What is 12 + 30?", "It is 42, I think.") == 1.0
+    assert tiny.synthetic_reward("What is 12 + 30?", "42? No, 41.") == 0.5
+    assert tiny.synthetic_reward('Describe the sky without using the word "blue".', "Clear.") == 0.5
+    assert tiny.synthetic_reward("Write a positive review of the cafe.", "Great place, but poor coffee.") == 0.0
