@@ -200,7 +200,7 @@ def sepo_pipeline_cfg(ctx, seed, size, share, out):
 
 
 def sepo_run(ctx, seed, size, share, curve):
-    """The whole SePO pipeline (sepo.py, its policy at --sepo_lr), then a policy from the same selections at the
+    """The whole SePO pipeline (sepo_pipeline.py, its policy at --sepo_lr), then a policy from the same selections at the
     comparison's --lr -> (result at --lr, result of the pipeline's policy, the selections' key-token statistics)."""
     out = os.path.join(ctx["output_dir"], f"seed{seed}", f"sepo_{size}_{share}")
     cfg = sepo_pipeline_cfg(ctx, seed, size, share, out)

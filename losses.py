@@ -241,7 +241,7 @@ def sft_loss(logps, mask, length_normalize=True):
     NOTE(deviation): Eq. 23 is an expectation of sequence log-likelihoods; train.py divides the summed NLL by the
     global batch's token count instead, the Hugging Face / TRL convention for SFT (a token mean).
     """
-    # Eq. 23: -log pi(y^w | x) = -sum_t log pi(y_t | x, y_<t)
+    # Eq. 23 (SFT): -log pi(y^w | x) = -sum_t log pi(y_t | x, y_<t)
     total = -masked_sum(logps, mask)
     tokens = mask.sum(-1)
     losses = total / tokens.clamp(min=1) if length_normalize else total
@@ -256,10 +256,10 @@ def dpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chose
     label_smoothing eps > 0 gives conservative DPO: -(1-eps) log sigmoid(z) - eps log sigmoid(-z).
     Metrics: rewards = beta * summed log-ratio.
     """
-    # Eq. 3: r(x, y) = beta sum_i log pi_theta(y_i)/pi_ref(y_i)
+    # Eq. 3 (DPO): r(x, y) = beta sum_i log pi_theta(y_i)/pi_ref(y_i)
     r_w = beta * masked_sum(log_ratio(chosen_logps, ref_chosen_logps), chosen_mask)
     r_l = beta * masked_sum(log_ratio(rejected_logps, ref_rejected_logps), rejected_mask)
-    # Eq. 4: L = -log sigmoid(r_w - r_l)   (cDPO: -(1-eps) log sigmoid(z) - eps log sigmoid(-z))
+    # Eq. 4 (DPO): L = -log sigmoid(r_w - r_l)   (cDPO: -(1-eps) log sigmoid(z) - eps log sigmoid(-z))
     losses = -(1 - label_smoothing) * F.logsigmoid(r_w - r_l) - label_smoothing * F.logsigmoid(-(r_w - r_l))
     return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
 
@@ -290,10 +290,10 @@ def simpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, beta=2.
     tokens: over ConfPO's confidence mask this is ConfPO (confpo.py), over an oracle's selection with gamma 0 it is
     SePO's Eq. 26 (sepo.py); both write their own arithmetic, and tests check them against this function.
     """
-    # Eq. 5: r(x, y) = beta/|y| sum_t log pi(y_t)
+    # Eq. 5 (SimPO): r(x, y) = beta/|y| sum_t log pi(y_t)
     r_w = beta * masked_sum(chosen_logps, chosen_mask) / chosen_mask.sum(-1).clamp(min=1)
     r_l = beta * masked_sum(rejected_logps, rejected_mask) / rejected_mask.sum(-1).clamp(min=1)
-    # Eq. 6: L = -log sigmoid(r_w - r_l - gamma)   (label smoothing as in DPO)
+    # Eq. 6 (SimPO): L = -log sigmoid(r_w - r_l - gamma)   (label smoothing as in DPO)
     z = r_w - r_l - gamma
     losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l)
@@ -402,7 +402,7 @@ def kto_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chose
         total, count = kto_reference_point(chosen_logps, chosen_mask, rejected_logps, rejected_mask, ref_chosen_logps,
                                            ref_rejected_logps, beta)
         z_ref = (total / count).clamp(min=0)
-    # Table 5 (KTO, with the KTO paper's signs): L = lambda_w (1 - sigmoid(r_w - z_ref)) + lambda_l (1 - sigmoid(z_ref - r_l))
+    # Table 5 (KTO; the KTO paper's signs): L = lambda_w (1 - sigma(r_w - z_ref)) + lambda_l (1 - sigma(z_ref - r_l))
     losses = lambda_w * (1 - torch.sigmoid(r_w - z_ref)) + lambda_l * (1 - torch.sigmoid(z_ref - r_l))
     return losses, _detached(rewards_chosen=r_w, rewards_rejected=r_l,
                              z_ref=torch.as_tensor(z_ref, device=losses.device).expand_as(losses))

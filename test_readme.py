@@ -1,0 +1,51 @@
+"""The README stays true: every link of its equation map lands on the commented line that computes that equation,
+and every file the README's file table names exists."""
+
+import os
+import re
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LINK = re.compile(r"\[`(\w+\.py):(\d+)`\]\((\w+\.py)#L(\d+)\)")
+
+
+def readme():
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
+        return fh.read()
+
+
+def expected_labels(first_cell):
+    """"Eq. 3-4 (DPO)" -> {"Eq. 3", "Eq. 4"}; "Eq. 13" -> {"Eq. 13"}; a method name such as "SLiC-HF" -> itself."""
+    m = re.match(r"Eq\. (\d+)(?:-(\d+))?", first_cell)
+    if not m:
+        return {first_cell}
+    lo, hi = int(m[1]), int(m[2] or m[1])
+    return {f"Eq. {k}" for k in range(lo, hi + 1)}
+
+
+def names(line, label):
+    """label appears on the line, as a whole equation number ("Eq. 1" does not match "Eq. 13")."""
+    return re.search(re.escape(label) + (r"(?!\d)" if label.startswith("Eq.") else ""), line) is not None
+
+
+def test_equation_links_land_on_their_lines():
+    rows = [line for line in readme().splitlines() if line.startswith("|") and LINK.search(line)]
+    assert len(rows) >= 20, "the equation map has lost its links"
+    for row in rows:
+        labels = expected_labels(row.split("|")[1].strip())
+        for name, n, target, n2 in LINK.findall(row):
+            assert name == target and n == n2, row
+            with open(os.path.join(HERE, name), encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+            line = lines[int(n) - 1] if int(n) <= len(lines) else ""
+            found = [i + 1 for i, text in enumerate(lines) if "#" in text and any(names(text, lb) for lb in labels)]
+            assert "#" in line and any(names(line, lb) for lb in labels), (
+                f"README links {name}:{n} for {sorted(labels)}, but that line is {line.strip()!r}; "
+                f"lines of {name} naming it: {found}")
+
+
+def test_files_in_the_file_table_exist():
+    table = readme().split("## Files", 1)[1].split("\n\n", 2)[1]
+    named = re.findall(r"^\| `([\w.-]+\.(?:py|txt))` \|", table, flags=re.M)
+    assert len(named) >= 10
+    for name in named:
+        assert os.path.exists(os.path.join(HERE, name)), name
