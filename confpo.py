@@ -83,9 +83,18 @@ def confpo_mask(logps, mask, threshold="arithmetic", strict=False):
 
 def random_mask_like(selected, mask, generator=None):
     """ConfPO-rand (Table 2): for each response, as many tokens as `selected` holds, drawn uniformly without
-    replacement from its response tokens (`mask`) -> (B, T) bool. Vectorised: the top i.i.d. uniform keys of each
-    row. `generator` must live on the masks' device."""
-    keys = torch.rand(mask.shape, generator=generator, device=mask.device)
+    replacement from its response tokens (`mask`) -> (B, T) bool: the top i.i.d. uniform keys of each row.
+
+    generator: one torch.Generator for the batch, or a list of one per row; then a row's draws depend on its own
+    generator and response length only, not on the rows batched with it (train.py keys them by seed, step and
+    pair, so that the micro-batch size is free to change). Generators must live on the masks' device.
+    """
+    if isinstance(generator, (list, tuple)):
+        keys = torch.zeros(mask.shape, device=mask.device)
+        for b, g in enumerate(generator):
+            keys[b, mask[b]] = torch.rand(int(mask[b].sum()), generator=g, device=mask.device)
+    else:
+        keys = torch.rand(mask.shape, generator=generator, device=mask.device)
     return top_k_mask(keys, mask, (selected & mask).sum(-1))
 
 

@@ -34,15 +34,39 @@ import re
 import sys
 import warnings
 
-import datasets
-import torch
 
-IGNORE = -100  # label of prompt and padding positions (PyTorch's cross-entropy ignore_index)
 FORMS = ("auto", "standard", "conversational", "implicit")
 
 
+def command_line():
+    """`python data.py check FILE ...`'s flags (defined above the slow imports, so that --help answers at once).
+    Every flag in both spellings, as HfArgumentParser gives train.py's and score.py's."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate a preference dataset and print kept/dropped counts")
+    check.add_argument("file")
+    check.add_argument("--form", default="auto", choices=FORMS)
+    check.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true")
+    check.add_argument("--cache_dir", "--cache-dir", help="datasets cache folder (default: the Hugging Face cache)")
+    check.add_argument("--tokenizer", help="also tokenize with this tokenizer and print the truncation counts")
+    check.add_argument("--max_length", "--max-length", type=int, default=2048)
+    check.add_argument("--max_prompt_length", "--max-prompt-length", type=int, default=1800)
+    return parser
+
+
+if __name__ == "__main__":
+    command_line().parse_args()  # --help and a mistyped flag answer here, before datasets and torch load
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+
+IGNORE = -100  # label of prompt and padding positions (PyTorch's cross-entropy ignore_index)
+
+
 class DataError(ValueError):
-    """Bad input data; the message names the file (or "<in-memory>"), the 0-based row and the field."""
+    """Bad input data; the message names the file (or "<in-memory>"), the 0-based row and the field. A user's
+    mistake: the scripts report it in one line (utils.cli reads `user_error`)."""
+    user_error = True
 
 
 # ------------------------------------------------------------------------------------------------- 1. loading
@@ -102,7 +126,10 @@ def _locate_bad_json(path, builder):
             except json.JSONDecodeError as e:
                 return DataError(f"{path} row {i}: invalid JSON: {e}")
     for i, row in enumerate(rows):
-        for field, value in (row.items() if isinstance(row, dict) else []):
+        if not isinstance(row, dict):
+            return DataError(f"{path} row {i}, field '<row>': expected a JSON object with prompt, chosen and "
+                             f"rejected, got {type(row).__name__} {json.dumps(row)[:80]}")
+        for field, value in row.items():
             if re.search("[\udc80-\udcff]", json.dumps(value, ensure_ascii=False)):
                 return DataError(f"{path} row {i}, field '{field}': invalid UTF-8 bytes")
     return None
@@ -428,18 +455,7 @@ def collate_pairs(rows, pad_token_id, token_fields=(), pad_side="right", pad_to_
 # ---------------------------------------------------------------------------------------- 4. command line
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    check = sub.add_parser("check", help="validate a preference dataset and print kept/dropped counts")
-    check.add_argument("file")
-    check.add_argument("--form", default="auto", choices=FORMS)
-    # every flag in both spellings, as HfArgumentParser gives train.py's and score.py's
-    check.add_argument("--skip_bad_rows", "--skip-bad-rows", action="store_true")
-    check.add_argument("--cache_dir", "--cache-dir", help="datasets cache folder (default: the Hugging Face cache)")
-    check.add_argument("--tokenizer", help="also tokenize with this tokenizer and print the truncation counts")
-    check.add_argument("--max_length", "--max-length", type=int, default=2048)
-    check.add_argument("--max_prompt_length", "--max-prompt-length", type=int, default=1800)
-    args = parser.parse_args(argv)
+    args = command_line().parse_args(argv)
     try:
         ds = load_preferences(args.file, form=args.form, cache_dir=args.cache_dir, skip_bad_rows=args.skip_bad_rows)
     except DataError as e:

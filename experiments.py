@@ -31,17 +31,8 @@ import time
 from dataclasses import asdict, dataclass
 from xml.sax.saxutils import escape
 
-import torch
-import torch.distributed.checkpoint as dcp
-
-import data
-import losses
-import score
-import sepo
-import sepo_pipeline
-import tiny
-import train
-from utils import arg, atomic_write, log0, parse_dataclass, run_in_group
+import utils
+from utils import arg
 
 
 @dataclass
@@ -68,8 +59,30 @@ class ExperimentConfig:
     device: str = arg("auto", "auto | cpu | cuda")
 
 
+# --quick: a smoke run, in folders of its own (never over the committed results in docs/experiments)
 QUICK = dict(seeds="0", ratios="0.1,0.3", shares="0.25,0.5", oracle_sizes="micro,tiny", curve_every=1,
-             eval_prompts=16)
+             eval_prompts=16, output_dir="runs/experiments-quick", figures="runs/experiments-quick/figures")
+
+
+def parse_config(argv=None):
+    return utils.parse_dataclass(ExperimentConfig, argv, __doc__)
+
+
+if __name__ == "__main__":  # answer --help and a mistyped flag now, before the imports below load torch (seconds)
+    utils.check_flags(parse_config)
+
+import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
+import torch.distributed.checkpoint as dcp  # noqa: E402
+
+import data  # noqa: E402
+import losses  # noqa: E402
+import score  # noqa: E402
+import sepo  # noqa: E402
+import sepo_pipeline  # noqa: E402
+import tiny  # noqa: E402
+import train  # noqa: E402
+from utils import UserError, atomic_write, log0, run_in_group  # noqa: E402
+
 DEFAULT_SHARE, DEFAULT_SIZE = 0.5, "tiny"
 TRAIN_PAIRS_QUICK, TEST_PAIRS_QUICK = 128, 16
 # train.py's tiny shapes, for every stage and for scoring
@@ -163,28 +176,48 @@ def evaluate_run(ctx, out, curve):
 # Runs
 # ---------------------------------------------------------------------------------------------------------------
 
-def finished(out, fn):
-    """Run fn() -> result once per folder: the result is kept in out/result.json, and the checkpoints (which only
-    the evaluation needed) are deleted afterwards."""
+def finished(out, key, fn):
+    """Run fn() -> result once per folder and configuration: out/result.json keeps the result beside the
+    configuration that produced it (`key`), and the checkpoints, which only the evaluation needed, are deleted
+    afterwards. A result of another configuration is never reused: the study stops and names the folder."""
     path = os.path.join(out, "result.json")
     if os.path.exists(path):
         with open(path) as fh:
-            return json.load(fh)
+            saved = json.load(fh)
+        if saved.get("config") != key:
+            raise UserError(f"{out} holds the result of another configuration of the study; choose another "
+                            "--output_dir (or delete that folder to run it again)")
+        return saved["result"]
     result = fn()
-    atomic_write(path, json.dumps(result, indent=1))
+    atomic_write(path, json.dumps({"config": key, "result": result}, indent=1))
     shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return result
 
 
 def train_run(ctx, out, argv, curve):
     """train.py with these flags into `out` (with `curve`, a checkpoint every --curve_every steps), then its
-    evaluation; skipped when already done."""
+    evaluation; skipped when already done with the same configuration (train.py itself resumes, or finds the run
+    finished, and refuses a folder holding another run)."""
+    argv = argv + ["--output_dir", out, "--save_every", str(ctx["curve_every"] if curve else 0), "--keep_last", "0"]
+
     def go():
-        if not os.path.exists(os.path.join(out, "final", "config.json")):
-            train.main(argv + ["--output_dir", out, "--save_every", str(ctx["curve_every"] if curve else 0),
-                               "--keep_last", "0"])
+        train.main(argv)
         return evaluate_run(ctx, out, curve)
-    return finished(out, go)
+    return finished(out, {"train": without_paths_of_no_consequence(argv), "curve": curve, "eval": ctx["eval_key"]},
+                    go)
+
+
+def without_paths_of_no_consequence(argv):
+    """A run's flags without those that do not change its result (the datasets cache, the device)."""
+    keep, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--cache_dir", "--device"):
+            skip = True
+        else:
+            keep.append(a)
+    return keep
 
 
 def sepo_pipeline_cfg(ctx, seed, size, share, out):
@@ -208,7 +241,8 @@ def sepo_run(ctx, seed, size, share, curve):
     def go():
         sepo_pipeline.main([f"--{k}={v}" for k, v in asdict(cfg).items()])
         return evaluate_run(ctx, os.path.join(out, "policy"), curve)
-    own = finished(os.path.join(out, "policy"), go)
+    key = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "device")}
+    own = finished(os.path.join(out, "policy"), {"pipeline": key, "curve": curve, "eval": ctx["eval_key"]}, go)
     selections = os.path.join(out, "scores", sepo.selection_name(ctx["ratio"], ctx["ratio"]))
     common = sepo_policy(ctx, cfg, selections, os.path.join(out, f"policy_lr{ctx['lr']:g}"), curve)
     return common, own, manifest_stats(os.path.join(out, "scores"))
@@ -302,7 +336,9 @@ def setup(cfg, rank, world, device):
                lr=cfg.lr, sepo_lr=cfg.sepo_lr, curve_every=cfg.curve_every, max_steps=int(steps[1]),
                eval_flags=eval_flags,
                tokenizer=tokenizer, prompts=[row["prompt"] for row in test][:cfg.eval_prompts],
-               max_new_tokens=cfg.max_new_tokens, batches=batches)
+               max_new_tokens=cfg.max_new_tokens, batches=batches,
+               eval_key={"prompts": cfg.eval_prompts, "max_new_tokens": cfg.max_new_tokens, "test": test_data,
+                         "sft": sft_path})
     ctx["train_argv"] = (["--model", sft_path, "--data", train_data] + SHAPE + BATCH + ["--judge", "none",
                           "--cache_dir", cfg.cache_dir, "--device", cfg.device] + steps + eval_flags.split())
     ctx["sft"] = AutoModelForCausalLM.from_pretrained(sft_path).to(device).eval()
@@ -583,7 +619,7 @@ def results_markdown(cfg, summary, keys, n_seeds):
 
 
 def main(argv=None):
-    cfg, explicit = parse_dataclass(ExperimentConfig, argv, __doc__)
+    cfg, explicit = parse_config(argv)
     if cfg.quick:
         for key, value in QUICK.items():
             if key not in explicit:
@@ -594,7 +630,7 @@ def main(argv=None):
 def study(cfg, rank, world, device):
     t0 = time.time()
     if world > 1:
-        raise SystemExit("experiments.py runs in one process (its runs are tiny); start it with python, not torchrun")
+        raise UserError("experiments.py runs in one process (its runs are tiny); start it with python, not torchrun")
     ctx = setup(cfg, rank, world, device)
     if cfg.setup_only:
         confpo_selection(ctx)
@@ -615,4 +651,4 @@ def study(cfg, rank, world, device):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(utils.cli(main))

@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import losses
+from utils import UserError
 
 
 class PolicyLogps(torch.nn.Module):
@@ -70,7 +71,7 @@ def choose_logp_path(requested, model):
     plain = (isinstance(head, torch.nn.Linear) and head.bias is None
              and all(getattr(model.config, k, neutral) in (None, neutral) for k, neutral in LOGIT_TRANSFORMS.items()))
     if requested == "chunked" and not plain:
-        raise SystemExit(f"--logp_path chunked: {type(model).__name__}'s logits are not hidden @ W.T "
+        raise UserError(f"--logp_path chunked: {type(model).__name__}'s logits are not hidden @ W.T "
                          "(a bias, soft-capping or a logit scale); use --logp_path logits")
     return requested if requested != "auto" else ("chunked" if plain else "logits")
 
@@ -80,8 +81,26 @@ def make_mesh(cfg, world, device):
         return init_device_mesh(device.type, (world,))
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if world % per_node:
-        raise SystemExit(f"--hybrid_shard: world size {world} is not a multiple of {per_node} ranks per node")
+        raise UserError(f"--hybrid_shard: world size {world} is not a multiple of {per_node} ranks per node")
     return init_device_mesh(device.type, (world // per_node, per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def check_source(path, flag):
+    """A model or tokenizer source must be a folder that exists or a name on the Hugging Face hub: a path that names
+    no folder gets "no such folder", not the hub's complaint about repository names."""
+    if not path or os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise UserError(f"{flag} {path}: a file, not a model folder")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith("/") or "\\" in path:
+        raise UserError(f"{flag} {path}: no such folder")
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise UserError(f"{flag} {path}: no such folder, and no model of that name could be loaded from the Hugging "
+                        f"Face hub ({reason})") from None
 
 
 def compute_dtype(flag, device):
@@ -98,7 +117,7 @@ def load_model(path, cfg, mesh, device, trainable):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except ValueError as e:
         kind = type(AutoConfig.from_pretrained(path)).__name__
-        raise SystemExit(f"{path}: {kind} has no causal-LM head that AutoModelForCausalLM can load ({e})")
+        raise UserError(f"{path}: {kind} has no causal-LM head that AutoModelForCausalLM can load ({e})")
     if cfg.activation_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -107,7 +126,7 @@ def load_model(path, cfg, mesh, device, trainable):
     layer_classes = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
-        raise SystemExit(f"{path}: cannot find the decoder layers of {type(model).__name__} to shard")
+        raise UserError(f"{path}: cannot find the decoder layers of {type(model).__name__} to shard")
     for i, layer in enumerate(layers):
         # a trained model needs its last layer again right at the start of backward: keep it gathered; a frozen
         # reference never runs backward, so everything (its root included) is resharded after forward

@@ -20,7 +20,6 @@ Positions are in the policy's tokenization: the oracle, the reference and the po
 """
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -30,17 +29,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-import confpo
-import data
-import losses
-import models
-import report as html_report
-import sepo
-from utils import arg, atomic_write, log0, parse_dataclass, rank_zero_first, run_in_group
+import utils
+from utils import arg
 
 
 @dataclass
@@ -75,6 +65,27 @@ class ScoreConfig:
     seed: int = arg(0, "seed of the report's sample of pairs")
 
 
+def parse_config(argv=None):
+    return utils.parse_dataclass(ScoreConfig, argv, __doc__)
+
+
+if __name__ == "__main__":  # answer --help and a mistyped flag now, before the imports below load torch (seconds)
+    utils.check_flags(parse_config)
+
+import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import confpo  # noqa: E402
+import data  # noqa: E402
+import losses  # noqa: E402
+import models  # noqa: E402
+import report as html_report  # noqa: E402
+import sepo  # noqa: E402
+from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, log0, on_rank_zero,  # noqa: E402
+                   rank_zero_first, read_marker, run_in_group)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizers: the paper's requirement, and the way around it
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,7 +108,7 @@ def check_tokenizers(oracle_tok, policy_tok, oracle, policy, cross_tokenizer):
     on). Returns True when the vocabularies differ (and cross_tokenizer allows it)."""
     diffs = tokenizer_differences(oracle_tok, policy_tok)
     if diffs and not cross_tokenizer:
-        raise SystemExit(f"the oracle ({oracle}) and the policy ({policy}) have different tokenizers: "
+        raise UserError(f"the oracle ({oracle}) and the policy ({policy}) have different tokenizers: "
                          f"{'; '.join(diffs)}. SePO selects token positions, so they must match (the paper's "
                          "stated limitation); pass --cross_tokenizer to map selections through character offsets")
     if not diffs and getattr(oracle_tok, "chat_template", None) != getattr(policy_tok, "chat_template", None):
@@ -135,34 +146,20 @@ def map_across_tokenizers(src_spans, src_selected, src_scores, dst_spans, align_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What was scored: fingerprints, so that a folder is never resumed with other models or data
+# What was scored: content fingerprints, so that a folder is never resumed with other models or data, and a moved
+# folder (or data given by another path) still is
 # ---------------------------------------------------------------------------------------------------------------
 
-def model_fingerprint(path):
-    """A hub name as is; a folder by its config and the size and time of its weight files (cheap, and changes
-    whenever the folder's model does)."""
-    if not os.path.isdir(path):
-        return path
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if name == "config.json":
-            with open(full, "rb") as fh:
-                h.update(fh.read())
-        elif name.endswith((".safetensors", ".bin", ".pt")):
-            st = os.stat(full)
-            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:32]
-
-
-def identity(cfg, tokenized, score_tok, device):
-    """Everything that decides the shards' contents."""
+def identity(cfg, score_tok, crossing, device):
+    """Everything that decides the shards' contents: the models' and the data's contents, and how the data are
+    read, tokenized and scored (not how their paths are spelled)."""
     scorers = {"model": cfg.model} if cfg.confpo else {"oracle": cfg.oracle, "reference": cfg.reference}
-    return {"mode": "confpo" if cfg.confpo else "sepo", **scorers,
-            "models": {k: model_fingerprint(v) for k, v in scorers.items()},
-            "data": cfg.data, "split": cfg.split, "tokenized_data": tokenized._fingerprint, "beta": cfg.beta,
-            "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
-            "dtype": repr(models.compute_dtype(cfg.dtype, device)), "scoring_tokenizer": data.tokenizer_hash(score_tok)}
+    return {"mode": "confpo" if cfg.confpo else "sepo", "models": {k: fingerprint(v) for k, v in scorers.items()},
+            "data": fingerprint(cfg.data), "split": cfg.split, "form": cfg.form, "skip_bad_rows": cfg.skip_bad_rows,
+            "max_pairs": cfg.max_pairs, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "beta": cfg.beta, "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
+            "dtype": repr(models.compute_dtype(cfg.dtype, device)), "scoring_tokenizer": data.tokenizer_hash(score_tok),
+            "offsets": crossing}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,9 +251,9 @@ def parse_ratios(text):
         try:
             rc, rl = (float(x) for x in part.split(":"))
         except ValueError:
-            raise SystemExit(f"--ratios: expected chosen:rejected pairs such as 0.3:0.3, got {part!r}") from None
+            raise UserError(f"--ratios: expected chosen:rejected pairs such as 0.3:0.3, got {part!r}") from None
         if not (0 <= rc <= 1 and 0 <= rl <= 1):
-            raise SystemExit(f"--ratios: ratios must lie in [0, 1], got {part!r}")
+            raise UserError(f"--ratios: ratios must lie in [0, 1], got {part!r}")
         pairs.append((rc, rl))
     return pairs
 
@@ -405,20 +402,20 @@ def finish_file(cfg, name, tmp_path):
 def check_config(cfg):
     if cfg.confpo:
         if not cfg.model:
-            raise SystemExit("--confpo needs --model: the policy whose confidence selects tokens")
+            raise UserError("--confpo needs --model: the policy whose confidence selects tokens")
     elif not (cfg.oracle and cfg.reference):
-        raise SystemExit("score.py needs --oracle and --reference (or --confpo --model)")
+        raise UserError("score.py needs --oracle and --reference (or --confpo --model)")
     if not cfg.data:
-        raise SystemExit("score.py needs --data")
+        raise UserError("score.py needs --data")
     if not cfg.output_dir:
-        raise SystemExit("score.py needs --output_dir")
+        raise UserError("score.py needs --output_dir")
     if cfg.format not in ("jsonl", "datasets"):
-        raise SystemExit(f"--format must be jsonl or datasets, got {cfg.format!r}")
+        raise UserError(f"--format must be jsonl or datasets, got {cfg.format!r}")
     if cfg.confpo:
         try:
             confpo.parse_threshold(cfg.threshold)
         except ValueError as e:
-            raise SystemExit(f"--{e}") from None
+            raise UserError(f"--{e}") from None
     else:
         parse_ratios(cfg.ratios)
 
@@ -433,7 +430,7 @@ def tokenizers(cfg):
     oracle_tok = AutoTokenizer.from_pretrained(cfg.oracle)
     diffs = tokenizer_differences(oracle_tok, AutoTokenizer.from_pretrained(cfg.reference))
     if diffs:
-        raise SystemExit(f"the oracle and the reference must share a tokenizer (Eq. 24 compares the same token ids); "
+        raise UserError(f"the oracle and the reference must share a tokenizer (Eq. 24 compares the same token ids); "
                          f"they differ in: {'; '.join(diffs)}")
     if not cfg.policy:
         return oracle_tok, oracle_tok, False
@@ -443,56 +440,60 @@ def tokenizers(cfg):
 
 
 def main(argv=None):
-    cfg, _ = parse_dataclass(ScoreConfig, argv, __doc__)
+    cfg, _ = parse_config(argv)
     check_config(cfg)
     return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device))
 
 
 def run(cfg, rank, world, device):
-    score_tok, policy_tok, crossing = tokenizers(cfg)
-
-    def load():
-        ds = data.load_preferences(cfg.data, split=cfg.split, form=cfg.form, skip_bad_rows=cfg.skip_bad_rows,
-                                   cache_dir=cfg.cache_dir or None)
-        ds = ds.select(range(min(cfg.max_pairs, len(ds)))) if cfg.max_pairs else ds
-        return ds, *data.tokenize_preferences(ds, score_tok, cfg.max_length, cfg.max_prompt_length, offsets=crossing)
-
-    ds, tokenized, stats = rank_zero_first(load)
-    log0(f"{cfg.data}: {stats['kept']} pairs to score ({stats['dropped_empty']} dropped: empty response)")
-    manifest_path = os.path.join(cfg.output_dir, "manifest.json")
-    mine = identity(cfg, tokenized, score_tok, device)
-    old_manifest = sepo.read_manifest(cfg.output_dir)
-    if old_manifest is not None:
-        old = old_manifest["identity"]
-        changed = [k for k in mine if old.get(k) != mine[k]]
+    with FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it found it
+        for flag in ("model", "oracle", "reference", "policy"):
+            models.check_source(getattr(cfg, flag), f"--{flag}")
+        score_tok, policy_tok, crossing = tokenizers(cfg)
+        saved = on_rank_zero(lambda: read_marker(cfg.output_dir, "manifest.json", "scores"))
+        mine = on_rank_zero(lambda: identity(cfg, score_tok, crossing, device))
+        changed = [k for k, _, _ in differences(saved["identity"], mine, {}, set())] if saved else []
         if changed:
-            raise SystemExit(f"{cfg.output_dir} holds scores of another run (differs in: {', '.join(changed)}); "
-                             "choose another --output_dir")
-    dist.barrier()
-    if rank == 0:
-        os.makedirs(os.path.join(cfg.output_dir, "shards"), exist_ok=True)
-        for leftover in glob.glob(os.path.join(cfg.output_dir, "shards", "*.tmp*")):
-            os.remove(leftover)  # a block whose write was killed
-        atomic_write(manifest_path, json.dumps({"identity": mine, "complete": False,
-                                                "policy_tokenizer": data.tokenizer_hash(policy_tok)}, indent=2))
-    dist.barrier()
-    pad_id = score_tok.pad_token_id if score_tok.pad_token_id is not None else score_tok.eos_token_id
-    score_blocks(cfg, tokenized, pad_id, rank, world, device)
-    dist.barrier()
-    if rank == 0:
-        finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, mine, manifest_path)
-    dist.barrier()
-    return cfg.output_dir
+            raise UserError(f"{cfg.output_dir} holds scores of another run (differs in: {', '.join(changed)}); "
+                            "choose another --output_dir")
+
+        def load():
+            ds = data.load_preferences(cfg.data, split=cfg.split, form=cfg.form, skip_bad_rows=cfg.skip_bad_rows,
+                                       cache_dir=cfg.cache_dir or None)
+            ds = ds.select(range(min(cfg.max_pairs, len(ds)))) if cfg.max_pairs else ds
+            return ds, *data.tokenize_preferences(ds, score_tok, cfg.max_length, cfg.max_prompt_length,
+                                                  offsets=crossing)
+
+        ds, tokenized, stats = rank_zero_first(load)
+        log0(f"{cfg.data}: {stats['kept']} pairs to score ({stats['dropped_empty']} dropped: empty response)")
+        manifest_path = os.path.join(cfg.output_dir, "manifest.json")
+        scored = {"identity": mine, "paths": {k: getattr(cfg, k) for k in ("oracle", "reference", "model", "policy")
+                                               if getattr(cfg, k)},
+                  "data": {"path": cfg.data, "split": cfg.split, "fingerprint": mine["data"],
+                           "max_pairs": cfg.max_pairs}, "policy_tokenizer": data.tokenizer_hash(policy_tok)}
+        dist.barrier()
+        if rank == 0:
+            os.makedirs(os.path.join(cfg.output_dir, "shards"), exist_ok=True)
+            for leftover in glob.glob(os.path.join(cfg.output_dir, "shards", "*.tmp*")):
+                os.remove(leftover)  # a block whose write was killed
+            atomic_write(manifest_path, json.dumps({**scored, "complete": False}, indent=2))
+        dist.barrier()
+        pad_id = score_tok.pad_token_id if score_tok.pad_token_id is not None else score_tok.eos_token_id
+        score_blocks(cfg, tokenized, pad_id, rank, world, device)
+        dist.barrier()
+        if rank == 0:
+            finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, scored, manifest_path)
+        dist.barrier()
+        return cfg.output_dir
 
 
-def finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, mine, manifest_path):
+def finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, scored, manifest_path):
     """Rank 0: merge, select, write the selection files, then the complete manifest, then the report."""
     policy_ds = data.tokenize_preferences(ds, policy_tok, cfg.max_length, cfg.max_prompt_length,
                                           offsets=True)[0] if crossing else tokenized
     eos_ids = (score_tok.eos_token_id, policy_tok.eos_token_id) if crossing else None
     selection_stats, report = merge(cfg, len(tokenized), tokenized, policy_ds, eos_ids)
-    manifest = {"identity": mine, "complete": True, "pairs": len(policy_ds), "tokenize": stats, "policy": cfg.policy,
-                "policy_tokenizer": data.tokenizer_hash(policy_tok), "cross_tokenizer": crossing,
+    manifest = {**scored, "complete": True, "pairs": len(policy_ds), "tokenize": stats, "cross_tokenizer": crossing,
                 "selections": selection_stats}
     atomic_write(manifest_path, json.dumps(manifest, indent=2))
     for name in selectors(cfg):
@@ -508,4 +509,4 @@ def finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, mine, man
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(utils.cli(main))

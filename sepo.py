@@ -103,13 +103,18 @@ def scoring_complete(scores_dir):
     return bool(manifest and manifest.get("complete"))
 
 
+class SelectionError(ValueError):
+    """Selections that do not fit the data being trained (the message names the file, the row and the field)."""
+    user_error = True  # a user's mistake: reported in one line by the scripts
+
+
 def load_selections(path):
     """A selections file (JSONL) or folder (datasets.save_to_disk) -> datasets.Dataset."""
     import datasets
     if os.path.isdir(path):
         return datasets.load_from_disk(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such selections file (write one with score.py)")
+        raise SelectionError(f"{path}: no such selections file (write one with score.py)")
     rows = []
     with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh):
@@ -117,7 +122,7 @@ def load_selections(path):
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} row {i}: not valid JSON ({e})") from None
+                    raise SelectionError(f"{path} row {i}: not valid JSON ({e})") from None
     return datasets.Dataset.from_list(rows)
 
 
@@ -129,18 +134,18 @@ def attach_selections(tokenized, selections, source="selections"):
 
     def add(ex):
         if ex["row"] not in index:
-            raise ValueError(f"{source}: no selection for row {ex['row']}")
+            raise SelectionError(f"{source}: no selection for row {ex['row']}")
         sel = selections[index[ex["row"]]]
         out = {}
         for side in ("chosen", "rejected"):
             n = sum(1 for x in ex[f"{side}_labels"] if x != IGNORE_INDEX)
             if sel[f"{side}_n"] != n:
-                raise ValueError(f"{source} row {ex['row']}, field '{side}_n': {sel[f'{side}_n']} tokens were scored "
+                raise SelectionError(f"{source} row {ex['row']}, field '{side}_n': {sel[f'{side}_n']} tokens were scored "
                                  f"but the response has {n} here (another tokenizer or max_length?)")
             flags = [0] * len(ex[f"{side}_input_ids"])
             for j in sel[f"{side}_selected"]:
                 if not 0 <= j < n:
-                    raise ValueError(f"{source} row {ex['row']}, field '{side}_selected': index {j} outside 0..{n - 1}")
+                    raise SelectionError(f"{source} row {ex['row']}, field '{side}_selected': index {j} outside 0..{n - 1}")
                 flags[ex["prompt_len"] + j] = 1
             out[f"{side}_select"] = flags
         return out

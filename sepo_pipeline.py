@@ -15,19 +15,13 @@ command continues after an interruption):
 
 import json
 import os
+import dataclasses
 import shlex
 import sys
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
-import data
-import score
-import sepo
-import tiny
-import train
-from utils import arg, atomic_write, claim_output_dir, log0, parse_dataclass, rank_zero_first, run_in_group
+import utils
+from utils import arg
 
 
 @dataclass
@@ -61,12 +55,35 @@ class PipelineConfig:
     device: str = arg("auto", "auto | cpu | cuda")
 
 
+
+
+def parse_config(argv=None):
+    return utils.parse_dataclass(PipelineConfig, argv, __doc__)
+
+
+if __name__ == "__main__":  # answer --help and a mistyped flag now, before the imports below load torch (seconds)
+    utils.check_flags(parse_config)
+
+import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
+import torch.distributed as dist  # noqa: E402
+
+import data  # noqa: E402
+import models  # noqa: E402
+import score  # noqa: E402
+import sepo  # noqa: E402
+import tiny  # noqa: E402
+import train  # noqa: E402
+from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, log0, on_rank_zero,  # noqa: E402
+                   rank_zero_first, read_marker, run_in_group)
+
 # Without --data: small batches and learning rates that suit the tiny world (a policy lr of 1e-4 already collapses
 # the tiny policy: see the README)
 PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-5, sft_epochs=2,
                      max_length=128, max_prompt_length=64)
-# Fields that may change when the same pipeline folder is run again (the others decide what its stages hold)
-PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world"}
+# Fields that may change when the same pipeline folder is run again (the others decide what its stages hold);
+# paths are compared by their contents
+PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world", "output_dir"}
+PIPELINE_PATHS = ("data", "eval_data", "oracle_base", "policy")
 
 
 def write_subset(cfg, out_path):
@@ -74,7 +91,7 @@ def write_subset(cfg, out_path):
     ds = data.load_preferences(cfg.data, split=cfg.split, cache_dir=cfg.cache_dir or None)
     m = round(cfg.subset * len(ds)) if cfg.subset <= 1 else int(cfg.subset)
     if not 1 <= m <= len(ds):
-        raise SystemExit(f"--subset {cfg.subset}: D_m would hold {m} of {len(ds)} pairs")
+        raise UserError(f"--subset {cfg.subset}: D_m would hold {m} of {len(ds)} pairs")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:m].sort().values.tolist()
     lines = [json.dumps({k: ds[i][k] for k in ("prompt", "chosen", "rejected")}) for i in order]
     atomic_write(out_path, "\n".join(lines) + "\n")
@@ -109,7 +126,7 @@ def main(argv=None):
     """SFT (Eq. 23) and DPO on D_m give pi_ref and pi_oracle; score.py scores and selects (Eq. 24-25) the whole
     target data; train.py trains the policy with Eq. 26. Each stage is skipped when its output exists, and each
     training stage resumes from its own checkpoints: run the same command again after an interruption."""
-    cfg, explicit = parse_dataclass(PipelineConfig, argv, __doc__)
+    cfg, explicit = parse_config(argv)
     return run_in_group(cfg.device, lambda rank, world, device: run(cfg, explicit, rank))
 
 
@@ -125,16 +142,34 @@ def run(cfg, explicit, rank):
         cfg.oracle_base = cfg.oracle_base or paths["llama-tiny"]
         cfg.policy = cfg.policy or tiny.sft_model(cfg.tiny_world, paths, train.main, cfg.seed, cfg.cache_dir)
     if not (cfg.oracle_base and cfg.policy):
-        raise SystemExit("sepo_pipeline.py needs --oracle_base and --policy (or neither, with no --data: the tiny "
-                         "world)")
+        raise UserError("sepo_pipeline.py needs --oracle_base and --policy (or neither, with no --data: the tiny "
+                        "world)")
+    for flag in ("oracle_base", "policy"):
+        models.check_source(getattr(cfg, flag), f"--{flag}")
     # before any training: can the oracle select the policy's tokens? With one vocabulary the oracle is trained
     # with the policy's tokenizer, so that it reads the data in the format the policy does
     crossing = score.check_tokenizers(AutoTokenizer.from_pretrained(cfg.oracle_base),
                                       AutoTokenizer.from_pretrained(cfg.policy), cfg.oracle_base, cfg.policy,
                                       cfg.cross_tokenizer)
     oracle_tokenizer = [] if crossing else ["--tokenizer", cfg.policy]
-    # stages are skipped when their output exists: a folder must not be reused with other settings
-    claim_output_dir(cfg, rank, "pipeline.json", PIPELINE_RESUMABLE, "a SePO pipeline with other settings")
+    with FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it found it
+        return stages(cfg, oracle_tokenizer, on_tiny_world, rank)
+
+
+def stages(cfg, oracle_tokenizer, on_tiny_world, rank):
+    """The stages in order, each skipped when its output exists; so the folder must not be reused with other
+    settings (pipeline.json holds them, paths by their contents)."""
+    saved = on_rank_zero(lambda: read_marker(cfg.output_dir, "pipeline.json", "pipeline"))
+    fingerprints = on_rank_zero(lambda: {k: fingerprint(getattr(cfg, k)) for k in PIPELINE_PATHS})
+    mine = dataclasses.asdict(cfg)
+    diff = differences(saved, mine, fingerprints, PIPELINE_RESUMABLE) if saved else []
+    if diff:
+        raise UserError(f"{cfg.output_dir} holds a SePO pipeline with other settings (differs in: "
+                        f"{', '.join(k for k, _, _ in diff)}); rerun with the settings in "
+                        f"{os.path.join(cfg.output_dir, 'pipeline.json')} (--config), or choose another --output_dir")
+    if rank == 0:
+        atomic_write(os.path.join(cfg.output_dir, "pipeline.json"),
+                     json.dumps({**mine, "_fingerprints": fingerprints}, indent=2))
     out = cfg.output_dir
     subset = os.path.join(out, "subset.jsonl")
     if rank == 0 and not os.path.exists(subset):
@@ -169,4 +204,4 @@ def run(cfg, explicit, rank):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(utils.cli(main))

@@ -233,8 +233,8 @@ def test_sepo_pipeline_end_to_end(world, tmp_path):
     config = json.loads((out / "policy" / "config.json").read_text())
     assert config["method"] == "sepo" and config["model"].endswith("llama-small-sft")
     manifest = json.loads((out / "scores" / "manifest.json").read_text())
-    assert manifest["identity"]["oracle"].endswith("oracle_dpo/final")
-    assert manifest["identity"]["reference"].endswith("oracle_sft/final")
+    assert manifest["paths"]["oracle"].endswith("oracle_dpo/final")
+    assert manifest["paths"]["reference"].endswith("oracle_sft/final")
     assert (out / "scores" / "report.html").exists()
     evals = [json.loads(x) for x in (out / "policy" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in evals if m["split"] == "eval"] == [0, 3]
@@ -306,7 +306,7 @@ def test_changed_data_or_models_are_not_resumed(world, tmp_path):
     swapped = [json.dumps({**json.loads(x), "chosen": json.loads(x)["rejected"], "rejected": json.loads(x)["chosen"]})
                for x in lines]
     src.write_text("\n".join(swapped) + "\n")  # same path, other content
-    with pytest.raises(SystemExit, match="holds scores of another run .*tokenized_data"):
+    with pytest.raises(SystemExit, match="holds scores of another run .*data"):
         score.main(score_args(world, tmp_path / "s", data=str(src)))
     with pytest.raises(SystemExit, match="holds scores of another run .*dtype"):
         score.main(score_args(world, tmp_path / "s", data=str(src), dtype="bf16"))

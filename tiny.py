@@ -19,11 +19,24 @@ import shutil
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from utils import log0
+
+def command_line():
+    """`python tiny.py`'s flags (defined above the slow imports, so that --help answers at once)."""
+    parser = argparse.ArgumentParser(description="build (or re-use) the offline tiny world and print its paths")
+    parser.add_argument("--root", default="tiny_world", help="the folder of the world")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of everything in it")
+    return parser
+
+
+if __name__ == "__main__":
+    command_line().parse_args()  # --help and a mistyped flag answer here, before torch loads
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from utils import log0  # noqa: E402
 
 WORLD_VERSION = 1  # bump when anything the tiny world writes changes, so old folders are rebuilt
 
@@ -336,10 +349,7 @@ def synthetic_reward_of(model_path, prompts, device, max_new_tokens=40, batch_si
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="build (or re-use) the offline tiny world and print its paths")
-    parser.add_argument("--root", default="tiny_world")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = command_line().parse_args(argv)
     t0 = time.time()
     for name, path in build_tiny_world(args.root, args.seed).items():
         print(f"{name:15s} {path}")

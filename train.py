@@ -7,13 +7,16 @@
         --beta 1.0 --gamma 2.0 --lr 6e-7 --activation_checkpointing --output_dir runs/confpo-llama3-base
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 train.py ... --hybrid_shard
 
-Top to bottom: the method table and the config (every field is a flag), `train` (set-up, the loop, export), then
-what it calls: data, models (FSDP2), one micro-step, metrics, checkpoints (torch.distributed.checkpoint, written
-to a temporary folder and renamed) and the Hugging Face export. Each micro-step is one forward over chosen and
-rejected rows together; gradients are synchronised on the last micro-step of an optimizer step only. Without
-torchrun variables it runs as a world of one, through the same FSDP code path.
+Top to bottom: the config (every field is a flag) and the method table; `train`: the checks, the set-up and the
+loop with its export; then what they call: data, one micro-step, metrics, checkpoints (torch.distributed.checkpoint,
+written to a temporary folder and renamed) and the Hugging Face export (models.py loads and shards the models).
+Each micro-step is one forward over chosen and rejected rows together; gradients are synchronised on the last
+micro-step of an optimizer step only. Without torchrun variables it runs as a world of one, through the same FSDP
+code path. A run owns its output folder (a lock), writes nothing there before every check has passed, and resumes
+from its newest intact checkpoint when the same command runs again.
 """
 
+import dataclasses
 import glob
 import inspect
 import json
@@ -25,60 +28,20 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from types import SimpleNamespace
+from typing import Callable, Literal, NamedTuple, Optional
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
-from tqdm import tqdm
+import utils
+from utils import arg
 
-import confpo
-import data
-import losses
-import sepo
-import tiny
-from models import load_model, make_mesh
-from utils import (arg, atomic_write, claim_output_dir, fsync_dir, log0, parse_dataclass, rank_zero_first, remove,
-                   run_in_group)
-
-
-class Method(NamedTuple):
-    """What the loop must know of a method. Each objective documents its equation and defaults; nothing in this
-    file tests a method's name."""
-    objective: Callable
-    reference: bool = False  # takes pi_ref's per-token log-probs: a frozen reference model runs every micro-step
-    chosen_only: bool = False  # SFT (SePO Eq. 23): forward the chosen rows only; the loss is a token mean
-    selections: bool = False  # SePO: token selections from score.py (--selections), attached to the data
-    batch_fields: dict = {}  # per-token data fields collated into the batch -> the objective's chosen_/rejected_ arg
-    random: bool = False  # ConfPO-rand: draws its tokens with a generator keyed by (seed, step, micro-batch)
-    shared_z_ref: bool = False  # KTO: z_ref estimated over the micro-batches of every rank, not this rank's alone
-
-
-METHODS = {
-    "sft": Method(losses.sft_loss, chosen_only=True),
-    "dpo": Method(losses.dpo_loss, reference=True),
-    "ipo": Method(losses.ipo_loss, reference=True),
-    "simpo": Method(losses.simpo_loss),
-    "cpo": Method(losses.cpo_loss),
-    "rrhf": Method(losses.rrhf_loss),
-    "slic": Method(losses.slic_loss),
-    "orpo": Method(losses.orpo_loss),
-    "rdpo": Method(losses.rdpo_loss, reference=True),
-    "kto": Method(losses.kto_loss, reference=True, shared_z_ref=True),
-    "confpo": Method(confpo.confpo_loss),
-    "confpo_dpo": Method(confpo.confpo_dpo_loss, reference=True),
-    "confpo_rand": Method(confpo.confpo_rand_loss, random=True),
-    "sepo": Method(sepo.sepo_loss, selections=True, batch_fields={"select": "selected"}),
-}
+MethodName = Literal["sft", "dpo", "ipo", "simpo", "cpo", "rrhf", "slic", "orpo", "rdpo", "kto", "confpo",
+                     "confpo_dpo", "confpo_rand", "sepo"]  # the keys of METHODS (test_train.py checks it)
 
 
 @dataclass
 class Config:
     # what to train
-    method: str = arg("confpo", "objective: one of METHODS")
+    method: MethodName = arg("confpo", "objective: a method of the table METHODS below")
     model: str = arg("", "policy: a Hugging Face model name or folder ('' = the tiny offline world's llama-small)")
     ref_model: str = arg("", "reference model for DPO-style methods ('' = the initial policy)")
     tokenizer: str = arg("", "tokenizer (and chat template) to use ('' = the model's own); exported with the model")
@@ -145,20 +108,77 @@ class Config:
     export: bool = arg(True, "write a Hugging Face folder output_dir/final at the end")
     judge: str = arg("auto", "after the export, score greedy answers: synthetic (the tiny world's task) | none | "
                              "auto (synthetic when training on the tiny world)")
+    skip_nonfinite: bool = arg(False, "skip (and count) an optimizer step whose loss or gradient norm is not finite, "
+                                      "instead of stopping the run there")
 
 
-# Fields that may differ when a run is resumed (everything else must match the run in output_dir).
-# micro_batch_size changes only float summation order (and KTO's per-micro-step z_ref estimate).
+# Fields that may differ when a run is resumed (everything else must match the run in output_dir). Paths are
+# compared by their contents, so a moved or copied run folder, or data given by another path, resumes.
+# micro_batch_size changes only the float summation order (ConfPO-rand draws per pair, whatever the micro-batch),
+# except for KTO, whose z_ref is estimated per micro-step over all ranks: KTO depends on micro-batches and ranks.
 RESUMABLE_FIELDS = {"judge", "halt_after", "log_every", "eval_every", "eval_max_pairs", "save_every", "keep_last",
                     "resume", "export", "num_proc", "cache_dir", "skip_bad_rows", "device", "hybrid_shard",
-                    "activation_checkpointing", "chunk_size", "logp_path", "micro_batch_size"}
+                    "activation_checkpointing", "chunk_size", "logp_path", "micro_batch_size", "skip_nonfinite",
+                    "output_dir", "tiny_world"}
+PATH_FIELDS = ("model", "ref_model", "tokenizer", "data", "eval_data", "selections")  # compared by content
 HPARAMS = ["beta", "gamma", "tau", "label_smoothing", "lambda_", "lambda_w", "lambda_l", "delta", "alpha",
            "threshold", "strict", "normalize"]
 
 
 def parse_config(argv=None):
     """The training config from flags and --config. Returns (Config, names set explicitly)."""
-    return parse_dataclass(Config, argv, __doc__, choices={"method": sorted(METHODS)}, numbers_as_text={"threshold"})
+    return utils.parse_dataclass(Config, argv, __doc__, numbers_as_text={"threshold"})
+
+
+if __name__ == "__main__":  # answer --help and a mistyped flag now, before the imports below load torch (seconds)
+    utils.check_flags(parse_config)
+
+import numpy as np  # noqa: E402  (the imports that take seconds, after the early flag check above)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,  # noqa: E402
+                                                     get_state_dict, set_state_dict)
+from tqdm import tqdm  # noqa: E402
+
+import confpo  # noqa: E402
+import data  # noqa: E402
+import losses  # noqa: E402
+import sepo  # noqa: E402
+import tiny  # noqa: E402
+from models import check_source, load_model, make_mesh  # noqa: E402
+from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, fsync_dir, log0,  # noqa: E402
+                   on_rank_zero, rank_zero_first, read_marker, remove, run_in_group)
+
+
+class Method(NamedTuple):
+    """What the loop must know of a method. Each objective documents its equation and defaults; nothing in this
+    file tests a method's name."""
+    objective: Callable
+    reference: bool = False  # takes pi_ref's per-token log-probs: a frozen reference model runs every micro-step
+    chosen_only: bool = False  # SFT (SePO Eq. 23): forward the chosen rows only; the loss is a token mean
+    selections: bool = False  # SePO: token selections from score.py (--selections), attached to the data
+    batch_fields: dict = {}  # per-token data fields collated into the batch -> the objective's chosen_/rejected_ arg
+    random: bool = False  # ConfPO-rand: draws its tokens with one generator per pair, keyed by (seed, step, pair)
+    shared_z_ref: bool = False  # KTO: z_ref estimated over the micro-batches of every rank, not this rank's alone
+
+
+METHODS = {
+    "sft": Method(losses.sft_loss, chosen_only=True),
+    "dpo": Method(losses.dpo_loss, reference=True),
+    "ipo": Method(losses.ipo_loss, reference=True),
+    "simpo": Method(losses.simpo_loss),
+    "cpo": Method(losses.cpo_loss),
+    "rrhf": Method(losses.rrhf_loss),
+    "slic": Method(losses.slic_loss),
+    "orpo": Method(losses.orpo_loss),
+    "rdpo": Method(losses.rdpo_loss, reference=True),
+    "kto": Method(losses.kto_loss, reference=True, shared_z_ref=True),
+    "confpo": Method(confpo.confpo_loss),
+    "confpo_dpo": Method(confpo.confpo_dpo_loss, reference=True),
+    "confpo_rand": Method(confpo.confpo_rand_loss, random=True),
+    "sepo": Method(sepo.sepo_loss, selections=True, batch_fields={"select": "selected"}),
+}
 
 
 def resolve(cfg, explicit):
@@ -171,10 +191,10 @@ def resolve(cfg, explicit):
         cfg.output_dir = os.path.join("runs", cfg.method)
     method = METHODS[cfg.method]
     if method.selections and not cfg.selections:
-        raise SystemExit(f"--method {cfg.method} needs --selections: the token selections written by score.py "
-                         "(or run the whole pipeline with `python sepo_pipeline.py`)")
+        raise UserError(f"--method {cfg.method} needs --selections: the token selections written by score.py "
+                        "(or run the whole pipeline with `python sepo_pipeline.py`)")
     if cfg.selections and not method.selections:
-        raise SystemExit(f"--selections is only used by --method sepo, not {cfg.method}")
+        raise UserError(f"--selections is only used by --method sepo, not {cfg.method}")
     accepted = inspect.signature(method.objective).parameters
     hparams = {}
     for name in HPARAMS:
@@ -183,14 +203,14 @@ def resolve(cfg, explicit):
             continue
         if name not in accepted:
             takes = [p for p in HPARAMS if p in accepted]
-            raise SystemExit(f"--{name} is not a parameter of {cfg.method} (it takes: {', '.join(takes) or 'none'})")
+            raise UserError(f"--{name} is not a parameter of {cfg.method} (it takes: {', '.join(takes) or 'none'})")
         if name == "threshold":
             try:
                 value = confpo.parse_threshold(value)
             except ValueError as e:
-                raise SystemExit(f"--{e}") from None
+                raise UserError(f"--{e}") from None
         if name == "normalize" and value not in ("selected", "response"):
-            raise SystemExit(f"--normalize must be selected or response, got {value!r}")
+            raise UserError(f"--normalize must be selected or response, got {value!r}")
         hparams[name] = value
     return hparams
 
@@ -202,15 +222,11 @@ def main(argv=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Set-up, the loop, the export
+# The run: checks and set-up, then the loop and the export, in an output folder that this job alone writes
 # ---------------------------------------------------------------------------------------------------------------
 
 def train(cfg, hparams, rank, world, device):
-    from transformers import AutoConfig, AutoTokenizer
     method = METHODS[cfg.method]
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
     on_tiny_world = not cfg.model
     if on_tiny_world:  # the offline tiny world (rank 0 builds it once), from an SFT model as in both papers
         paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
@@ -218,23 +234,39 @@ def train(cfg, hparams, rank, world, device):
             cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
         cfg.model = (paths["llama-small"] if method.chosen_only else
                      tiny.sft_model(cfg.tiny_world, paths, main, cfg.seed, cfg.cache_dir))
-    per_step = world * cfg.micro_batch_size
-    if cfg.global_batch_size % per_step:
-        raise SystemExit(f"--global_batch_size {cfg.global_batch_size} is not a multiple of ranks x micro batch "
-                         f"({world} x {cfg.micro_batch_size})")
-    claim_output_dir(cfg, rank, "config.json", RESUMABLE_FIELDS, "a different run")
+    if cfg.global_batch_size % (world * cfg.micro_batch_size):
+        raise UserError(f"--global_batch_size {cfg.global_batch_size} is not a multiple of ranks x micro batch "
+                        f"({world} x {cfg.micro_batch_size})")
+    with FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it found it
+        run = set_up(cfg, method, rank, world, device)
+        return loop(cfg, method, hparams, run, on_tiny_world, rank, world, device)
+
+
+def set_up(cfg, method, rank, world, device):
+    """Every check that can fail (the folder, the models, the data, the selections), then the models, the optimizer
+    and the newest intact checkpoint. Only then is the folder written: its config.json, a tidy metrics.jsonl."""
+    from transformers import AutoConfig, AutoTokenizer
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    saved = on_rank_zero(lambda: read_marker(cfg.output_dir, "config.json", "run"))
+    fingerprints = on_rank_zero(lambda: {k: fingerprint(getattr(cfg, k)) for k in PATH_FIELDS})
+    found = checkpoints(cfg.output_dir)
+    check_same_run(cfg, saved, fingerprints, found)
+    for flag, path in (("--model", cfg.model), ("--ref_model", cfg.ref_model), ("--tokenizer", cfg.tokenizer)):
+        check_source(path, flag)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     if cfg.tokenizer and len(tokenizer) > AutoConfig.from_pretrained(cfg.model).vocab_size:
-        raise SystemExit(f"--tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens, more than {cfg.model}'s "
-                         "vocabulary")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ds = prepare_data(cfg, method, tokenizer)
+        raise UserError(f"--tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens, more than {cfg.model}'s "
+                        "vocabulary")
+    ds = prepare_data(cfg, method, tokenizer, fingerprints["data"])
     steps_per_epoch = len(ds["train"]) // cfg.global_batch_size
     total = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
     unused = len(ds["train"]) - steps_per_epoch * cfg.global_batch_size
     log0(f"{total} steps of {cfg.global_batch_size} pairs ({world} ranks x {cfg.micro_batch_size} pairs x "
-         f"{cfg.global_batch_size // per_step} micro-steps); {unused} pairs per epoch left over")
+         f"{cfg.global_batch_size // (world * cfg.micro_batch_size)} micro-steps); {unused} pairs per epoch left "
+         "over")
 
     mesh = make_mesh(cfg, world, device)
     policy = load_model(cfg.model, cfg, mesh, device, trainable=True)
@@ -245,15 +277,14 @@ def train(cfg, hparams, rank, world, device):
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
+    meter = Meter(device)
+    step = resume(found, policy, optimizer, scheduler, meter, rank) if found and cfg.resume else 0
 
-    step = 0
-    found = checkpoints(cfg.output_dir)
-    if found and cfg.resume:
-        step = load_checkpoint(found[-1], policy, optimizer, scheduler, rank)
-        log0(f"resumed from {found[-1]} at step {step}")
+    dist.barrier()  # every check passed and every rank has read the checkpoint: the folder is now this run's
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    dist.barrier()  # every rank has read the checkpoint before rank 0 tidies the folder
     if rank == 0:
+        atomic_write(os.path.join(cfg.output_dir, "config.json"),
+                     json.dumps({**dataclasses.asdict(cfg), "_fingerprints": fingerprints}, indent=2))
         if found and not cfg.resume:  # --resume false: start over, and leave no old checkpoint to resume from
             log0(f"--resume false: removing {len(found)} checkpoints of the previous run")
             for old in found:
@@ -261,82 +292,128 @@ def train(cfg, hparams, rank, world, device):
         trim_metrics(metrics_path, step)
         for leftover in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "*.tmp")):
             shutil.rmtree(leftover, ignore_errors=True)  # a save that was killed before its rename
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return SimpleNamespace(tokenizer=tokenizer, pad_id=pad_id, ds=ds, policy=policy, ref=ref, optimizer=optimizer,
+                           scheduler=scheduler, meter=meter, step=step, total=total, steps_per_epoch=steps_per_epoch,
+                           metrics_path=metrics_path)
+
+
+def check_same_run(cfg, saved, fingerprints, found):
+    """A folder holding another run with something to resume (a checkpoint or an export) is refused; the settings
+    of a run that saved nothing are simply replaced."""
+    if saved is None:
+        return
+    diff = differences(saved, dataclasses.asdict(cfg), fingerprints, RESUMABLE_FIELDS)
+    if not diff:
+        return
+    said = "; ".join(f"{k} {theirs!r} there, {mine!r} now" + (" (other contents)" if theirs == mine else "")
+                     for k, theirs, mine in diff)
+    if not found and not os.path.exists(os.path.join(cfg.output_dir, "final", "config.json")):
+        log0(f"note: {cfg.output_dir} held the settings of a run that saved nothing ({said}); replacing them")
+        return
+    raise UserError(f"{cfg.output_dir} holds a different run with checkpoints or an export (differs in: {said}). "
+                    f"To continue it, run with its settings: python train.py --config "
+                    f"{os.path.join(cfg.output_dir, 'config.json')}; to train something else, choose another "
+                    "--output_dir")
+
+
+def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
+    """The optimizer steps from run.step to run.total, their metrics and checkpoints; then the export and the
+    synthetic judge, each done once however often the finished command is run again."""
+    step, total, ds, policy = run.step, run.total, run.ds, run.policy
 
     def write(line):
         if rank == 0:
-            with open(metrics_path, "a") as fh:
+            with open(run.metrics_path, "a") as fh:
                 fh.write(json.dumps(line) + "\n")
 
     def held_out(at_step):
-        line = evaluate(cfg, method, policy, ref, ds["eval"], hparams, pad_id, device, world)
+        line = evaluate(cfg, method, policy, run.ref, ds["eval"], hparams, run.pad_id, device, world)
         write({**line, "step": at_step, "split": "eval"})
         return line
 
     if "eval" in ds and step == 0:  # the starting point, for comparison
         held_out(0)
-    meter = Meter(device)
+    if step == total and step > 0:
+        log0(f"{cfg.output_dir}: this run had already finished; only what is missing is done again")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
     t_last, halt_at = time.perf_counter(), step + cfg.halt_after if cfg.halt_after else None
-    while step < total:
-        epoch = step // steps_per_epoch
-        micro = rank_micro_batches(batch_order(len(ds["train"]), cfg, epoch), step, steps_per_epoch, cfg, rank, world)
-        batches = [collate(ds["train"], idx, pad_id, method, device) for idx in micro]
-        # Loss normaliser: FSDP averages gradients over ranks, so each rank scales by world / global count.
-        if method.chosen_only:  # a token mean over the whole global batch (Hugging Face's SFT convention)
-            count = torch.tensor(float(sum(int((b["labels"][:b["labels"].shape[0] // 2] != -100).sum())
-                                           for b in batches)), device=device)
-            dist.all_reduce(count)
-        else:  # a mean over the pairs of the global batch; empty-selection pairs count with loss 0
-            count = torch.tensor(float(cfg.global_batch_size), device=device)
-        for i, batch in enumerate(batches):
-            policy.set_requires_gradient_sync(i == len(batches) - 1)
-            # ConfPO-rand's draws depend on (seed, step, global micro-batch): the same for any number of ranks
-            generator = torch.Generator(device).manual_seed(hash((cfg.seed, step, rank * len(batches) + i)) % 2**63)
-            per_pair, metrics = micro_step(method, policy, ref, batch, hparams, generator)
-            (per_pair.sum() * world / count).backward()
-            meter.add(logged_loss(method, per_pair, metrics), metrics, forwarded_tokens(method, batch))
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
-                                                   float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
+    skipped = 0
+    try:
+        while step < total:
+            epoch = step // run.steps_per_epoch
+            order = batch_order(len(ds["train"]), cfg, epoch)
+            micro = rank_micro_batches(order, step, run.steps_per_epoch, cfg, rank, world)
+            batches = [collate(ds["train"], idx, run.pad_id, method, device) for idx in micro]
+            # Loss normaliser: FSDP averages gradients over ranks, so each rank scales by world / global count.
+            if method.chosen_only:  # a token mean over the whole global batch (Hugging Face's SFT convention)
+                count = torch.tensor(float(sum(int((b["labels"][:b["labels"].shape[0] // 2] != -100).sum())
+                                               for b in batches)), device=device)
+                dist.all_reduce(count)
+            else:  # a mean over the pairs of the global batch; empty-selection pairs count with loss 0
+                count = torch.tensor(float(cfg.global_batch_size), device=device)
+            not_finite = torch.zeros((), device=device)
+            for i, batch in enumerate(batches):
+                policy.set_requires_gradient_sync(i == len(batches) - 1)
+                per_pair, metrics = micro_step(method, policy, run.ref, batch, hparams, (cfg.seed, step))
+                (per_pair.sum() * world / count).backward()
+                not_finite += (~torch.isfinite(per_pair.detach())).sum()
+                run.meter.add(logged_loss(method, per_pair, metrics), metrics, forwarded_tokens(method, batch))
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else
+                                                       float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            dist.all_reduce(not_finite)
+            lr = run.scheduler.get_last_lr()[0]
+            if not_finite or not torch.isfinite(grad_norm):  # never let a NaN into the weights
+                if not cfg.skip_nonfinite:
+                    raise UserError(f"step {step + 1}: the loss or the gradient norm ({float(grad_norm)}) is not "
+                                    f"finite; stopped before the optimizer step. {last_checkpoint(cfg)}. Lower "
+                                    "--lr, or pass --skip_nonfinite to skip such steps")
+                skipped += 1
+                log0(f"\nstep {step + 1}: loss or gradient norm not finite, step skipped ({skipped} so far)")
+            else:
+                run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
 
-        if step % cfg.log_every == 0 or step == total:
-            line = meter.result()
-            elapsed = time.perf_counter() - t_last
-            t_last = time.perf_counter()
-            line.update(step=step, split="train", lr=lr, grad_norm=float(grad_norm),
-                        tokens_per_s=line["tokens"] / elapsed, peak_memory_mib=peak_memory_mib(device))
-            bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
-            write(line)
-        if "eval" in ds and (step % cfg.eval_every == 0 or step == total):
-            line = held_out(step)
-            log0(f"\nstep {step} eval: loss {line['loss']:.4f}" +
-                 (f", reward accuracy {line['accuracy']:.3f}" if "accuracy" in line else ""))
-        halting = halt_at is not None and step >= halt_at
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total or halting:
-            save_checkpoint(cfg, policy, optimizer, scheduler, step, rank)
-        if halting:
-            log0(f"halted after step {step} (--halt_after); run the same command again to continue")
-            bar.close()
-            return None
+            if step % cfg.log_every == 0 or step == total:
+                line = run.meter.result()
+                elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
+                line.update(step=step, split="train", lr=lr, grad_norm=float(grad_norm), skipped_steps=skipped,
+                            tokens_per_s=line.pop("tokens_timed") / elapsed, peak_memory_mib=peak_memory_mib(device))
+                bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
+                write(line)
+            if "eval" in ds and (step % cfg.eval_every == 0 or step == total):
+                line = held_out(step)
+                log0(f"\nstep {step} eval: loss {line['loss']:.4f}" +
+                     (f", reward accuracy {line['accuracy']:.3f}" if "accuracy" in line else ""))
+            halting = halt_at is not None and step >= halt_at
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total or halting:
+                save_checkpoint(cfg, policy, run.optimizer, run.scheduler, run.meter, step, rank)
+            if halting:
+                log0(f"halted after step {step} (--halt_after); run the same command again to continue")
+                bar.close()
+                return None
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted during step {step + 1}: nothing new was saved. {last_checkpoint(cfg)}; run the "
+                        "same command to resume", code=130) from None
     bar.close()
-    if cfg.export:
-        export(cfg, policy, tokenizer, cfg.model, rank)
-        if (cfg.judge == "synthetic" or (cfg.judge == "auto" and on_tiny_world)) and rank == 0:
-            # the synthetic task has a programmatic judge: score greedy answers to held-out prompts
-            source = cfg.eval_data or cfg.data
-            prompts = [row["prompt"] for row in data.load_preferences(source, cache_dir=cfg.cache_dir or None)][:100]
-            before = tiny.synthetic_reward_of(cfg.model, prompts, device, tokenizer_path=cfg.tokenizer or cfg.model)
-            after = tiny.synthetic_reward_of(os.path.join(cfg.output_dir, "final"), prompts, device)
-            write({"step": step, "split": "generate", "reward_before": before, "reward_after": after,
-                   "prompts": len(prompts)})
-            log0(f"synthetic reward of greedy answers to {len(prompts)} held-out prompts: {before:.3f} before, "
-                 f"{after:.3f} after {cfg.method}")
+    final = os.path.join(cfg.output_dir, "final")
+    if cfg.export and not os.path.exists(os.path.join(final, "config.json")):
+        export(cfg, policy, run.tokenizer, cfg.model, rank)
+    judged = rank == 0 and any(line.get("split") == "generate" for line in read_metrics(run.metrics_path))
+    if cfg.export and (cfg.judge == "synthetic" or (cfg.judge == "auto" and on_tiny_world)) and rank == 0 \
+            and not judged:  # the synthetic task has a programmatic judge: score greedy answers to held-out prompts
+        source = cfg.eval_data or cfg.data
+        prompts = [row["prompt"] for row in data.load_preferences(source, cache_dir=cfg.cache_dir or None)][:100]
+        before = tiny.synthetic_reward_of(cfg.model, prompts, device, tokenizer_path=cfg.tokenizer or cfg.model)
+        after = tiny.synthetic_reward_of(final, prompts, device)
+        write({"step": step, "split": "generate", "reward_before": before, "reward_after": after,
+               "prompts": len(prompts)})
+        log0(f"synthetic reward of greedy answers to {len(prompts)} held-out prompts: {before:.3f} before, "
+             f"{after:.3f} after {cfg.method}")
     log0(f"done: {cfg.output_dir} (metrics.jsonl, checkpoints/, {'final/' if cfg.export else 'no export'})")
     return cfg.output_dir
 
@@ -359,7 +436,7 @@ def peak_memory_mib(device):
 # Data
 # ---------------------------------------------------------------------------------------------------------------
 
-def prepare_data(cfg, method, tokenizer):
+def prepare_data(cfg, method, tokenizer, data_fingerprint=None):
     """Tokenized train (and held-out) pairs, with SePO's selections attached. Rank 0 goes first and fills the
     datasets cache; the others then read it, so that N ranks do not tokenize N times (nor write the same files)."""
     def load(source, split):
@@ -382,27 +459,34 @@ def prepare_data(cfg, method, tokenizer):
         return out
 
     if method.selections:
-        check_selections_tokenizer(cfg.selections, tokenizer)
+        check_selections(cfg, tokenizer, data_fingerprint or fingerprint(cfg.data))
     out = rank_zero_first(load_all)
     if len(out["train"]) < cfg.global_batch_size:
-        raise SystemExit(f"{cfg.data}: {len(out['train'])} pairs, fewer than one global batch "
-                         f"({cfg.global_batch_size}); lower --global_batch_size")
+        raise UserError(f"{cfg.data}: {len(out['train'])} pairs, fewer than one global batch "
+                        f"({cfg.global_batch_size}); lower --global_batch_size")
     return out
 
 
-def check_selections_tokenizer(path, tokenizer):
-    """score.py writes manifest.json beside its selections: the scoring must have finished, and the fingerprint of
-    the tokenizer whose positions it wrote must be the policy's."""
+def check_selections(cfg, tokenizer, data_fingerprint):
+    """score.py writes manifest.json beside its selections: the scoring must have finished, on these very data, and
+    in the positions of this tokenizer's tokens."""
+    path = cfg.selections
     manifest = sepo.read_manifest(os.path.dirname(os.path.abspath(path)))
     if manifest is None:
-        log0(f"warning: no manifest.json beside {path}: cannot check that it indexes this tokenizer's tokens")
+        log0(f"warning: no manifest.json beside {path}: cannot check that it selects tokens of these data and this "
+             "tokenizer")
         return
     if not manifest.get("complete"):
-        raise SystemExit(f"{path}: the score.py run that writes it has not finished (see its manifest.json); run it "
-                         "again")
+        raise UserError(f"{path}: the score.py run that writes it has not finished (see its manifest.json); run it "
+                        "again")
+    scored = manifest.get("data", {})
+    if scored and (scored.get("fingerprint"), scored.get("split")) != (data_fingerprint, cfg.split):
+        raise UserError(f"{path}: these selections were scored on other data ({scored.get('path')} [{scored.get('split')}],"
+                        f" fingerprint {scored.get('fingerprint')}) than --data {cfg.data} [{cfg.split}] (fingerprint "
+                        f"{data_fingerprint}); score these data with score.py, or train on the data that were scored")
     if manifest.get("policy_tokenizer") != data.tokenizer_hash(tokenizer):
-        raise SystemExit(f"{path}: these selections index the tokens of another tokenizer (see its manifest.json); "
-                         "score again with --policy set to this model")
+        raise UserError(f"{path}: these selections index the tokens of another tokenizer (see its manifest.json); "
+                        "score again with --policy set to this model")
 
 
 def batch_order(n_pairs, cfg, epoch):
@@ -422,7 +506,9 @@ def rank_micro_batches(order, step, steps_per_epoch, cfg, rank, world):
 
 
 def collate(ds, indices, pad_id, method, device):
+    """A padded batch of the pairs at `indices`, chosen rows first; `index` holds the pairs' positions in ds."""
     batch = data.collate_pairs([ds[int(i)] for i in indices], pad_id, token_fields=tuple(method.batch_fields))
+    batch["index"] = torch.tensor([int(i) for i in indices])
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -430,8 +516,10 @@ def collate(ds, indices, pad_id, method, device):
 # One micro-step: forward, objective, metrics
 # ---------------------------------------------------------------------------------------------------------------
 
-def micro_step(method, policy, ref, batch, hparams, generator):
-    """Per-pair losses (B,) and metrics of one micro-batch; one policy forward over chosen and rejected rows."""
+def micro_step(method, policy, ref, batch, hparams, draw_key):
+    """Per-pair losses (B,) and metrics of one micro-batch; one policy forward over chosen and rejected rows.
+    draw_key: (seed, step); ConfPO-rand draws pair i's tokens with a generator seeded by (seed, step, i), so its
+    draws do not depend on how pairs are grouped into micro-batches or ranks."""
     B = batch["input_ids"].shape[0] // 2
     rows = slice(0, B) if method.chosen_only else slice(None)
     inputs = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "labels")}
@@ -446,7 +534,8 @@ def micro_step(method, policy, ref, batch, hparams, generator):
     for field, name in method.batch_fields.items():  # SePO: chosen_selected / rejected_selected
         kw[f"chosen_{name}"], kw[f"rejected_{name}"] = batch[field][:B].bool(), batch[field][B:].bool()
     if method.random:
-        kw["generator"] = generator
+        kw["generator"] = [torch.Generator(logps.device).manual_seed(hash((*draw_key, int(i))) % 2**63)
+                           for i in batch["index"]]
     if method.shared_z_ref:  # z_ref over the micro-batches of all ranks (TRL's estimate), not this rank's alone
         beta = hparams.get("beta", inspect.signature(method.objective).parameters["beta"].default)
         total, count = losses.kto_reference_point(**kw, beta=beta)
@@ -470,7 +559,9 @@ def forwarded_tokens(method, batch, valid=None):
 
 
 class Meter:
-    """Sums of per-pair metrics over micro-steps and ranks; `result()` turns them into the logged averages."""
+    """Sums of per-pair metrics over micro-steps and ranks; `result()` turns them into the logged averages. Its
+    partial sums go into checkpoints, so a line after a resume covers the same pairs as an uninterrupted run's;
+    `tokens_timed` counts only what this process read since the last line (tokens/s)."""
 
     def __init__(self, device):
         self.sums, self.device = {}, device
@@ -485,7 +576,12 @@ class Meter:
         rows["n_pairs"] = torch.ones_like(rows["loss"])
         for k, v in rows.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.sum()
-        self.sums["n_tokens"] = self.sums.get("n_tokens", 0.0) + float(tokens)
+        for k in ("n_tokens", "tokens_timed"):
+            self.sums[k] = self.sums.get(k, 0.0) + float(tokens)
+
+    def state(self):
+        """The partial sums as float64 tensors (for a checkpoint); tokens_timed is not kept."""
+        return {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self.sums.items() if k != "tokens_timed"}
 
     def result(self):
         keys = sorted(self.sums)
@@ -493,7 +589,7 @@ class Meter:
         dist.all_reduce(totals)
         s = dict(zip(keys, totals.tolist()))
         pairs = max(s.pop("n_pairs"), 1.0)
-        out = {"pairs": int(pairs), "tokens": int(s.pop("n_tokens"))}
+        out = {"pairs": int(pairs), "tokens": int(s.pop("n_tokens")), "tokens_timed": s.pop("tokens_timed", 0.0)}
         for side in ("chosen", "rejected"):  # token-level selection ratio (ConfPO Fig. 8)
             if f"selected_{side}" in s:
                 out[f"selected_ratio_{side}"] = s[f"selected_{side}"] / max(s[f"length_{side}"], 1.0)
@@ -521,12 +617,14 @@ def evaluate(cfg, method, policy, ref, eval_ds, hparams, pad_id, device, world):
             chunk = idx[s:s + cfg.micro_batch_size]
             valid = torch.tensor([i < n for i in chunk], device=device)
             batch = collate(eval_ds, [min(i, n - 1) for i in chunk], pad_id, method, device)
-            per_pair, metrics = micro_step(method, policy, ref, batch, hparams, torch.Generator(device).manual_seed(0))
+            per_pair, metrics = micro_step(method, policy, ref, batch, hparams, (cfg.seed, -1))
             keep = valid.nonzero().squeeze(-1)
             meter.add(logged_loss(method, per_pair, metrics)[keep], {k: v[keep] for k, v in metrics.items()},
                       forwarded_tokens(method, batch, valid))
     policy.train()
-    return meter.result()
+    line = meter.result()
+    line.pop("tokens_timed")
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,67 +641,128 @@ def checkpoints(out_dir):
     return [os.path.join(root, d) for d in sorted(done)]
 
 
-def save_checkpoint(cfg, policy, optimizer, scheduler, step, rank):
-    """Model and optimizer shards through torch.distributed.checkpoint, plus scheduler, step and RNG states, into
-    step_N.tmp, renamed to step_N once complete: a kill at any moment leaves the previous checkpoint intact."""
+def last_checkpoint(cfg):
+    """Where a stopped run would resume from, in words."""
+    found = checkpoints(cfg.output_dir)
+    return f"The last checkpoint is {found[-1]}" if found else "There is no checkpoint yet"
+
+
+def save_checkpoint(cfg, policy, optimizer, scheduler, meter, step, rank):
+    """Model and optimizer shards through torch.distributed.checkpoint, plus scheduler, step, RNG states and the
+    meter's partial sums (tensors only: loading runs no code), into step_N.tmp, renamed to step_N once complete:
+    a kill at any moment leaves the previous checkpoint intact. The size of every file is recorded, so that a
+    damaged checkpoint is recognised at resume."""
     root = os.path.join(cfg.output_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, os.path.join(tmp, f"rng_{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size()}
-        atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state))
-        if os.path.exists(final):  # re-saving a step (a run restarted from scratch): retire the old one first
-            remove(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        for old in checkpoints(cfg.output_dir)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
-            remove(old)
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(policy, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        torch.save({"rng": rng_state(), "meter": meter.state()}, os.path.join(tmp, f"rank_{rank}.pt"))
+        dist.barrier()
+        if rank == 0:
+            files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+            state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
+                     "files": files}
+            atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state))
+            if os.path.exists(final):  # re-saving a step (a run restarted from scratch): retire the old one first
+                remove(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            for old in checkpoints(cfg.output_dir)[:-cfg.keep_last] if cfg.keep_last > 0 else []:
+                remove(old)
+    except Exception as e:
+        if utils.disk_full(e, tmp):
+            raise UserError(f"the disk is full: saving {final} failed ({type(e).__name__}). Free some space and run "
+                            f"the same command again; {last_checkpoint(cfg).lower()}, intact", everywhere=False) from e
+        raise
     dist.barrier()
 
 
-def load_checkpoint(path, policy, optimizer, scheduler, rank):
+def resume(found, policy, optimizer, scheduler, meter, rank):
+    """Load the newest intact checkpoint of `found` and return its step. A checkpoint that is incomplete or
+    unreadable on any rank is skipped with a warning that names it; when none is intact, the run stops."""
+    for path in reversed(found):
+        problem = ""
+        try:
+            step = load_checkpoint(path, policy, optimizer, scheduler, meter, rank)
+        except Exception as e:  # a damaged checkpoint: any error of the readers
+            problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        verdicts = [None] * dist.get_world_size()
+        dist.all_gather_object(verdicts, problem)
+        bad = [(r, p) for r, p in enumerate(verdicts) if p]
+        if not bad:
+            log0(f"resumed from {path} at step {step}")
+            return step
+        log0(f"warning: skipping checkpoint {path}: unreadable on rank {bad[0][0]} ({bad[0][1]})")
+    raise UserError(f"no checkpoint of {os.path.dirname(found[0])} is intact ({len(found)} tried, each named "
+                    "above); to start over in this folder, pass --resume false")
+
+
+def load_checkpoint(path, policy, optimizer, scheduler, meter, rank):
+    """One checkpoint into the model, optimizer, scheduler, RNGs and meter -> its step; raises when it is damaged."""
+    with open(os.path.join(path, "trainer_state.json")) as fh:
+        trainer_state = json.load(fh)
+    for name, size in trainer_state.get("files", {}).items():
+        actual = os.path.getsize(os.path.join(path, name)) if os.path.exists(os.path.join(path, name)) else None
+        if actual != size:
+            raise OSError(f"{name} has {actual} bytes, {size} were written")
     model_sd, optim_sd = get_state_dict(policy, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "trainer_state.json")) as fh:
-        trainer_state = json.load(fh)
     scheduler.load_state_dict(trainer_state["scheduler"])
-    rng_file = os.path.join(path, f"rng_{rank}.pt")
-    if os.path.exists(rng_file):  # absent when resuming on more ranks than saved
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+    mine = os.path.join(path, f"rank_{rank}.pt")
+    if os.path.exists(mine):  # absent when resuming on more ranks than saved
+        saved = torch.load(mine, weights_only=True)  # tensors and numbers only: loading runs no code
+        set_rng_state(saved["rng"])
+        meter.sums = dict(saved["meter"])
     return trainer_state["step"]
+
+
+def rng_state():
+    """Python's, NumPy's, torch's (and CUDA's) generator states as tensors and numbers."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": torch.tensor(mt, dtype=torch.int64), "python_version": version, "python_gauss": gauss,
+            "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss),
+            "numpy_gauss": float(cached), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    random.setstate((s["python_version"], tuple(s["python"].tolist()), s["python_gauss"]))
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_has_gauss"],
+                         s["numpy_gauss"]))
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def read_metrics(path):
+    """The lines of metrics.jsonl that parse (a line cut short by a kill does not)."""
+    lines = []
+    if os.path.exists(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return lines
 
 
 def trim_metrics(path, step):
     """Drop the lines a stopped run wrote after its last checkpoint (they will be written again): all of them when
     starting from step 0, and a line cut short by a kill."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                if step > 0 and json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError, TypeError):
-                pass
-    atomic_write(path, "".join(kept))
+    if os.path.exists(path):
+        kept = [line for line in read_metrics(path) if step > 0 and isinstance(line, dict)
+                and isinstance(line.get("step"), int) and line["step"] <= step]
+        atomic_write(path, "".join(json.dumps(line) + "\n" for line in kept))
 
 
 def export(cfg, policy, tokenizer, model_path, rank):
@@ -633,4 +792,4 @@ def export(cfg, policy, tokenizer, model_path, rank):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() is not False else 1)
+    sys.exit(utils.cli(main))

@@ -1,24 +1,120 @@
-"""What every script shares: config from flags and files, processes (torchrun or a world of one), and files that
-survive a kill (written to a temporary path, then renamed). No method, data or model code here.
+"""What every script shares: config from flags and files, one-line errors, processes (torchrun or a world of one),
+output folders (a lock, a run identified by what it computes), and files that survive a kill (written to a
+temporary path, then renamed). No method, data or model code here.
 
-Layers (test_layers.py holds them): losses, data, utils <- confpo, sepo, models, tiny, report <- train <- score
-<- sepo_pipeline <- experiments, bench. A module imports only from lower layers, from inside a function neither.
+torch is imported inside the functions that need it, so that `--help` and a mistyped flag answer before torch
+loads. Layers (test_layers.py holds them): losses, data, utils <- confpo, sepo, models, tiny, report <- train <-
+score <- sepo_pipeline <- experiments, bench. A module imports only from lower layers, from inside a function neither.
 """
 
 import argparse
 import dataclasses
+import difflib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import time
+import typing
 from dataclasses import field
-
-import torch
-import torch.distributed as dist
 
 
 def arg(default, help, **argparse_kwargs):
     """A config field: its default, its help text, and any extra argparse keywords (nargs, const, ...)."""
     return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors a user can fix: one line, once, no traceback
+# ---------------------------------------------------------------------------------------------------------------
+
+class UserError(SystemExit):
+    """A mistake of the user's (a flag, a file, a folder, a full disk): `cli` prints its message alone, and exits
+    with `code` (1). `everywhere` (the default): every rank raises it alike, so only rank 0 says it; a rank's own
+    trouble (its disk) says everywhere=False. Any other exception class with the attribute `user_error = True`
+    (data.DataError, ...) is reported the same way."""
+    user_error = True
+
+    def __init__(self, message, everywhere=True, code=1):
+        super().__init__(message)
+        self.message, self.everywhere, self.exit_code = message, everywhere, code
+
+    def __str__(self):
+        return self.message
+
+
+def cli(main, argv=None):
+    """Run a script's `main(argv)` as a command: user errors end in one line on stderr and a non-zero exit code
+    (1; 2 for bad flags; 130 for Ctrl-C), other errors in their traceback. `--debug` (or DEBUG=1) shows the
+    traceback of user errors too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return 0 if main(argv) is not False else 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        say("interrupted")
+        return 130
+    except BaseException as e:  # noqa: B036 (SystemExit included: UserError is one)
+        if isinstance(e, SystemExit) and not getattr(e, "user_error", False):
+            raise  # --help, or a plain exit
+        error = as_user_error(e)
+        if error is None or debug:
+            raise
+        say(f"error: {error}", everywhere=getattr(error, "everywhere", True))
+        return getattr(error, "exit_code", 1)
+
+
+def check_flags(parse):
+    """Parse the command line at once, before a script's slow imports: --help and a mistyped flag answer in about a
+    second, and a bad flag ends the process here."""
+    code = cli(parse)
+    if code:
+        sys.exit(code)
+
+
+def as_user_error(e):
+    """The user error behind an exception (itself, or a full disk anywhere in its chain), or None."""
+    seen = e
+    while seen is not None:
+        if getattr(seen, "user_error", False):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    if disk_full(e):
+        return UserError("the disk is full: free some space and run the same command again (what was already "
+                         "written is intact)", everywhere=False)
+    return None
+
+
+def disk_full(error, path=None):
+    """Whether a failed write ran out of disk: ENOSPC or EDQUOT anywhere in the exception's chain, or (path given)
+    less than 64 MiB left where it wrote; torch's writers report a full disk as "unexpected pos ..."."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return bool(path) and shutil.disk_usage(path).free < 64 * 2**20
+
+
+def say(message, everywhere=False):
+    """Print a message to stderr; with `everywhere`, on rank 0 only (every rank has the same one)."""
+    if not everywhere or _rank() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _rank():
+    if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+        return sys.modules["torch.distributed"].get_rank()
+    return int(os.environ.get("RANK", 0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -31,11 +127,12 @@ def parse_dataclass(cls, argv=None, description=None, choices=None, numbers_as_t
     Every field is a flag (`--name` or `--name-with-hyphens`) with its help text; a bool is `--flag`, `--flag
     false` or (for a True default) `--no_flag`. choices: {field: allowed values}; numbers_as_text: text fields that a
     JSON file may also give as a number (a threshold of 0.6). The names set explicitly (in the file or as flags) let
-    a script fill other defaults (the tiny world's) only where the user said nothing.
+    a script fill other defaults (the tiny world's) only where the user said nothing. A mistyped flag or choice is
+    answered with the closest real ones.
     """
-    from transformers import HfArgumentParser
-    parser = HfArgumentParser(cls, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _parser_class()(cls, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a JSON file of config fields (flags given here override it)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for action in parser._actions:
         if action.dest in fields:
@@ -45,30 +142,71 @@ def parse_dataclass(cls, argv=None, description=None, choices=None, numbers_as_t
                 alone = "; the flag alone means true" if action.const is True else ""
                 action.help = f"{action.help}{alone} (default: {fields[action.dest].default})".replace("%", "%%")
             action.choices = (choices or {}).get(action.dest, action.choices)
-        if action.dest in fields or action.dest == "config":
+        if action.dest in fields or action.dest in ("config", "debug"):
             action.default = argparse.SUPPRESS  # the namespace holds only what was given
     args = vars(parser.parse_args(argv))
+    args.pop("debug", None)
     values = {}
     if "config" in args:
-        with open(args.pop("config")) as fh:
-            values = json.load(fh)
+        path = args.pop("config")
+        try:
+            with open(path) as fh:
+                values = {k: v for k, v in json.load(fh).items() if not k.startswith("_")}  # _*: bookkeeping
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {path}: {e.strerror if isinstance(e, OSError) else e}")
         for key, value in values.items():
             if key not in fields:
-                parser.error(f"--config: unknown field {key!r}")
-            kind = _base_type(fields[key].type)
+                parser.error(f"--config: unknown field {key!r}{did_you_mean(key, fields)}")
+            kind, allowed = _base_type(fields[key].type), (choices or {}).get(key, _literal(fields[key].type))
             if value is not None and not (isinstance(value, kind) or (kind is float and isinstance(value, int))
                                           or (key in numbers_as_text and isinstance(value, (int, float)))):
                 parser.error(f"--config: field {key!r} must be {kind.__name__}, got {value!r}")
-            if choices and key in choices and value not in choices[key]:
-                parser.error(f"--config: {key} {value!r} is not one of {sorted(choices[key])}")
+            if allowed and value not in allowed:
+                parser.error(f"--config: {key} {value!r} is not one of {sorted(allowed)}{did_you_mean(value, allowed)}")
     values.update(args)
     return cls(**values), set(values)
 
 
+def _parser_class():
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        """HfArgumentParser whose errors suggest the closest flag or choice and end the run as a UserError."""
+
+        def error(self, message):
+            options = [s for a in self._actions for s in a.option_strings]
+            if message.startswith("unrecognized arguments: "):
+                flags = [t.split("=")[0] for t in message.split(": ", 1)[1].split() if t.startswith("-")]
+                hints = [f"{close[0]} for {flag}" for flag in flags
+                         for close in [difflib.get_close_matches(flag, options, n=1, cutoff=0.6)] if close]
+                message += f"; did you mean {', '.join(hints)}?" if hints else ""
+            elif "invalid choice: " in message:
+                wrong = message.split("invalid choice: ", 1)[1].split(" ")[0].strip("'\"")
+                action = next((a for a in self._actions if a.choices and f"argument {'/'.join(a.option_strings)}"
+                               in message), None)
+                message += did_you_mean(wrong, list(action.choices) if action else [])
+            raise UserError(f"{self.prog}: {message} (--help lists every flag)", code=2)
+
+    return Parser
+
+
+def did_you_mean(word, candidates):
+    """"; did you mean X or Y?" for the candidates closest to a mistyped word, or ""."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 def _base_type(t):
-    """float for Optional[float], and so on."""
+    """float for Optional[float], str for Literal["a", "b"], and so on."""
+    if _literal(t):
+        return type(_literal(t)[0])
     args = [a for a in getattr(t, "__args__", ()) if a is not type(None)]
     return args[0] if args else t
+
+
+def _literal(t):
+    """The values of a Literal type, else None."""
+    return typing.get_args(t) if typing.get_origin(t) is typing.Literal else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,6 +216,8 @@ def _base_type(t):
 def init_distributed(device="auto"):
     """Process group from torchrun's environment, or a world of one; an existing group is reused.
     Returns (rank, world, device)."""
+    import torch
+    import torch.distributed as dist
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_initialized():
@@ -96,6 +236,7 @@ def init_distributed(device="auto"):
 def run_in_group(device, fn):
     """fn(rank, world, device) inside a process group, destroyed afterwards unless a caller already had one (the
     SePO pipeline runs several stages in one group)."""
+    import torch.distributed as dist
     owner = not dist.is_initialized()
     rank, world, dev = init_distributed(device)
     try:
@@ -107,17 +248,39 @@ def run_in_group(device, fn):
 
 def log0(*args):
     """print on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _rank() == 0:
         print(*args, flush=True)
 
 
+def on_rank_zero(fn):
+    """fn() on rank 0, its result (or its user error) sent to every rank: a mistake rank 0 finds stops all ranks
+    together, with one message, instead of leaving the others waiting in a collective."""
+    import torch.distributed as dist
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except BaseException as e:
+            if as_user_error(e) is None:
+                raise
+            error = e
+    box = [result, None if error is None else str(as_user_error(error))]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise UserError(box[1])
+    return box[0]
+
+
 def rank_zero_first(fn):
-    """Run fn on rank 0, then on the other ranks: rank 0 fills the datasets cache, the others read it."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    result = fn() if rank == 0 else None
-    if world > 1:
-        dist.barrier()
-        result = result if rank == 0 else fn()
+    """Run fn on rank 0, then on the other ranks: rank 0 fills the datasets cache, the others read it. A user error
+    on rank 0 stops every rank."""
+    import torch.distributed as dist
+    result = on_rank_zero(fn)
+    if dist.get_world_size() > 1:
+        result = result if dist.get_rank() == 0 else fn()
         dist.barrier()
     return result
 
@@ -129,11 +292,16 @@ def rank_zero_first(fn):
 def atomic_write(path, text):
     """Write a text file through a temporary file and a rename."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -154,19 +322,145 @@ def remove(path):
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def claim_output_dir(cfg, rank, file, resumable, what):
-    """Refuse an output folder that holds another run (its saved config, `file`, differs outside `resumable`); then
-    save this run's config there."""
-    path = os.path.join(cfg.output_dir, file)
-    mine = dataclasses.asdict(cfg)
-    if os.path.exists(path):
+# ---------------------------------------------------------------------------------------------------------------
+# What a run computes from: content fingerprints, whatever the path's spelling
+# ---------------------------------------------------------------------------------------------------------------
+
+WHOLE = 64 * 2**20  # files up to this size are hashed whole; larger ones by size and samples (model weights)
+
+
+def fingerprint(path):
+    """A content fingerprint of a file or folder ('' for '', "hub:<name>" for what is not on disk), the same
+    however the path is spelled and wherever the folder is moved or copied. Files up to 64 MiB are hashed whole;
+    larger ones by their size, their first and last 4 MiB and 16 samples between (cheap for model weights)."""
+    if not path:
+        return ""
+    if not os.path.exists(path):
+        return f"hub:{path}"
+    files = [path] if os.path.isfile(path) else []
+    for folder, subfolders, names in os.walk(path):
+        subfolders.sort()
+        files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".") and ".tmp" not in n]
+    h = hashlib.sha256()
+    for name in files:
+        size = os.path.getsize(name)
+        h.update(f"{os.path.relpath(name, path) if name != path else ''}:{size}\n".encode())
+        with open(name, "rb") as fh:
+            if size <= WHOLE:
+                for block in iter(lambda: fh.read(2**20), b""):
+                    h.update(block)
+            else:
+                for offset in [0, size - 4 * 2**20] + [size * i // 17 for i in range(1, 17)]:
+                    fh.seek(offset)
+                    h.update(fh.read(4 * 2**20 if offset in (0, size - 4 * 2**20) else 2**16))
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output folders: one writer at a time, never someone else's folder, a run known by what it computes
+# ---------------------------------------------------------------------------------------------------------------
+
+LOCK = ".lock"
+
+
+class FolderLock:
+    """An exclusive lock on an output folder (flock on folder/.lock), taken by rank 0 for the whole job; the other
+    ranks of the job share it. A second job is refused with the holder's host, pid, start time and command. A
+    lock whose holder died is released by the OS: the next run takes it over and says so."""
+
+    def __init__(self, folder, rank):
+        self.folder, self.rank, self.fd, self.created = folder, rank, None, False
+
+    def __enter__(self):
+        import torch.distributed as dist
+        message = None
+        if self.rank == 0:
+            message = self._acquire()
+        box = [message]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise UserError(box[0])
+        return self
+
+    def _acquire(self):
+        self.created = not os.path.exists(self.folder)
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, LOCK)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip()
+                os.close(fd)
+                self._undo_create()
+                return (f"{self.folder} is in use by another run ({holder or 'holder unknown'}); wait for it to end, "
+                        f"or stop it, or choose another --output_dir")
+            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # the file we locked is still the lock file (a releasing run may have just deleted it)
+            os.close(fd)
+        left = os.read(fd, 4096).decode(errors="replace").strip()
+        if left:
+            print(f"note: {self.folder} was locked by a run that ended without releasing it ({left}); taking it "
+                  "over", file=sys.stderr, flush=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, ", ".join(f"{k} {v}" for k, v in me.items()).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return None
+
+    def _undo_create(self):
+        if self.created:  # a failed start leaves no folder behind where there was none
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __exit__(self, kind, error, tb):
+        if self.fd is not None:
+            started = any(f != LOCK for f in os.listdir(self.folder))
+            if error is not None and self.created and not started:
+                self._undo_create()
+            else:
+                os.remove(os.path.join(self.folder, LOCK))
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+        return False
+
+
+def read_marker(folder, marker, what):
+    """The saved settings of the project's run in `folder` (its marker file: config.json, manifest.json, ...), or
+    None for a folder that does not exist or is empty. A folder that holds other files, and no marker, is not
+    ours: refused, never touched."""
+    if not os.path.isdir(folder):
+        if os.path.exists(folder):
+            raise UserError(f"{folder} is a file, not a folder; choose another --output_dir")
+        return None
+    path = os.path.join(folder, marker)
+    if not os.path.exists(path):
+        foreign = sorted(f for f in os.listdir(folder) if f != LOCK)
+        if foreign:
+            raise UserError(f"{folder} exists and holds files this project did not write ({', '.join(foreign[:5])}"
+                            f"{', ...' if len(foreign) > 5 else ''}), and no {marker}; choose another --output_dir")
+        return None
+    try:
         with open(path) as fh:
-            theirs = json.load(fh)
-        diff = {k for k in mine if k not in resumable and theirs.get(k) != mine[k]}
-        if diff:
-            raise SystemExit(f"{cfg.output_dir} holds {what} (differs in: {', '.join(sorted(diff))}); "
-                             "choose another --output_dir or delete it")
-    dist.barrier()
-    if rank == 0:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        atomic_write(path, json.dumps(mine, indent=2))
+            return json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is unreadable ({e}); it does not say which {what} this folder holds, so it is left "
+                        "alone: choose another --output_dir") from None
+
+
+def differences(saved, mine, fingerprints, resumable):
+    """What differs between a saved run and this one, outside `resumable`: paths compare by their content
+    fingerprints (saved under "_fingerprints"), everything else by value -> [(field, theirs, mine)]."""
+    out = []
+    for key, value in mine.items():
+        if key in resumable or key.startswith("_"):
+            continue
+        if key in fingerprints and "_fingerprints" in saved:  # folders saved before fingerprints compare by value
+            if saved["_fingerprints"].get(key) != fingerprints[key]:
+                out.append((key, saved.get(key), value))
+        elif saved.get(key) != value:
+            out.append((key, saved.get(key), value))
+    return out
