@@ -51,16 +51,37 @@ import sys
 import tempfile
 import time
 
-import torch
-import torch.nn.functional as F
 
-import losses
-import models
-import score
-import sepo
-import tiny
-import train
-from utils import init_distributed
+def command_line():
+    """bench.py's flags (defined above the slow imports, so that --help answers at once); every flag in both
+    spellings, as HfArgumentParser gives the other scripts'."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, 1-2 repetitions: a smoke run")
+    parser.add_argument("--large", action="store_true", help="item 2 at T=1024, H=2048 (bf16 on a GPU)")
+    parser.add_argument("--out", default="bench.json", help="where the results go (JSON)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads, fixed for every item")
+    parser.add_argument("--tiny_world", "--tiny-world", default="tiny_world",
+                        help="the offline tiny world (built on first use)")
+    parser.add_argument("--cache_dir", "--cache-dir", default="", help="datasets cache ('' = a temporary folder)")
+    parser.add_argument("--items", default="1,2,3,4,5,select", help="which items to run, comma-separated")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
+    parser.add_argument("--table", default="", help="only print the table of an existing bench.json, run nothing")
+    return parser
+
+
+if __name__ == "__main__" and sys.argv[1:2] != ["_fsdp_worker"]:
+    command_line().parse_args()  # --help and a mistyped flag answer here, before torch loads
+
+import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
+import torch.nn.functional as F  # noqa: E402
+
+import losses  # noqa: E402
+import models  # noqa: E402
+import score  # noqa: E402
+import sepo  # noqa: E402
+import tiny  # noqa: E402
+import train  # noqa: E402
+from utils import init_distributed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -743,17 +764,7 @@ def write_json(path, obj):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes, 1-2 repetitions: a smoke run")
-    parser.add_argument("--large", action="store_true", help="item 2 at T=1024, H=2048 (bf16 on a GPU)")
-    parser.add_argument("--out", default="bench.json", help="where the results go (JSON)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads, fixed for every item")
-    parser.add_argument("--tiny_world", default="tiny_world", help="the offline tiny world (built on first use)")
-    parser.add_argument("--cache_dir", default="", help="datasets cache ('' = a temporary folder)")
-    parser.add_argument("--items", default="1,2,3,4,5,select", help="which items to run, comma-separated")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
-    parser.add_argument("--table", default="", help="only print the table of an existing bench.json, run nothing")
-    args = parser.parse_args(argv)
+    args = command_line().parse_args(argv)
     if args.table:
         with open(args.table) as fh:
             print_table(table_rows(json.load(fh))[0], args.markdown)

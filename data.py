@@ -28,6 +28,7 @@ import argparse
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -99,14 +100,20 @@ def _read_source(source, split, cache_dir):
         raise DataError(f"{path}: file does not exist")
     if builder is None:
         raise DataError(f"{path}: unknown file type (expected .jsonl, .json or .parquet)")
+    json_log = logging.getLogger("datasets.packaged_modules.json.json")
+    level = json_log.level
     try:
-        # A local file is one split by itself: `split` is ignored.
+        # A local file is one split by itself: `split` is ignored. The JSON reader's own complaint is silenced: a
+        # bad file gets one message, naming the row, from _locate_bad_json below.
+        json_log.setLevel(logging.CRITICAL)
         ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache_dir)
         # Arrow's JSON reader may keep invalid UTF-8 inside strings, to fail later when a row is read: check now.
         ds.data.table.validate(full=True)
         return ds, path
     except Exception as e:  # Arrow's errors name neither the row nor the field: find them ourselves
         raise _locate_bad_json(path, builder) or DataError(f"{path}: could not be read: {e}") from e
+    finally:
+        json_log.setLevel(level)
 
 
 def _locate_bad_json(path, builder):

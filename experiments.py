@@ -618,12 +618,18 @@ def results_markdown(cfg, summary, keys, n_seeds):
     return "\n".join(out) + "\n"
 
 
-def main(argv=None):
+def configure(argv=None):
+    """The study's config from flags, with --quick's defaults where the flags say nothing."""
     cfg, explicit = parse_config(argv)
     if cfg.quick:
         for key, value in QUICK.items():
             if key not in explicit:
                 setattr(cfg, key, value)
+    return cfg
+
+
+def main(argv=None):
+    cfg = configure(argv)
     return run_in_group(cfg.device, lambda rank, world, device: study(cfg, rank, world, device))
 
 

@@ -49,3 +49,45 @@ def test_files_in_the_file_table_exist():
     assert len(named) >= 10
     for name in named:
         assert os.path.exists(os.path.join(HERE, name)), name
+
+
+def readme_commands():
+    """(script, argv) of every `python X.py ...` and `torchrun ... X.py ...` in the README's shell blocks, with
+    continuation lines joined and comments dropped; a placeholder value `...` becomes `x`, a trailing `...` (the
+    rest of the flags) goes."""
+    import shlex
+    blocks = re.findall(r"```bash\n(.*?)```", readme(), flags=re.S)
+    commands = []
+    for block in blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#")[0].strip() if line.lstrip().startswith("#") else line.split(" #")[0].strip()
+            for part in line.split("&"):  # `python a.py & python b.py & wait`
+                tokens = shlex.split(part)
+                scripts = [i for i, t in enumerate(tokens) if t.endswith(".py") and not t.startswith("-")]
+                if not scripts or tokens[0] not in ("python", "torchrun"):
+                    continue
+                argv = tokens[scripts[0] + 1:]
+                while argv and argv[-1] == "...":  # "and the rest of the flags"
+                    argv.pop()
+                argv = [("x" if i > 0 and argv[i - 1].startswith("--") else None) if t == "..." else t
+                        for i, t in enumerate(argv)]
+                commands.append((tokens[scripts[0]], [t for t in argv if t is not None]))
+    return commands
+
+
+def test_every_readme_command_parses_with_the_real_flags():
+    import bench
+    import data
+    import experiments
+    import score
+    import sepo_pipeline
+    import tiny
+    import train
+    parse = {"train.py": lambda a: train.resolve(*train.parse_config(a)), "score.py": score.parse_config,
+             "sepo_pipeline.py": sepo_pipeline.parse_config, "experiments.py": experiments.parse_config,
+             "data.py": data.command_line().parse_args, "tiny.py": tiny.command_line().parse_args,
+             "bench.py": bench.command_line().parse_args}
+    commands = readme_commands()
+    assert len(commands) >= 15 and {script for script, _ in commands} >= set(parse) - {"tiny.py"}
+    for script, argv in commands:
+        parse[script](argv)  # raises (SystemExit) on a flag the script does not have

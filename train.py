@@ -27,6 +27,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Literal, NamedTuple, Optional
@@ -278,7 +279,7 @@ def set_up(cfg, method, rank, world, device):
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
     meter = Meter(device)
-    step = resume(found, policy, optimizer, scheduler, meter, rank) if found and cfg.resume else 0
+    step, skipped = resume(found, policy, optimizer, scheduler, meter, rank) if found and cfg.resume else (0, 0)
 
     dist.barrier()  # every check passed and every rank has read the checkpoint: the folder is now this run's
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -294,8 +295,8 @@ def set_up(cfg, method, rank, world, device):
             shutil.rmtree(leftover, ignore_errors=True)  # a save that was killed before its rename
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return SimpleNamespace(tokenizer=tokenizer, pad_id=pad_id, ds=ds, policy=policy, ref=ref, optimizer=optimizer,
-                           scheduler=scheduler, meter=meter, step=step, total=total, steps_per_epoch=steps_per_epoch,
-                           metrics_path=metrics_path)
+                           scheduler=scheduler, meter=meter, step=step, skipped=skipped, total=total,
+                           steps_per_epoch=steps_per_epoch, metrics_path=metrics_path)
 
 
 def check_same_run(cfg, saved, fingerprints, found):
@@ -338,7 +339,6 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
         log0(f"{cfg.output_dir}: this run had already finished; only what is missing is done again")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
     t_last, halt_at = time.perf_counter(), step + cfg.halt_after if cfg.halt_after else None
-    skipped = 0
     try:
         while step < total:
             epoch = step // run.steps_per_epoch
@@ -369,11 +369,13 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                     raise UserError(f"step {step + 1}: the loss or the gradient norm ({float(grad_norm)}) is not "
                                     f"finite; stopped before the optimizer step. {last_checkpoint(cfg)}. Lower "
                                     "--lr, or pass --skip_nonfinite to skip such steps")
-                skipped += 1
-                log0(f"\nstep {step + 1}: loss or gradient norm not finite, step skipped ({skipped} so far)")
+                run.skipped += 1
+                log0(f"\nstep {step + 1}: loss or gradient norm not finite, step skipped ({run.skipped} so far)")
             else:
                 run.optimizer.step()
-            run.scheduler.step()
+            with warnings.catch_warnings():  # the schedule follows the step count, skipped steps included
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
@@ -381,7 +383,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
             if step % cfg.log_every == 0 or step == total:
                 line = run.meter.result()
                 elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
-                line.update(step=step, split="train", lr=lr, grad_norm=float(grad_norm), skipped_steps=skipped,
+                line.update(step=step, split="train", lr=lr, grad_norm=float(grad_norm), skipped_steps=run.skipped,
                             tokens_per_s=line.pop("tokens_timed") / elapsed, peak_memory_mib=peak_memory_mib(device))
                 bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
                 write(line)
@@ -391,15 +393,16 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                      (f", reward accuracy {line['accuracy']:.3f}" if "accuracy" in line else ""))
             halting = halt_at is not None and step >= halt_at
             if (cfg.save_every and step % cfg.save_every == 0) or step == total or halting:
-                save_checkpoint(cfg, policy, run.optimizer, run.scheduler, run.meter, step, rank)
+                save_checkpoint(cfg, run, step, rank)
             if halting:
-                log0(f"halted after step {step} (--halt_after); run the same command again to continue")
                 bar.close()
+                log0(f"halted after step {step} (--halt_after); run the same command again to continue")
                 return None
     except KeyboardInterrupt:
         raise UserError(f"interrupted during step {step + 1}: nothing new was saved. {last_checkpoint(cfg)}; run the "
                         "same command to resume", code=130) from None
-    bar.close()
+    finally:
+        bar.close()  # before any message: the bar's line ends first
     final = os.path.join(cfg.output_dir, "final")
     if cfg.export and not os.path.exists(os.path.join(final, "config.json")):
         export(cfg, policy, run.tokenizer, cfg.model, rank)
@@ -580,8 +583,12 @@ class Meter:
             self.sums[k] = self.sums.get(k, 0.0) + float(tokens)
 
     def state(self):
-        """The partial sums as float64 tensors (for a checkpoint); tokens_timed is not kept."""
-        return {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in self.sums.items() if k != "tokens_timed"}
+        """The partial sums for a checkpoint, each in its own type (float32 tensors stay float32, so that a resumed
+        run adds up exactly as an uninterrupted one); tokens_timed is not kept."""
+        return {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.sums.items() if k != "tokens_timed"}
+
+    def load(self, sums):
+        self.sums = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in sums.items()}
 
     def result(self):
         keys = sorted(self.sums)
@@ -647,7 +654,7 @@ def last_checkpoint(cfg):
     return f"The last checkpoint is {found[-1]}" if found else "There is no checkpoint yet"
 
 
-def save_checkpoint(cfg, policy, optimizer, scheduler, meter, step, rank):
+def save_checkpoint(cfg, run, step, rank):
     """Model and optimizer shards through torch.distributed.checkpoint, plus scheduler, step, RNG states and the
     meter's partial sums (tensors only: loading runs no code), into step_N.tmp, renamed to step_N once complete:
     a kill at any moment leaves the previous checkpoint intact. The size of every file is recorded, so that a
@@ -660,14 +667,14 @@ def save_checkpoint(cfg, policy, optimizer, scheduler, meter, step, rank):
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(policy, optimizer)
+        model_sd, optim_sd = get_state_dict(run.policy, run.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        torch.save({"rng": rng_state(), "meter": meter.state()}, os.path.join(tmp, f"rank_{rank}.pt"))
+        torch.save({"rng": rng_state(), "meter": run.meter.state()}, os.path.join(tmp, f"rank_{rank}.pt"))
         dist.barrier()
         if rank == 0:
             files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
-            state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
-                     "files": files}
+            state = {"step": step, "scheduler": run.scheduler.state_dict(), "world_size": dist.get_world_size(),
+                     "skipped_steps": run.skipped, "files": files}
             atomic_write(os.path.join(tmp, "trainer_state.json"), json.dumps(state))
             if os.path.exists(final):  # re-saving a step (a run restarted from scratch): retire the old one first
                 remove(final)
@@ -684,12 +691,13 @@ def save_checkpoint(cfg, policy, optimizer, scheduler, meter, step, rank):
 
 
 def resume(found, policy, optimizer, scheduler, meter, rank):
-    """Load the newest intact checkpoint of `found` and return its step. A checkpoint that is incomplete or
-    unreadable on any rank is skipped with a warning that names it; when none is intact, the run stops."""
+    """Load the newest intact checkpoint of `found` -> (its step, the steps skipped before it). A checkpoint that is
+    incomplete or unreadable on any rank is skipped with a warning that names it; when none is intact, the run
+    stops."""
     for path in reversed(found):
         problem = ""
         try:
-            step = load_checkpoint(path, policy, optimizer, scheduler, meter, rank)
+            step, skipped = load_checkpoint(path, policy, optimizer, scheduler, meter, rank)
         except Exception as e:  # a damaged checkpoint: any error of the readers
             problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
         verdicts = [None] * dist.get_world_size()
@@ -697,14 +705,15 @@ def resume(found, policy, optimizer, scheduler, meter, rank):
         bad = [(r, p) for r, p in enumerate(verdicts) if p]
         if not bad:
             log0(f"resumed from {path} at step {step}")
-            return step
+            return step, skipped
         log0(f"warning: skipping checkpoint {path}: unreadable on rank {bad[0][0]} ({bad[0][1]})")
     raise UserError(f"no checkpoint of {os.path.dirname(found[0])} is intact ({len(found)} tried, each named "
                     "above); to start over in this folder, pass --resume false")
 
 
 def load_checkpoint(path, policy, optimizer, scheduler, meter, rank):
-    """One checkpoint into the model, optimizer, scheduler, RNGs and meter -> its step; raises when it is damaged."""
+    """One checkpoint into the model, optimizer, scheduler, RNGs and meter -> (its step, the steps skipped before
+    it); raises when it is damaged."""
     with open(os.path.join(path, "trainer_state.json")) as fh:
         trainer_state = json.load(fh)
     for name, size in trainer_state.get("files", {}).items():
@@ -720,8 +729,8 @@ def load_checkpoint(path, policy, optimizer, scheduler, meter, rank):
     if os.path.exists(mine):  # absent when resuming on more ranks than saved
         saved = torch.load(mine, weights_only=True)  # tensors and numbers only: loading runs no code
         set_rng_state(saved["rng"])
-        meter.sums = dict(saved["meter"])
-    return trainer_state["step"]
+        meter.load(saved["meter"])
+    return trainer_state["step"], trainer_state.get("skipped_steps", 0)
 
 
 def rng_state():

@@ -68,6 +68,10 @@ def cli(main, argv=None):
         if error is None or debug:
             raise
         say(f"error: {error}", everywhere=getattr(error, "everywhere", True))
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # torchrun's failure summary then shows the message, too
+            with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as fh:
+                json.dump({"message": {"message": f"error: {error}", "extraInfo": {
+                    "py_callstack": f"error: {error}", "timestamp": str(int(time.time()))}}}, fh)
         return getattr(error, "exit_code", 1)
 
 
