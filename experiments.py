@@ -1,24 +1,35 @@
-"""The papers' key findings in miniature, on the synthetic key-token task of data.py, where the tokens that decide a
-preference and the reward of any generated answer are known.
+"""The papers' findings in miniature, on the tiny world's synthetic task (tiny.py), where the tokens that decide a
+preference and the reward of any generated answer are known, in two regimes:
 
-    python experiments.py              # the full study: 3 seeds, about an hour on 2 CPU cores
-    python experiments.py --quick      # every stage and every output on a sliver of the data (under a minute)
+  minimal      chosen and rejected share every word but the key (a minimal pair), as the task was first built;
+  independent  two answers written each on its own (openers, fillers, order, length), several sentences long, the
+               preference still decided by known key content: built like real preference data.
 
-From one SFT model (the tiny world's llama-small-sft), with the same data, steps and batch for every method, it trains
-DPO, IPO, SimPO, ConfPO, ConfPO-rand, ConfPO-DPO and SePO (an oracle of llama-tiny, 5x smaller than the policy, on
-half of the data; k = 0.1 ... 0.9) for every seed, plus SePO with oracles on shrinking shares of the data and of
-shrinking size (weak-to-strong). Every model, and every checkpoint of the runs that draw curves, is evaluated the
-same way (`evaluate`):
-  - reward: the task's programmatic reward (tiny.synthetic_reward) of greedy answers to held-out prompts, the
-    analogue of the papers' win rates;
-  - KL from the SFT model: sum over answer tokens of KL(pi(.|y<t) || pi_sft(.|y<t)), on answers sampled from pi,
-    an unbiased estimate of the sequence KL (ConfPO Fig. 7);
-  - accuracy and margin: how often, and by how much, the mean token log-prob of the chosen response beats the
-    rejected one's on held-out pairs (the same yardstick for every method; train.py's own eval, in each method's
-    reward, is reported beside it as own_accuracy / own_margin).
-Selections are checked against the planted key tokens with score.py (`--confpo` for ConfPO under the SFT model;
-the oracle's scores for SePO). Output (`--figures`, default docs/experiments): results.json, results.md (the tables
-of the README) and SVG plots; runs and checkpoints go to `--output_dir` (a rerun skips finished runs).
+    python experiments.py                          # both regimes, 3 seeds: about two hours on 2 CPU cores
+    python experiments.py --regimes minimal & python experiments.py --regimes independent & wait  # a core each
+    python experiments.py                          # then: finds every finished run, writes docs/experiments
+    python experiments.py --quick                  # every stage and output on a sliver, in runs/experiments-quick
+
+Starting points that know the language: llama micro / tiny / small pretrained from random weights on a corpus of
+both regimes (tiny.pretrained_model); the policy is small, SFT-trained on the regime's chosen answers; the SePO
+oracles start from the pretrained models of their size (SFT, then DPO, on a share of the data: sepo_pipeline.py).
+
+Per regime:
+  1. lr sweep: every method at each of --lrs, seed --sweep_seed, judged by the reward of its greedy answers to the
+     validation prompts; each method then trains at its own best lr (ties: the smaller KL).
+  2. comparison: DPO, IPO, SimPO, ConfPO, ConfPO-rand, ConfPO_DPO and SePO over --seeds (the same data order per
+     seed for every method: paired), evaluated on the test split, with curves every --curve_every steps.
+  3. SePO: its k, its oracle's data share and size (weak-to-strong), and a remedy, an NLL anchor on the chosen
+     response (sepo_loss's lambda_ = --anchor), all at SePO's lr.
+  4. selections against the planted keys (precision, recall), the share of selected tokens that are neutral words
+     selected on one side only, and SePO's selected rejected tokens over training, beside the same words in
+     held-out chosen answers.
+Every model is evaluated the same way (`evaluate`): reward of greedy answers (the papers' win rates), KL from the
+SFT model on sampled answers (ConfPO Fig. 7), accuracy and margin of mean token log-probs on held-out pairs, and the
+mean token log-prob of held-out chosen answers. A claimed ordering between two methods holds on every seed or its
+95% t-interval of per-seed differences excludes zero (`paired`). Output (`--figures`): results.json, results.md and
+SVG plots per regime; runs under --output_dir (a rerun skips what is done; results of another configuration are
+never reused).
 """
 
 import json
@@ -37,31 +48,29 @@ from utils import arg
 
 @dataclass
 class ExperimentConfig:
-    output_dir: str = arg("runs/experiments", "runs, checkpoints and per-run results (reruns skip finished runs)")
-    figures: str = arg("docs/experiments", "where results.json, results.md and the SVG plots go")
-    tiny_world: str = arg("tiny_world", "folder of the offline tiny world")
-    seeds: str = arg("0,1,2", "seeds: data order, ConfPO-rand's draws, the oracle's data share")
-    methods: str = arg("dpo,ipo,simpo,confpo,confpo_rand,confpo_dpo", "train.py methods compared with SePO")
-    lr: float = arg(3e-4, "learning rate of every method, SePO included (train.py's tiny default)")
-    sepo_lr: float = arg(3e-5, "learning rate of sepo_pipeline.py's own policy stage (its tiny default), reported beside SePO at "
-                              "--lr as sepo_lr<value>")
-    ratio: float = arg(0.3, "SePO's k (chosen and rejected) in the comparison of methods and the oracle studies")
+    output_dir: str = arg("runs/experiments", "runs, models and evaluations (a rerun skips what is done)")
+    figures: str = arg("docs/experiments", "where results.json, results.md and the SVG plots go (one folder per "
+                                           "regime)")
+    tiny_world: str = arg("tiny_world", "folder of the offline tiny world (tokenizers, data)")
+    regimes: str = arg("minimal,independent", "synthetic regimes: minimal, independent")
+    seeds: str = arg("0,1,2", "seeds of the comparison: data order, ConfPO-rand's draws, the oracle's data share")
+    methods: str = arg("dpo,ipo,simpo,confpo,confpo_rand,confpo_dpo,sepo", "the methods compared")
+    lrs: str = arg("3e-5,1e-4,3e-4", "the learning rates of the sweep, for every method")
+    sweep_seed: int = arg(0, "seed of the sweep's runs (their folders serve the comparison's seed too)")
+    ratio: float = arg(0.3, "SePO's k (chosen and rejected) in the comparison and the oracle studies")
     ratios: str = arg("0.1,0.3,0.5,0.7,0.9", "SePO's k swept with the default oracle")
     shares: str = arg("0.1,0.25,0.5,1.0", "oracle data shares (the default oracle uses 0.5)")
     oracle_sizes: str = arg("micro,tiny,small", "oracle sizes (tiny.MODEL_SIZES; the policy is small)")
-    curve_every: int = arg(10, "steps between the checkpoints evaluated for the KL-reward curves")
-    eval_prompts: int = arg(200, "held-out prompts for reward and KL (at most the test set's 200)")
+    anchor: float = arg(1.0, "lambda_ of the remedy: SePO plus an NLL anchor on the chosen response")
+    curve_every: int = arg(20, "steps between the checkpoints evaluated for the curves")
+    eval_prompts: int = arg(200, "held-out prompts for reward and KL")
     max_new_tokens: int = arg(40, "answer length limit for reward and KL")
-    quick: bool = arg(False, "a smoke run: 1 seed, 2 steps per stage, 128 training pairs, 16 held-out prompts")
-    setup_only: bool = arg(False, "build what every seed shares (SFT model, oracle bases, ConfPO's selection), then "
-                                 "stop: run it once before starting one process per seed")
+    pretrain_epochs: int = arg(2, "epochs of the pretraining corpus (19,000 texts)")
+    quick: bool = arg(False, "a smoke run: 1 seed, 1 lr, 2 steps per stage, 128 training pairs, 16 held-out pairs, "
+                             "in folders of its own")
+    setup_only: bool = arg(False, "build the starting points (pretrained models, SFT models), then stop")
     cache_dir: str = arg("", "datasets cache folder")
     device: str = arg("auto", "auto | cpu | cuda")
-
-
-# --quick: a smoke run, in folders of its own (never over the committed results in docs/experiments)
-QUICK = dict(seeds="0", ratios="0.1,0.3", shares="0.25,0.5", oracle_sizes="micro,tiny", curve_every=1,
-             eval_prompts=16, output_dir="runs/experiments-quick", figures="runs/experiments-quick/figures")
 
 
 def parse_config(argv=None):
@@ -83,13 +92,16 @@ import tiny  # noqa: E402
 import train  # noqa: E402
 from utils import UserError, atomic_write, log0, run_in_group  # noqa: E402
 
+# --quick: a smoke run, in folders of its own (never over the committed results in docs/experiments)
+QUICK = dict(seeds="0", lrs="3e-4", ratios="0.1,0.3", shares="0.25,0.5", oracle_sizes="micro,tiny", curve_every=1,
+             eval_prompts=16, output_dir="runs/experiments-quick", figures="runs/experiments-quick/figures")
+QUICK_PAIRS = {"train": 128, "valid": 16, "test": 16}
 DEFAULT_SHARE, DEFAULT_SIZE = 0.5, "tiny"
-TRAIN_PAIRS_QUICK, TEST_PAIRS_QUICK = 128, 16
-# train.py's tiny shapes, for every stage and for scoring
 SHAPE = ["--max_length", str(tiny.TRAIN_DEFAULTS["max_length"]), "--max_prompt_length",
-         str(tiny.TRAIN_DEFAULTS["max_prompt_length"])]
+         str(tiny.TRAIN_DEFAULTS["max_prompt_length"])]  # train.py's tiny shapes, for every stage and for scoring
 BATCH = ["--global_batch_size", str(tiny.TRAIN_DEFAULTS["global_batch_size"]), "--micro_batch_size",
          str(tiny.TRAIN_DEFAULTS["micro_batch_size"])]
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,86 +140,82 @@ def sequence_kl(model, sft, sequences, answer_mask, pad_id, batch_size=50):
 
 
 @torch.no_grad()
+def token_logps(model, batch):
+    """Per-token log-probs and response mask of a collated batch (chosen rows, then rejected rows)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return losses.token_logps(logits, batch["labels"])
+
+
+@torch.no_grad()
 def preference(model, batches):
-    """Mean token log-prob of chosen minus rejected, per held-out pair."""
-    margins = []
+    """Per held-out pair: the mean token log-prob of its chosen and of its rejected answer -> (chosen, rejected)."""
+    chosen, rejected = [], []
     for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, mask = losses.token_logps(logits, batch["labels"])
+        logps, mask = token_logps(model, batch)
         avg = losses.masked_mean(logps, mask)
         B = avg.shape[0] // 2
-        margins.append(avg[:B] - avg[B:])
-    return torch.cat(margins)
+        chosen.append(avg[:B])
+        rejected.append(avg[B:])
+    return torch.cat(chosen), torch.cat(rejected)
 
 
-def evaluate(model, ctx, sample_seed=1234):
-    """reward (greedy answers), kl from the SFT model (sampled answers), accuracy and margin (held-out pairs)."""
-    tok, device = ctx["tokenizer"], ctx["device"]
-    reward = tiny.greedy_synthetic_reward(model, tok, ctx["prompts"], device, ctx["max_new_tokens"])
+def evaluate(model, ctx, split, sample_seed=1234):
+    """reward (greedy answers), KL from the SFT model (sampled answers), accuracy and margin (held-out pairs), and
+    chosen_logp: the mean token log-prob of held-out chosen answers, on the split (valid or test)."""
+    tok, device, prompts = ctx["tokenizer"], ctx["device"], ctx["prompts"][split]
+    reward = tiny.greedy_synthetic_reward(model, tok, prompts, device, ctx["max_new_tokens"])
     torch.manual_seed(sample_seed)
-    seqs, answer = tiny.generate_answers(model, tok, ctx["prompts"], device, ctx["max_new_tokens"], sample=True)
+    seqs, answer = tiny.generate_answers(model, tok, prompts, device, ctx["max_new_tokens"], sample=True)
     kl = sequence_kl(model, ctx["sft"], seqs, answer, tok.pad_token_id)
-    margin = preference(model, ctx["batches"])
+    chosen, rejected = preference(model, ctx["batches"][split])
+    margin = chosen - rejected
     return {"reward": reward, "kl": float(kl.mean()), "accuracy": float((margin > 0).float().mean()),
-            "margin": float(margin.mean())}
+            "margin": float(margin.mean()), "chosen_logp": float(chosen.mean())}
 
 
-def evaluate_run(ctx, out, curve):
-    """Evaluate a train.py run folder: its final model, and with `curve` every checkpoint (step 0 is the SFT
-    model). Adds train.py's own last held-out evaluation and ConfPO's selected-token ratios over training."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(ctx["sft_path"]).to(ctx["device"])
-    points = [{"step": 0, **ctx["sft_eval"]}] if curve else []
-    for path in train.checkpoints(out) if curve else []:
-        step = int(os.path.basename(path).split("_")[1])
-        points.append({"step": step, **evaluate(load_weights(model, path), ctx)})
-    final = points[-1] if curve else evaluate(load_weights(model, os.path.join(out, "final")), ctx)
-    with open(os.path.join(out, "metrics.jsonl")) as fh:
-        lines = [json.loads(line) for line in fh]
-    own = [line for line in lines if line.get("split") == "eval"][-1]
-    selected = [{"step": line["step"], "chosen": line["selected_ratio_chosen"],
-                 "rejected": line["selected_ratio_rejected"]}
-                for line in lines if line.get("split") == "train" and "selected_ratio_chosen" in line]
-    return {"final": {k: v for k, v in final.items() if k != "step"}, "curve": points,
-            "own_accuracy": own.get("accuracy"), "own_margin": own.get("margin"), "selected": selected}
+@torch.no_grad()
+def token_analysis(model, a):
+    """What SePO does to the tokens it selects (a: analysis_context, the first training pairs with their
+    selections, and the held-out chosen answers): the mean log-prob of the selected rejected and chosen tokens,
+    and of the same word types as the selected rejected ones where they appear in held-out chosen answers."""
+    sums = {"selected_rejected": [0.0, 0], "selected_chosen": [0.0, 0], "same_types_heldout_chosen": [0.0, 0]}
+    for batch in a["train"]:
+        logps, mask = token_logps(model, batch)
+        B = logps.shape[0] // 2
+        select = batch["select"].bool() & mask
+        for key, rows in (("selected_chosen", slice(0, B)), ("selected_rejected", slice(B, None))):
+            sums[key][0] += float(logps[rows][select[rows]].sum())
+            sums[key][1] += int(select[rows].sum())
+    for batch in a["heldout"]:
+        logps, mask = token_logps(model, batch)
+        B = logps.shape[0] // 2
+        same = mask[:B] & torch.isin(batch["input_ids"][:B], a["types"])
+        sums["same_types_heldout_chosen"][0] += float(logps[:B][same].sum())
+        sums["same_types_heldout_chosen"][1] += int(same.sum())
+    return {k: s / max(n, 1) for k, (s, n) in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Runs
+# Runs: each trained once per configuration, each evaluation done once per configuration
 # ---------------------------------------------------------------------------------------------------------------
 
-def finished(out, key, fn):
-    """Run fn() -> result once per folder and configuration: out/result.json keeps the result beside the
-    configuration that produced it (`key`), and the checkpoints, which only the evaluation needed, are deleted
-    afterwards. A result of another configuration is never reused: the study stops and names the folder."""
-    path = os.path.join(out, "result.json")
+def cached(path, key, fn):
+    """fn() once: its result is kept in `path` beside the configuration that produced it (`key`). A result of
+    another configuration is never reused: the study stops and names the file."""
     if os.path.exists(path):
         with open(path) as fh:
             saved = json.load(fh)
         if saved.get("config") != key:
-            raise UserError(f"{out} holds the result of another configuration of the study; choose another "
-                            "--output_dir (or delete that folder to run it again)")
+            raise UserError(f"{path} holds a result of another configuration of the study; choose another "
+                            "--output_dir (or delete that file to compute it again)")
         return saved["result"]
     result = fn()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write(path, json.dumps({"config": key, "result": result}, indent=1))
-    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
     return result
 
 
-def train_run(ctx, out, argv, curve):
-    """train.py with these flags into `out` (with `curve`, a checkpoint every --curve_every steps), then its
-    evaluation; skipped when already done with the same configuration (train.py itself resumes, or finds the run
-    finished, and refuses a folder holding another run)."""
-    argv = argv + ["--output_dir", out, "--save_every", str(ctx["curve_every"] if curve else 0), "--keep_last", "0"]
-
-    def go():
-        train.main(argv)
-        return evaluate_run(ctx, out, curve)
-    return finished(out, {"train": without_paths_of_no_consequence(argv), "curve": curve, "eval": ctx["eval_key"]},
-                    go)
-
-
-def without_paths_of_no_consequence(argv):
+def essential(argv):
     """A run's flags without those that do not change its result (the datasets cache, the device)."""
     keep, skip = [], False
     for a in argv:
@@ -220,167 +228,301 @@ def without_paths_of_no_consequence(argv):
     return keep
 
 
-def sepo_pipeline_cfg(ctx, seed, size, share, out):
-    """sepo_pipeline.py's settings for an oracle of `size` trained on `share` of the data (the tiny defaults, spelled out)."""
-    cfg = sepo_pipeline.PipelineConfig(**{**sepo_pipeline.PIPELINE_TINY, "data": ctx["train_data"], "eval_data": ctx["test_data"],
-                                 "oracle_base": ctx["oracles"][size], "policy": ctx["sft_path"], "output_dir": out,
-                                 "subset": share, "seed": seed, "chosen_ratio": ctx["ratio"],
-                                 "rejected_ratio": ctx["ratio"], "policy_lr": ctx["sepo_lr"],
-                                 "max_steps": ctx["max_steps"], "cache_dir": ctx["cache_dir"],
-                                 "device": ctx["device_flag"], "tiny_world": ctx["tiny_world"]})
-    cfg.policy_args = f"--save_every {ctx['curve_every']} --keep_last 0 " + ctx["eval_flags"]
-    return cfg
-
-
-def sepo_run(ctx, seed, size, share, curve):
-    """The whole SePO pipeline (sepo_pipeline.py, its policy at --sepo_lr), then a policy from the same selections at the
-    comparison's --lr -> (result at --lr, result of the pipeline's policy, the selections' key-token statistics)."""
-    out = os.path.join(ctx["output_dir"], f"seed{seed}", f"sepo_{size}_{share}")
-    cfg = sepo_pipeline_cfg(ctx, seed, size, share, out)
+def evaluation(ctx, out, argv, split, curve=False, analysis=None):
+    """train.py with `argv` into `out` (a checkpoint every --curve_every steps; train.py finds a finished run
+    finished and refuses a folder of another run), then its evaluation on `split`: the final model, and with
+    `curve` every checkpoint (step 0 is the SFT model); `analysis`: a selection file whose tokens to follow."""
+    key = {"train": essential(argv), "split": split, "curve": curve, "analysis": analysis, "eval": ctx["eval_key"]}
 
     def go():
+        train.main(argv + ["--output_dir", out, "--save_every", str(ctx["curve_every"]), "--keep_last", "0"])
+        return evaluate_run(ctx, out, split, curve, analysis)
+    return cached(os.path.join(out, f"evaluation_{split}{'_curve' if curve else ''}.json"), key, go)
+
+
+def evaluate_run(ctx, out, split, curve, analysis):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(ctx["sft_path"]).to(ctx["device"])
+    actx = analysis_context(ctx, analysis) if analysis else None
+    points = []
+    if curve:
+        points.append({"step": 0, **ctx["sft_eval"][split], **(token_analysis(ctx["sft"], actx) if actx else {})})
+        for path in train.checkpoints(out):
+            load_weights(model, path)
+            points.append({"step": int(os.path.basename(path).split("_")[1]), **evaluate(model, ctx, split),
+                           **(token_analysis(model, actx) if actx else {})})
+    final = points[-1] if curve else evaluate(load_weights(model, os.path.join(out, "final")), ctx, split)
+    lines = train.read_metrics(os.path.join(out, "metrics.jsonl"))
+    own = [line for line in lines if line.get("split") == "eval"][-1]
+    selected = [{"step": line["step"], "chosen": line["selected_ratio_chosen"],
+                 "rejected": line["selected_ratio_rejected"]}
+                for line in lines if line.get("split") == "train" and "selected_ratio_chosen" in line]
+    return {"final": {k: v for k, v in final.items() if k != "step"}, "curve": points,
+            "own_accuracy": own.get("accuracy"), "own_margin": own.get("margin"), "selected": selected}
+
+
+def method_run(ctx, method, seed, lr, split, curve=False):
+    """A train.py method from the SFT model (every method, SePO included through sepo_run, with the same data,
+    steps, batch and optimizer settings)."""
+    if method == "sepo":
+        return sepo_run(ctx, seed, lr, split, curve=curve)
+    out = os.path.join(ctx["dir"], method, f"seed{seed}_lr{lr:g}")
+    return evaluation(ctx, out, ctx["train_argv"] + ["--method", method, "--seed", str(seed), "--lr", str(lr)], split,
+                      curve)
+
+
+def oracle(ctx, seed, size=DEFAULT_SIZE, share=DEFAULT_SHARE):
+    """sepo_pipeline.py up to its scores: D_m (a share of the training pairs), SFT then DPO from the pretrained
+    model of `size`, Eq. 24 scores of every training token -> (pipeline folder, its config)."""
+    out = os.path.join(ctx["dir"], "oracles", f"{size}_{share:g}_seed{seed}")
+    cfg = sepo_pipeline.PipelineConfig(**{
+        **sepo_pipeline.PIPELINE_TINY, "data": ctx["data"]["train"], "eval_data": ctx["data"]["test"],
+        "oracle_base": ctx["pretrained"][size], "policy": ctx["sft_path"], "output_dir": out, "subset": share,
+        "seed": seed, "chosen_ratio": ctx["ratio"], "rejected_ratio": ctx["ratio"], "max_steps": ctx["max_steps"],
+        "cache_dir": ctx["cache_dir"], "device": ctx["device_flag"], "tiny_world": ctx["tiny_world"],
+        "until": "scores"})
+    if not sepo.scoring_complete(os.path.join(out, "scores")):
         sepo_pipeline.main([f"--{k}={v}" for k, v in asdict(cfg).items()])
-        return evaluate_run(ctx, os.path.join(out, "policy"), curve)
-    key = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "device")}
-    own = finished(os.path.join(out, "policy"), {"pipeline": key, "curve": curve, "eval": ctx["eval_key"]}, go)
-    selections = os.path.join(out, "scores", sepo.selection_name(ctx["ratio"], ctx["ratio"]))
-    common = sepo_policy(ctx, cfg, selections, os.path.join(out, f"policy_lr{ctx['lr']:g}"), curve)
-    return common, own, manifest_stats(os.path.join(out, "scores"))
+    return out, cfg
 
 
-def sepo_sweep(ctx, seed):
-    """SePO with the default oracle of this seed at every k of the sweep (one policy per k, at --lr) -> ({k: result,
-    None for --ratio, which sepo_run trained}, key-token statistics). The selections come from the pipeline's own
-    scores folder: score.py finds every block already scored and only selects again, at every k."""
-    out = os.path.join(ctx["output_dir"], f"seed{seed}", f"sepo_{DEFAULT_SIZE}_{DEFAULT_SHARE}")
-    cfg = sepo_pipeline_cfg(ctx, seed, DEFAULT_SIZE, DEFAULT_SHARE, out)
+def selections(ctx, seed, k, size=DEFAULT_SIZE, share=DEFAULT_SHARE):
+    """The selection file of ratio k from an oracle; the default oracle's scores are selected at every k of the
+    sweep at once (score.py finds every block scored and only selects again)."""
+    out, cfg = oracle(ctx, seed, size, share)
     scores = os.path.join(out, "scores")
-    ks = sorted({*ctx["ratios"], ctx["ratio"]})  # the pipeline's own k stays in the manifest
-    if not (sepo.scoring_complete(scores) and
-            {sepo.selection_name(k, k) for k in ks} <= set(manifest_stats(scores))):
+    ks = sorted({*ctx["ratios"], ctx["ratio"]}) if (size, share) == (DEFAULT_SIZE, DEFAULT_SHARE) else [ctx["ratio"]]
+    if not {sepo.selection_name(r, r) for r in ks} <= set(sepo.read_manifest(scores)["selections"]):
         score.main(sepo_pipeline.scoring_argv(cfg, os.path.join(out, "oracle_dpo", "final"),
-                                     os.path.join(out, "oracle_sft", "final"), [(k, k) for k in ks], scores))
-    results = {}
-    for k in ctx["ratios"]:
-        selections = os.path.join(scores, sepo.selection_name(k, k))
-        results[k] = None if k == ctx["ratio"] else sepo_policy(
-            ctx, cfg, selections, os.path.join(out, f"policy_k{k}_lr{ctx['lr']:g}"), curve=False)
-    return results, manifest_stats(scores)
+                                              os.path.join(out, "oracle_sft", "final"), [(r, r) for r in ks], scores))
+    return os.path.join(scores, sepo.selection_name(k, k))
 
 
-def sepo_policy(ctx, cfg, selections, out, curve):
-    """SePO's policy (Eq. 26) from a selection file with the pipeline's settings but the comparison's --lr."""
-    return train_run(ctx, out, sepo_pipeline.stage_argv(cfg) + sepo_pipeline.policy_argv(cfg, selections) +
-                     ctx["eval_flags"].split() + ["--lr", str(ctx["lr"])], curve)
+def sepo_run(ctx, seed, lr, split, k=None, size=DEFAULT_SIZE, share=DEFAULT_SHARE, anchor=0.0, curve=False):
+    """SePO's policy (Eq. 26) from the SFT model on an oracle's selection, with the comparison's settings."""
+    k = ctx["ratio"] if k is None else k
+    path = selections(ctx, seed, k, size, share)
+    name = f"sepo_{size}_{share:g}_k{k:g}" + (f"_anchor{anchor:g}" if anchor else "")
+    out = os.path.join(ctx["dir"], name, f"seed{seed}_lr{lr:g}")
+    argv = ctx["train_argv"] + ["--method", "sepo", "--selections", path, "--seed", str(seed), "--lr", str(lr)]
+    return evaluation(ctx, out, argv + (["--lambda_", str(anchor)] if anchor else []), split, curve,
+                      analysis=path if curve else None)
 
 
-def manifest_stats(scores_dir):
-    return sepo.read_manifest(scores_dir)["selections"]
+def oracle_report(ctx, seed, size=DEFAULT_SIZE, share=DEFAULT_SHARE):
+    """The oracle's stages on held-out pairs: pi_ref's token loss (SFT), the oracle's DPO accuracy and margin."""
+    out, _ = oracle(ctx, seed, size, share)
+    sft = [m for m in train.read_metrics(os.path.join(out, "oracle_sft", "metrics.jsonl")) if m["split"] == "eval"]
+    dpo = [m for m in train.read_metrics(os.path.join(out, "oracle_dpo", "metrics.jsonl")) if m["split"] == "eval"]
+    return {"sft_loss_start": sft[0]["loss"], "sft_loss_end": sft[-1]["loss"], "dpo_accuracy_start":
+            dpo[0]["accuracy"], "dpo_accuracy_end": dpo[-1]["accuracy"], "dpo_margin_end": dpo[-1]["margin"]}
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Selections: against the planted keys, and their anatomy
+# ---------------------------------------------------------------------------------------------------------------
 
 def confpo_selection(ctx):
     """ConfPO's selection (Eq. 12-14) under the SFT model on the training data, scored by score.py --confpo."""
-    out = os.path.join(ctx["output_dir"], "confpo_selection")
+    out = os.path.join(ctx["dir"], "confpo_selection")
     if not sepo.scoring_complete(out):
-        score.main(["--confpo", "--model", ctx["sft_path"], "--data", ctx["train_data"], "--output_dir", out,
+        score.main(["--confpo", "--model", ctx["sft_path"], "--data", ctx["data"]["train"], "--output_dir", out,
                     "--cache_dir", ctx["cache_dir"], "--device", ctx["device_flag"]] + SHAPE)
-    return manifest_stats(out)["confpo.jsonl"]
+    return os.path.join(out, "confpo.jsonl")
+
+
+def anatomy(ctx, path, seed=0):
+    """How a selection sits in the responses, beside a random selection of the same sizes: precision and recall
+    of the planted key tokens, `one_sided`: the share of selected tokens that are neutral words (not keys, found
+    in chosen and rejected answers alike) selected on this side and never on the other, and for rejected answers
+    how often the key itself and the token right after it are selected."""
+    rows = {r["row"]: r for r in map(json.loads, open(path))}
+    tok = ctx["tokenized_train"]
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for kind in ("selection", "random"):
+        counts = {"chosen": {}, "rejected": {}}
+        neutral_sides = {"chosen": set(), "rejected": set()}
+        stats = {s: dict(selected=0, key=0, hit=0, tokens=0) for s in ("chosen", "rejected")}
+        at_key, after_key, with_key, picks = 0, 0, 0, {}
+        for ex in tok:
+            for side in ("chosen", "rejected"):
+                ids, keys = data.response_part(ex, side, "input_ids"), data.response_part(ex, side, "key")
+                chosen = set(rows[ex["row"]][f"{side}_selected"])
+                if kind == "random":
+                    order = torch.randperm(len(ids), generator=gen).tolist()
+                    chosen = set(order[:len(chosen)])
+                picks[(ex["row"], side)] = chosen
+                for j, (v, key) in enumerate(zip(ids, keys)):
+                    if not key:
+                        neutral_sides[side].add(v)
+                    if j in chosen:
+                        counts[side][v] = counts[side].get(v, 0) + 1
+                s = stats[side]
+                s["selected"] += len(chosen)
+                s["key"] += sum(keys)
+                s["hit"] += sum(1 for j in chosen if keys[j])
+                s["tokens"] += len(ids)
+                if side == "rejected" and any(keys):
+                    last = max(j for j, key in enumerate(keys) if key)
+                    with_key += 1
+                    at_key += any(keys[j] for j in chosen)
+                    after_key += (last + 1) in chosen and last + 1 < len(ids) and not keys[last + 1]
+        neutral = neutral_sides["chosen"] & neutral_sides["rejected"]
+        result = {}
+        for side, other in (("chosen", "rejected"), ("rejected", "chosen")):
+            one_sided = 0
+            for ex in tok:
+                ids, keys = data.response_part(ex, side, "input_ids"), data.response_part(ex, side, "key")
+                one_sided += sum(1 for j in picks[(ex["row"], side)] if not keys[j] and ids[j] in neutral
+                                 and ids[j] not in counts[other])
+            s = stats[side]
+            result[side] = {"selected_fraction": s["selected"] / max(s["tokens"], 1),
+                            "precision": s["hit"] / max(s["selected"], 1), "recall": s["hit"] / max(s["key"], 1),
+                            "one_sided": one_sided / max(s["selected"], 1)}
+        result["rejected"].update(key_selected=at_key / max(with_key, 1), after_key_selected=after_key / max(with_key, 1))
+        out[kind] = result
+    return out
+
+
+def analysis_context(ctx, path):
+    """The batches token_analysis reads for a selection: the first 256 training pairs with their selections, the
+    types of the non-key tokens selected on their rejected side, and the held-out pairs."""
+    rows = {r["row"]: r for r in map(json.loads, open(path))}
+    tok = ctx["tokenized_train"].select(range(min(256, len(ctx["tokenized_train"]))))
+    tok = sepo.attach_selections(tok, sepo.load_selections(path), path)
+    pad = ctx["tokenizer"].pad_token_id
+    batches = [{k: v.to(ctx["device"]) for k, v in data.collate_pairs([tok[j] for j in range(i, min(i + 32, len(tok)))],
+                                                                      pad, token_fields=("select",)).items()}
+               for i in range(0, len(tok), 32)]
+    types = set()
+    for ex in tok:
+        ids, keys = data.response_part(ex, "rejected", "input_ids"), data.response_part(ex, "rejected", "key")
+        types |= {ids[j] for j in rows[ex["row"]]["rejected_selected"] if not keys[j]}
+    return {"train": batches, "heldout": ctx["batches"]["test"],
+            "types": torch.tensor(sorted(types), dtype=torch.long, device=ctx["device"])}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Setting up: the world, the SFT model, held-out data
+# Setting up: the starting points, the data of a regime, the evaluation sets
 # ---------------------------------------------------------------------------------------------------------------
+
+def starting_points(cfg, paths):
+    """The pretrained models of every size (policy and oracles), built once in --output_dir/models, and their
+    held-out losses before and after pretraining."""
+    sizes = sorted({*cfg.oracle_sizes.split(","), "small"}, key=list(tiny.MODEL_SIZES).index)
+    steps = {"max_steps": 2} if cfg.quick else {}
+    pretrained = {size: tiny.pretrained_model(cfg.output_dir, paths, size, train.main, epochs=cfg.pretrain_epochs,
+                                              cache_dir=cfg.cache_dir, **steps) for size in sizes}
+    return pretrained, {size: held_out_loss(path) for size, path in pretrained.items()}
+
+
+def held_out_loss(model_path):
+    """The first and last held-out loss of the run that trained a cached model (tiny.trained keeps its metrics)."""
+    evals = [m for m in train.read_metrics(os.path.join(model_path, "metrics.jsonl")) if m["split"] == "eval"]
+    return {"start": evals[0]["loss"], "end": evals[-1]["loss"]}
+
 
 def head_lines(src, dst, n):
     with open(src) as fh:
         lines = [next(fh) for _ in range(n)]
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
     atomic_write(dst, "".join(lines))
     return dst
 
 
-def setup(cfg, rank, world, device):
+def setup(cfg, regime, paths, pretrained, device):
+    """Everything a regime's runs share: its data, the SFT model (pretrained small, SFT on the chosen answers),
+    the evaluation sets of valid and test, the base flags of every run."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    paths = tiny.build_tiny_world(cfg.tiny_world)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    oracles = {size: paths.get(f"llama-{size}") for size in cfg.oracle_sizes.split(",")}
-    for size in oracles:
-        if oracles[size] is None:  # sizes the world does not hold (micro) are built here, from the same tokenizer
-            oracles[size] = os.path.join(cfg.tiny_world, "models", f"llama-{size}")
-            if not os.path.exists(os.path.join(oracles[size], "config.json")):
-                tiny.build_tiny_model(oracles[size] + ".tmp", paths["tokenizer"], "llama", size)
-                os.replace(oracles[size] + ".tmp", oracles[size])
-    train_data, test_data = paths["train"], paths["test"]
-    steps = ["--max_steps", "-1"]
+    folder = os.path.join(cfg.output_dir, regime)
+    split_data = {s: paths[f"{s}_{regime}"] for s in ("train", "valid", "test")}
     if cfg.quick:
-        train_data = head_lines(paths["train"], os.path.join(cfg.output_dir, "train.jsonl"), TRAIN_PAIRS_QUICK)
-        test_data = head_lines(paths["test"], os.path.join(cfg.output_dir, "test.jsonl"), TEST_PAIRS_QUICK)
-        steps = ["--max_steps", "2"]
-        sft_path = os.path.join(cfg.output_dir, "sft", "final")
-        if not os.path.exists(os.path.join(sft_path, "config.json")):
-            train.main(["--method", "sft", "--model", paths["llama-small"], "--data", train_data, "--max_steps",
-                        "2", "--output_dir", os.path.dirname(sft_path), "--lr", "1e-3", "--save_every", "0",
-                        "--judge", "none", "--cache_dir", cfg.cache_dir] + SHAPE + BATCH)
-    else:
-        sft_path = tiny.sft_model(cfg.tiny_world, paths, train.main, seed=42, cache_dir=cfg.cache_dir)
-    eval_flags = (f"--eval_data {test_data} --log_every {1 if cfg.quick else 5} --eval_every 20 "
-                  f"--eval_max_pairs 200")
+        split_data = {s: head_lines(p, os.path.join(folder, f"{s}.jsonl"), QUICK_PAIRS[s]) for s, p in split_data.items()}
+    steps = ["--max_steps", "2"] if cfg.quick else ["--max_steps", "-1"]
+    sft_path = tiny.trained(cfg.output_dir, f"llama-small-pt-sft-{regime}", {
+        **tiny.TRAIN_DEFAULTS, "method": "sft", "model": pretrained["small"], "data": split_data["train"],
+        "eval_data": split_data["test"], "eval_every": 10**9, "epochs": 2, "tiny_world": cfg.tiny_world,
+        "cache_dir": cfg.cache_dir, "seed": 42, "judge": "none", **({"max_steps": 2} if cfg.quick else {})},
+        train.main)
     tokenizer = AutoTokenizer.from_pretrained(sft_path, padding_side="left")
-    test = data.load_preferences(test_data)
-    tokenized, _ = data.tokenize_preferences(test, tokenizer, tiny.TRAIN_DEFAULTS["max_length"],
-                                             tiny.TRAIN_DEFAULTS["max_prompt_length"])
-    batches = [{k: v.to(device) for k, v in data.collate_pairs([tokenized[j] for j in range(i, min(i + 50, len(
-        tokenized)))], tokenizer.pad_token_id).items()} for i in range(0, len(tokenized), 50)]
-    ctx = dict(output_dir=cfg.output_dir, tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir, device=device,
-               device_flag=cfg.device, sft_path=sft_path, train_data=train_data, test_data=test_data,
-               oracles=oracles, ratio=cfg.ratio, ratios=[float(k) for k in cfg.ratios.split(",")],
-               lr=cfg.lr, sepo_lr=cfg.sepo_lr, curve_every=cfg.curve_every, max_steps=int(steps[1]),
-               eval_flags=eval_flags,
-               tokenizer=tokenizer, prompts=[row["prompt"] for row in test][:cfg.eval_prompts],
-               max_new_tokens=cfg.max_new_tokens, batches=batches,
-               eval_key={"prompts": cfg.eval_prompts, "max_new_tokens": cfg.max_new_tokens, "test": test_data,
-                         "sft": sft_path})
-    ctx["train_argv"] = (["--model", sft_path, "--data", train_data] + SHAPE + BATCH + ["--judge", "none",
-                          "--cache_dir", cfg.cache_dir, "--device", cfg.device] + steps + eval_flags.split())
+    tokenized, batches, prompts = {}, {}, {}
+    for s in ("train", "valid", "test"):
+        pairs = data.load_preferences(split_data[s], cache_dir=cfg.cache_dir or None)
+        tokenized[s], _ = data.tokenize_preferences(pairs, tokenizer, tiny.TRAIN_DEFAULTS["max_length"],
+                                                    tiny.TRAIN_DEFAULTS["max_prompt_length"])
+        prompts[s] = [row["prompt"] for row in pairs][:cfg.eval_prompts]
+        held = tokenized[s].select(range(min(200, len(tokenized[s]))))
+        batches[s] = [{k: v.to(device) for k, v in data.collate_pairs([held[j] for j in range(i, min(i + 50, len(
+            held)))], tokenizer.pad_token_id).items()} for i in range(0, len(held), 50)]
+    ctx = dict(dir=folder, regime=regime, tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir, device=device,
+               device_flag=cfg.device, sft_path=sft_path, data=split_data, pretrained=pretrained, ratio=cfg.ratio,
+               ratios=[float(k) for k in cfg.ratios.split(",")], curve_every=cfg.curve_every, max_steps=int(steps[1]),
+               tokenizer=tokenizer, prompts=prompts, batches=batches, tokenized_train=tokenized["train"],
+               max_new_tokens=cfg.max_new_tokens,
+               eval_key={"prompts": cfg.eval_prompts, "max_new_tokens": cfg.max_new_tokens, "sft": sft_path,
+                         "data": split_data})
+    ctx["train_argv"] = (["--model", sft_path, "--data", split_data["train"], "--eval_data", split_data["test"],
+                          "--eval_every", str(10**9), "--log_every", "1" if cfg.quick else "5"] + SHAPE + BATCH +
+                         ["--judge", "none", "--cache_dir", cfg.cache_dir, "--device", cfg.device] + steps)
     ctx["sft"] = AutoModelForCausalLM.from_pretrained(sft_path).to(device).eval()
-    ctx["sft_eval"] = evaluate(ctx["sft"], ctx)
+    ctx["sft_eval"] = {s: evaluate(ctx["sft"], ctx, s) for s in ("valid", "test")}
+    ctx["sft_loss"] = held_out_loss(sft_path)
     return ctx
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The study
+# The study of one regime
 # ---------------------------------------------------------------------------------------------------------------
 
-def run_study(cfg, ctx):
-    """Every run of every seed -> {seed: {name: result}} and the selections' key-token statistics."""
-    runs, keys = {}, {"confpo": confpo_selection(ctx), "sepo": {}}
-    for seed in [int(s) for s in cfg.seeds.split(",")]:
-        r = runs[seed] = {"sft": {"final": ctx["sft_eval"], "curve": [], "own_accuracy": None, "own_margin": None,
-                                  "selected": []}}
-        for method in cfg.methods.split(","):
-            log0(f"\n==== seed {seed}: {method} ====")
-            out = os.path.join(cfg.output_dir, f"seed{seed}", method)
-            r[method] = train_run(ctx, out, ctx["train_argv"] + ["--method", method, "--seed", str(seed), "--lr",
-                                                                 str(cfg.lr)], True)
-        log0(f"\n==== seed {seed}: sepo (oracle {DEFAULT_SIZE}, share {DEFAULT_SHARE}) ====")
-        r["sepo"], r[f"sepo_lr{cfg.sepo_lr:g}"], keys["sepo"][f"{seed}/{DEFAULT_SIZE}/{DEFAULT_SHARE}"] = sepo_run(
-            ctx, seed, DEFAULT_SIZE, DEFAULT_SHARE, True)
-        sweep, keys["sepo"][f"{seed}/sweep"] = sepo_sweep(ctx, seed)
-        for k, result in sweep.items():
-            r[f"sepo_k{k}"] = result or r["sepo"]  # k = --ratio is the pipeline's own policy
-        for size, share in [(DEFAULT_SIZE, s) for s in cfg.shares.split(",")] + \
-                           [(z, DEFAULT_SHARE) for z in cfg.oracle_sizes.split(",")]:
-            share = float(share)
-            if (size, share) != (DEFAULT_SIZE, DEFAULT_SHARE):
-                log0(f"\n==== seed {seed}: sepo (oracle {size}, share {share}) ====")
-                r[f"sepo_{size}_{share}"], _, keys["sepo"][f"{seed}/{size}/{share}"] = sepo_run(ctx, seed, size,
-                                                                                              share, False)
-        r[f"sepo_{DEFAULT_SIZE}_{DEFAULT_SHARE}"] = r["sepo"]
-    return runs, keys
+def study_regime(cfg, ctx):
+    """Sweep, comparison, SePO's studies and the selections' anatomy of one regime -> its results."""
+    methods, seeds = cfg.methods.split(","), [int(s) for s in cfg.seeds.split(",")]
+    lrs = [float(x) for x in cfg.lrs.split(",")]
+    res = {"stages": {"sft_loss": ctx["sft_loss"]}, "sweep": {}, "best_lr": {}, "runs": {}, "anatomy": {}}
+    # 1. the lr sweep, judged on the validation split
+    for method in methods:
+        log0(f"\n==== {ctx['regime']}: sweep {method} ====")
+        sweep = {f"{lr:g}": method_run(ctx, method, cfg.sweep_seed, lr, "valid")["final"] for lr in lrs}
+        res["sweep"][method] = sweep
+        res["best_lr"][method] = float(max(sweep, key=lambda lr: (sweep[lr]["reward"], -sweep[lr]["kl"])))
+    lr_sepo = res["best_lr"].get("sepo", lrs[0])
+    # 2-3. the comparison and SePO's studies, on the test split
+    for seed in seeds:
+        r = res["runs"][seed] = {"sft": {"final": ctx["sft_eval"]["test"], "curve": [], "own_accuracy": None,
+                                         "own_margin": None, "selected": []}}
+        for method in methods:
+            log0(f"\n==== {ctx['regime']}: seed {seed}, {method} at lr {res['best_lr'][method]:g} ====")
+            r[method] = method_run(ctx, method, seed, res["best_lr"][method], "test", curve=True)
+        if "sepo" not in methods:
+            continue
+        log0(f"\n==== {ctx['regime']}: seed {seed}, SePO's studies at lr {lr_sepo:g} ====")
+        r["sepo_anchor"] = sepo_run(ctx, seed, lr_sepo, "test", anchor=cfg.anchor, curve=True)
+        for k in ctx["ratios"]:
+            r[f"sepo_k{k:g}"] = r["sepo"] if k == ctx["ratio"] else sepo_run(ctx, seed, lr_sepo, "test", k=k)
+        for share in [float(x) for x in cfg.shares.split(",")]:
+            r[f"sepo_{DEFAULT_SIZE}_{share:g}"] = r["sepo"] if share == DEFAULT_SHARE else sepo_run(
+                ctx, seed, lr_sepo, "test", share=share)
+        for size in cfg.oracle_sizes.split(","):
+            r[f"sepo_{size}_{DEFAULT_SHARE:g}"] = r["sepo"] if size == DEFAULT_SIZE else sepo_run(
+                ctx, seed, lr_sepo, "test", size=size)
+        res["stages"].setdefault("oracles", {})[seed] = {
+            f"{size}_{share:g}": oracle_report(ctx, seed, size, share)
+            for size, share in [(DEFAULT_SIZE, float(s)) for s in cfg.shares.split(",")]
+            + [(z, DEFAULT_SHARE) for z in cfg.oracle_sizes.split(",")]}
+        res["anatomy"][f"sepo_seed{seed}"] = {f"k{k:g}": anatomy(ctx, selections(ctx, seed, k)) for k in ctx["ratios"]}
+    # 4. ConfPO's selection under the SFT model
+    res["anatomy"]["confpo"] = anatomy(ctx, confpo_selection(ctx))
+    for run_dir in (os.path.join(root, d) for root, dirs, _ in os.walk(ctx["dir"]) for d in dirs if d == "checkpoints"):
+        shutil.rmtree(run_dir, ignore_errors=True)  # only the curves needed them; every evaluation is kept
+    return res
 
 
-def compared(cfg):
-    """The runs of the comparison of methods: SFT, every --methods, SePO at --lr and SePO at --sepo_lr."""
-    return ["sft"] + cfg.methods.split(",") + ["sepo", f"sepo_lr{cfg.sepo_lr:g}"]
+# ---------------------------------------------------------------------------------------------------------------
+# Summaries: mean and spread over seeds, and differences paired by seed
+# ---------------------------------------------------------------------------------------------------------------
+
+METRICS = ("reward", "kl", "accuracy", "margin", "chosen_logp")
 
 
 def mean_std(values):
@@ -392,20 +534,30 @@ def mean_std(values):
 
 def summarize(runs):
     """{run name: {metric: [mean, std]}} over seeds."""
-    names = list(next(iter(runs.values())))
     out = {}
-    for name in names:
+    for name in next(iter(runs.values())):
         rows = [runs[s][name] for s in runs if name in runs[s]]
-        metrics = {m: mean_std([r["final"][m] for r in rows]) for m in ("reward", "kl", "accuracy", "margin")}
-        metrics.update({m: mean_std([r[m] for r in rows]) for m in ("own_accuracy", "own_margin")})
-        out[name] = metrics
+        out[name] = {m: mean_std([r["final"][m] for r in rows]) for m in METRICS}
+        out[name].update({m: mean_std([r[m] for r in rows]) for m in ("own_accuracy", "own_margin")})
     return out
+
+
+def paired(runs, name, base, metric):
+    """The per-seed differences name - base on a metric, their mean, 95% t-interval, and what may be claimed:
+    "higher" or "lower" when every seed agrees or the interval excludes zero, else "no claim"."""
+    diffs = [runs[s][name]["final"][metric] - runs[s][base]["final"][metric] for s in runs
+             if name in runs[s] and base in runs[s]]
+    mean = statistics.fmean(diffs)
+    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0
+    sure = all(d > 0 for d in diffs) or all(d < 0 for d in diffs) or (len(diffs) > 1 and abs(mean) > half)
+    verdict = ("higher" if mean > 0 else "lower") if sure and mean != 0 else "no claim"
+    return {"diffs": diffs, "mean": mean, "ci95": [mean - half, mean + half], "verdict": verdict}
 
 
 def mean_curve(runs, name, key):
     """The mean over seeds of a run's curve: [(step, mean of key)] on the steps every seed has."""
-    curves = [{p["step"]: p[key] for p in runs[s][name]["curve"]} for s in runs if name in runs[s]]
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    curves = [{p["step"]: p[key] for p in runs[s][name]["curve"] if key in p} for s in runs if name in runs[s]]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     return steps, [statistics.fmean(c[t] for c in curves) for t in steps]
 
 
@@ -414,8 +566,6 @@ def mean_curve(runs, name, key):
 # ---------------------------------------------------------------------------------------------------------------
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
-
-
 def _ticks(lo, hi, n=5):
     """About n round tick values covering [lo, hi]."""
     if hi <= lo:
@@ -483,29 +633,29 @@ def write_svg(path, panels, width=420, height=300):
     return path
 
 
-def plot_all(cfg, runs, summary, keys):
-    d = cfg.figures
-    methods = compared(cfg)
-    cat = [(i, m) for i, m in enumerate(methods)]
+def plot_regime(cfg, regime, res, summary, d):
+    """The SVG plots of one regime into folder d."""
+    runs = res["runs"]
+    methods = ["sft"] + cfg.methods.split(",")
+    cat = list(enumerate(methods))
 
     def dots(metric, label):
-        return {"title": label, "xlabel": "", "ylabel": label, "xticks": cat, "categorical": True,
-                "points_only": True,
+        return {"title": label, "xlabel": "", "ylabel": label, "xticks": cat, "categorical": True, "points_only": True,
                 "series": [{"label": "mean ± std over seeds", "x": list(range(len(methods))),
                             "y": [summary[m][metric][0] for m in methods],
                             "err": [summary[m][metric][1] for m in methods]}]}
-    files = {"methods": write_svg(os.path.join(d, "methods.svg"),
-                                  [dots("reward", "reward of greedy answers"), dots("accuracy", "held-out accuracy")],
-                                  width=560)}
-    curves = [m for m in methods[1:] if runs[next(iter(runs))][m]["curve"]]
+    files = {"methods": write_svg(os.path.join(d, "methods.svg"), [
+        dots("reward", f"reward of greedy answers ({regime})"), dots("accuracy", "held-out accuracy")], width=560)}
+    with_curves = [m for m in methods[1:] + ["sepo_anchor"] if runs[next(iter(runs))].get(m, {}).get("curve")]
     by_kl, kl_by_step, reward_by_step = [], [], []
-    for i, m in enumerate(curves):
+    for i, m in enumerate(with_curves):
         steps, kl = mean_curve(runs, m, "kl")
         _, reward = mean_curve(runs, m, "reward")
-        log_kl = [math.log1p(v) for v in kl]
-        by_kl.append({"label": m, "x": log_kl, "y": reward, "colour": COLOURS[i % len(COLOURS)]})
-        kl_by_step.append({"label": m, "x": steps, "y": log_kl, "colour": COLOURS[i % len(COLOURS)]})
-        reward_by_step.append({"label": m, "x": steps, "y": reward, "colour": COLOURS[i % len(COLOURS)]})
+        log_kl = [math.log1p(max(v, 0.0)) for v in kl]
+        colour = COLOURS[i % len(COLOURS)]
+        by_kl.append({"label": m, "x": log_kl, "y": reward, "colour": colour})
+        kl_by_step.append({"label": m, "x": steps, "y": log_kl, "colour": colour})
+        reward_by_step.append({"label": m, "x": steps, "y": reward, "colour": colour})
     top = max(max(s["x"]) for s in by_kl)
     kl_ticks = [(math.log1p(v), f"{v:g}") for v in (0, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000)]
     kl_ticks = kl_ticks[:next((i + 1 for i, (t, _) in enumerate(kl_ticks) if t >= top), len(kl_ticks))]
@@ -524,66 +674,48 @@ def plot_all(cfg, runs, summary, keys):
             for side in ("chosen", "rejected"):
                 sel.append({"label": f"{m} {side}", "x": steps, "dashed": side == "rejected", "colour": colour,
                             "y": [statistics.fmean(r[i][side] for r in rows) for i in range(len(steps))]})
-    files["confpo_selected"] = write_svg(os.path.join(d, "confpo_selected.svg"), [
-        {"title": "ConfPO: share of response tokens selected", "xlabel": "step", "ylabel": "selected tokens",
-         "series": sel}], width=520)
-
-    def sweep(names, xs, metric, title, xlabel, xticks=None):
-        sepo_series = {"label": "SePO", "x": xs, "y": [summary[n][metric][0] for n in names],
-                       "err": [summary[n][metric][1] for n in names]}
-        sft_series = {"label": "SFT", "x": xs, "y": [summary["sft"][metric][0]] * len(xs), "dashed": True,
-                      "colour": "#7f7f7f"}
-        return {"title": title, "xlabel": xlabel, "ylabel": metric, "xticks": xticks, "categorical": bool(xticks),
-                "series": [sepo_series, sft_series]}
-    ks = [float(k) for k in cfg.ratios.split(",")]
-    shares = [float(s) for s in cfg.shares.split(",")]
-    sizes = cfg.oracle_sizes.split(",")
-    share_names = [f"sepo_{DEFAULT_SIZE}_{s}" for s in shares]
-    size_names = [f"sepo_{z}_{DEFAULT_SHARE}" for z in sizes]
-    size_ticks = [(i, z) for i, z in enumerate(sizes)]
-    files["sepo"] = write_svg(os.path.join(d, "sepo.svg"), [
-        sweep([f"sepo_k{k}" for k in ks], ks, "accuracy", "SePO: token ratio k", "k (chosen and rejected)"),
-        sweep(share_names, shares, "accuracy", "SePO: oracle data share", "share of the data the oracle saw"),
-        sweep(size_names, list(range(len(sizes))), "accuracy", "SePO: oracle size (policy: small)", "oracle",
-              size_ticks),
-        sweep([f"sepo_k{k}" for k in ks], ks, "reward", "SePO: token ratio k", "k (chosen and rejected)"),
-    ], width=330)
-    files["key_tokens"] = write_svg(os.path.join(d, "key_tokens.svg"), key_panels(keys, ks), width=480)
+    if sel:
+        files["confpo_selected"] = write_svg(os.path.join(d, "confpo_selected.svg"), [
+            {"title": "ConfPO: share of response tokens selected", "xlabel": "step", "ylabel": "selected tokens",
+             "series": sel}], width=520)
+    if "sepo" in methods:
+        files.update(plot_sepo(cfg, res, summary, d))
     return files
 
 
-def key_table(keys, ks):
-    """Rows (selector, side, selected fraction, precision, recall, random precision, random recall), mean over
-    seeds. A random selection of the same size has, in expectation, precision = the key fraction and recall =
-    the selected fraction."""
-    rows = []
-    c = keys["confpo"]
-    for side in ("chosen", "rejected"):
-        e = c[f"key_{side}"]
-        rows.append(("ConfPO (SFT model)", side, e["selected_fraction"], e["precision"], e["recall"],
-                     e["key_fraction"], e["selected_fraction"]))
-    sweeps = [v for k, v in keys["sepo"].items() if k.endswith("/sweep")]
-    for k in ks:
-        name = sepo.selection_name(k, k)
-        for side in ("chosen", "rejected"):
-            es = [s[name][f"key_{side}"] for s in sweeps]
-            m = lambda f: statistics.fmean(e[f] for e in es)  # noqa: E731
-            rows.append((f"SePO k={k:g}", side, m("selected_fraction"), m("precision"), m("recall"),
-                         m("key_fraction"), m("selected_fraction")))
-    return rows
+def plot_sepo(cfg, res, summary, d):
+    """SePO's studies (k, oracle share, oracle size) and the collapse: its selected rejected tokens over training,
+    beside the same words in held-out chosen answers, with and without the anchor."""
+    runs = res["runs"]
 
-
-def key_panels(keys, ks):
-    rows = key_table(keys, ks)
-    panels = []
-    for side in ("chosen", "rejected"):
-        mine = [r for r in rows if r[1] == side]
-        panels.append({"title": f"key tokens among the selected ({side})", "xlabel": "share of tokens selected",
-                       "ylabel": "precision", "points_only": True, "series": [
-                           {"label": r[0], "x": [r[2]], "y": [r[3]]} for r in mine] + [
-                           {"label": "random (expected)", "x": [r[6] for r in mine], "y": [r[5] for r in mine],
-                            "colour": "#7f7f7f"}]})
-    return panels
+    def sweep(names, xs, metric, title, xlabel, xticks=None):
+        return {"title": title, "xlabel": xlabel, "ylabel": metric, "xticks": xticks, "categorical": bool(xticks),
+                "series": [{"label": "SePO", "x": xs, "y": [summary[n][metric][0] for n in names],
+                            "err": [summary[n][metric][1] for n in names]},
+                           {"label": "SFT", "x": xs, "y": [summary["sft"][metric][0]] * len(xs), "dashed": True,
+                            "colour": "#7f7f7f"}]}
+    ks = [float(k) for k in cfg.ratios.split(",")]
+    shares = [float(s) for s in cfg.shares.split(",")]
+    sizes = cfg.oracle_sizes.split(",")
+    files = {"sepo": write_svg(os.path.join(d, "sepo.svg"), [
+        sweep([f"sepo_k{k:g}" for k in ks], ks, "accuracy", "SePO: token ratio k", "k (chosen and rejected)"),
+        sweep([f"sepo_k{k:g}" for k in ks], ks, "reward", "SePO: token ratio k", "k (chosen and rejected)"),
+        sweep([f"sepo_{DEFAULT_SIZE}_{s:g}" for s in shares], shares, "reward", "SePO: oracle data share",
+              "share of the data the oracle saw"),
+        sweep([f"sepo_{z}_{DEFAULT_SHARE:g}" for z in sizes], list(range(len(sizes))), "reward",
+              "SePO: oracle size (policy: small)", "oracle", list(enumerate(sizes)))], width=330)}
+    series = []
+    for colour, name in zip(COLOURS, ("sepo", "sepo_anchor")):
+        for key, dashed in (("selected_rejected", False), ("same_types_heldout_chosen", True)):
+            steps, ys = mean_curve(runs, name, key)
+            if steps:
+                series.append({"label": f"{name}: {key.replace('_', ' ')}", "x": steps, "y": ys, "colour": colour,
+                               "dashed": dashed})
+    if series:
+        files["collapse"] = write_svg(os.path.join(d, "collapse.svg"), [
+            {"title": "SePO's selected rejected tokens, and the same words in held-out chosen answers",
+             "xlabel": "step", "ylabel": "mean log-prob", "series": series}], width=760, height=340)
+    return files
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -595,28 +727,95 @@ def fmt(pair, digits=3):
     return "–" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def results_markdown(cfg, summary, keys, n_seeds):
-    methods = compared(cfg)
-    out = [f"Mean ± standard deviation over {n_seeds} seed(s).", "",
-           "| method | reward (greedy) | KL from SFT | accuracy | margin | own accuracy | own margin |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
-    for m in methods:
+def regime_markdown(cfg, regime, res, summary, pairs):
+    """The tables of one regime (results.md)."""
+    runs, stages = res["runs"], res["stages"]
+    n = len(runs)
+    out = [f"## Regime: {regime}", "", f"Mean ± standard deviation over {n} seed(s), test split.", "",
+           "Starting points (held-out token loss, nats):", "",
+           "| model | before | after |", "| --- | --- | --- |"]
+    for size, loss in stages["pretrain"].items():
+        out.append(f"| llama-{size} pretrained | {loss['start']:.3f} | {loss['end']:.3f} |")
+    out.append(f"| llama-small-pt SFT ({regime}) | {stages['sft_loss']['start']:.3f} | {stages['sft_loss']['end']:.3f} |")
+    oracles = stages.get("oracles", {})
+    if oracles:
+        out += ["", "| oracle (size, share) | pi_ref loss | DPO accuracy before | DPO accuracy after | DPO margin |",
+                "| --- | --- | --- | --- | --- |"]
+        for name in next(iter(oracles.values())):
+            rows = [o[name] for o in oracles.values()]
+            m = lambda k: fmt(mean_std([r[k] for r in rows]))  # noqa: E731
+            out.append(f"| {name} | {m('sft_loss_end')} | {m('dpo_accuracy_start')} | {m('dpo_accuracy_end')} | "
+                       f"{m('dpo_margin_end')} |")
+    lrs = list(next(iter(res["sweep"].values()))) if res["sweep"] else []
+    out += ["", f"Learning-rate sweep (seed {cfg.sweep_seed}, validation split): reward of greedy answers (KL from "
+                "SFT); each method trains at its best (bold).", "",
+            "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
+    for method, sweep in res["sweep"].items():
+        cells = [(f"**{v['reward']:.3f}** ({v['kl']:.1f})" if float(lr) == res["best_lr"][method] else
+                  f"{v['reward']:.3f} ({v['kl']:.1f})") for lr, v in sweep.items()]
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    out += ["", "| method | lr | reward (greedy) | KL from SFT | accuracy | margin | chosen log-prob | reward - SimPO, "
+                "per seed | accuracy - SimPO, per seed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in ["sft"] + cfg.methods.split(",") + (["sepo_anchor"] if "sepo_anchor" in summary else []):
         s = summary[m]
-        out.append(f"| {m} | {fmt(s['reward'])} | {fmt(s['kl'], 2)} | {fmt(s['accuracy'])} | {fmt(s['margin'])} | "
-                   f"{fmt(s['own_accuracy'])} | {fmt(s['own_margin'])} |")
-    out += ["", "| SePO run | reward (greedy) | accuracy | margin | KL from SFT |", "| --- | --- | --- | --- | --- |"]
-    names = ([f"sepo_k{float(k)}" for k in cfg.ratios.split(",")] +
-             [f"sepo_{DEFAULT_SIZE}_{float(s)}" for s in cfg.shares.split(",")] +
-             [f"sepo_{z}_{DEFAULT_SHARE}" for z in cfg.oracle_sizes.split(",")])
-    for n in dict.fromkeys(names):
-        s = summary[n]
-        out.append(f"| {n} | {fmt(s['reward'])} | {fmt(s['accuracy'])} | {fmt(s['margin'])} | {fmt(s['kl'], 2)} |")
-    out += ["", "| selection | side | selected | key precision | key recall | random precision | random recall |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for r in key_table(keys, [float(k) for k in cfg.ratios.split(",")]):
-        out.append(f"| {r[0]} | {r[1]} | " + " | ".join(f"{v:.3f}" for v in r[2:]) + " |")
+        lr = res["best_lr"].get(m, res["best_lr"].get("sepo") if m == "sepo_anchor" else None)
+        vs = [pairs.get(m, {}).get(k) for k in ("reward", "accuracy")]
+        cells = ["–" if v is None else f"{v['mean']:+.3f} [{', '.join(f'{d:+.3f}' for d in v['diffs'])}] "
+                 f"{v['verdict']}" for v in vs]
+        out.append(f"| {m} | {'–' if lr is None else f'{lr:g}'} | {fmt(s['reward'])} | {fmt(s['kl'], 1)} | "
+                   f"{fmt(s['accuracy'])} | {fmt(s['margin'])} | {fmt(s['chosen_logp'])} | {cells[0]} | {cells[1]} |")
+    names = [n for n in summary if n.startswith("sepo_") and n != "sepo_anchor"]
+    if names:
+        out += ["", "| SePO run | reward (greedy) | accuracy | KL from SFT | reward - SFT, per seed |",
+                "| --- | --- | --- | --- | --- |"]
+        for name in names:
+            v = pairs[f"{name}-sft"]
+            out.append(f"| {name} | {fmt(summary[name]['reward'])} | {fmt(summary[name]['accuracy'])} | "
+                       f"{fmt(summary[name]['kl'], 1)} | {v['mean']:+.3f} {v['verdict']} |")
+    out += ["", "Selections against the planted keys (a random selection of the same sizes beside each):", "",
+            "| selection | side | selected | key precision | key recall | one-sided neutral | random: precision "
+            "| random: one-sided |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, a in selection_rows(res):
+        for side in ("chosen", "rejected"):
+            x, r = a["selection"][side], a["random"][side]
+            out.append(f"| {name} | {side} | {x['selected_fraction']:.3f} | {x['precision']:.3f} | {x['recall']:.3f} | "
+                       f"{x['one_sided']:.3f} | {r['precision']:.3f} | {r['one_sided']:.3f} |")
+    out += ["", "Rejected answers: how often the selection holds the key itself, and the token right after it:", "",
+            "| selection | key selected | token after the key selected | random: key | random: after |",
+            "| --- | --- | --- | --- | --- |"]
+    for name, a in selection_rows(res):
+        x, r = a["selection"]["rejected"], a["random"]["rejected"]
+        out.append(f"| {name} | {x['key_selected']:.3f} | {x['after_key_selected']:.3f} | {r['key_selected']:.3f} | "
+                   f"{r['after_key_selected']:.3f} |")
+    collapse = [(name, key) for name in ("sepo", "sepo_anchor") for key in ("selected_rejected", "selected_chosen",
+                                                                              "same_types_heldout_chosen")
+                if mean_curve(runs, name, key)[0]]
+    if collapse:
+        out += ["", "What SePO does to the tokens it selects (mean log-prob over training, mean of seeds):", "",
+                "| run | tokens | at the SFT start | at the end |", "| --- | --- | --- | --- |"]
+        for name, key in collapse:
+            steps, ys = mean_curve(runs, name, key)
+            out.append(f"| {name} | {key.replace('_', ' ')} | {ys[0]:.3f} | {ys[-1]:.3f} |")
     return "\n".join(out) + "\n"
 
+
+def selection_rows(res):
+    """(name, anatomy) of ConfPO's selection and of SePO's at each k, averaged over seeds."""
+    rows = [("ConfPO (SFT model)", res["anatomy"]["confpo"])]
+    seeds = [v for k, v in res["anatomy"].items() if k.startswith("sepo_seed")]
+    for k in (seeds[0] if seeds else {}):
+        rows.append((f"SePO {k.replace('k', 'k=')}", average_anatomy([s[k] for s in seeds])))
+    return rows
+
+
+def average_anatomy(items):
+    return {kind: {side: {m: statistics.fmean(i[kind][side][m] for i in items) for m in items[0][kind][side]}
+                   for side in items[0][kind]} for kind in items[0]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
 
 def configure(argv=None):
     """The study's config from flags, with --quick's defaults where the flags say nothing."""
@@ -630,29 +829,39 @@ def configure(argv=None):
 
 def main(argv=None):
     cfg = configure(argv)
-    return run_in_group(cfg.device, lambda rank, world, device: study(cfg, rank, world, device))
+    return run_in_group(cfg.device, lambda rank, world, device: study(cfg, world, device))
 
 
-def study(cfg, rank, world, device):
+def study(cfg, world, device):
     t0 = time.time()
     if world > 1:
         raise UserError("experiments.py runs in one process (its runs are tiny); start it with python, not torchrun")
-    ctx = setup(cfg, rank, world, device)
+    paths = tiny.build_tiny_world(cfg.tiny_world)
+    pretrained, pretrain_loss = starting_points(cfg, paths)
+    contexts = {regime: setup(cfg, regime, paths, pretrained, device) for regime in cfg.regimes.split(",")}
     if cfg.setup_only:
-        confpo_selection(ctx)
         return True
-    runs, keys = run_study(cfg, ctx)
-    summary = summarize(runs)
-    os.makedirs(cfg.figures, exist_ok=True)
-    files = plot_all(cfg, runs, summary, keys)
-    minutes = (time.time() - t0) / 60
-    atomic_write(os.path.join(cfg.figures, "results.json"), json.dumps(
-        {"config": asdict(cfg), "invocation_minutes": minutes, "summary": summary, "keys": keys, "runs": runs},
-        indent=1))
-    table = results_markdown(cfg, summary, keys, len(runs))
-    atomic_write(os.path.join(cfg.figures, "results.md"), table)
-    print(table)
-    print("wrote " + ", ".join(sorted(files.values())) + f" and results.json / results.md in {cfg.figures}")
+    for regime, ctx in contexts.items():
+        res = study_regime(cfg, ctx)
+        res["stages"]["pretrain"] = pretrain_loss
+        summary = summarize(res["runs"])
+        pairs = {}
+        for name in summary:
+            if name != "sft":
+                pairs[f"{name}-sft"] = paired(res["runs"], name, "sft", "reward")
+            if name not in ("sft", "simpo") and "simpo" in summary:
+                pairs[name] = {m: paired(res["runs"], name, "simpo", m) for m in ("reward", "accuracy")}
+        d = os.path.join(cfg.figures, regime)
+        os.makedirs(d, exist_ok=True)
+        files = plot_regime(cfg, regime, res, summary, d)
+        atomic_write(os.path.join(d, "results.json"), json.dumps(
+            {"config": asdict(cfg), "minutes_so_far": (time.time() - t0) / 60, "summary": summary, "paired": pairs,
+             **res}, indent=1))
+        table = regime_markdown(cfg, regime, res, summary, pairs)
+        atomic_write(os.path.join(d, "results.md"), table)
+        print(table)
+        print("wrote " + ", ".join(sorted(files.values())) + f" and results.json / results.md in {d}")
+    print(f"the study took {(time.time() - t0) / 60:.1f} minutes in this invocation")
     return True
 
 

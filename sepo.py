@@ -17,7 +17,7 @@ import sys
 
 import torch.nn.functional as F
 
-from losses import IGNORE_INDEX, masked_sum, selection_metrics, top_k_mask, zero_empty_pairs
+from losses import IGNORE_INDEX, masked_mean, masked_sum, selection_metrics, top_k_mask, zero_empty_pairs
 
 
 def token_scores(oracle_logps, ref_logps, beta=1.0):
@@ -52,7 +52,7 @@ def select_tokens(scores, mask, ratio, highest=True):
 
 
 def sepo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, chosen_selected, rejected_selected,
-              beta=1.0, gamma=0.0):
+              beta=1.0, gamma=0.0, lambda_=0.0):
     """SePO objective (Eq. 26), reference-free and length-normalised over the selected tokens:
     L = -log sigmoid( beta/|S^w| sum_t I(y_t^w) log pi(y_t^w) - beta/|S^l| sum_t I(y_t^l) log pi(y_t^l) - gamma ),
     that is SimPO over the oracle's selection.
@@ -60,6 +60,9 @@ def sepo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, chosen_s
     beta 1.0 and gamma 0.0 as the released code (which has no beta; the paper's Eq. 26 has one).
     chosen_selected / rejected_selected: (B, T) bool, from `select_tokens` (score.py writes them); they are
     intersected with the response masks. A pair with an empty selection on either side has loss 0.
+    lambda_ > 0 adds an anchor, CPO's NLL term on the whole chosen response: - lambda (1/|y_w|) log pi(y_w).
+    NOTE(deviation): not in the paper nor the released code (default 0): a remedy for the collapse the
+    miniature study finds, where the objective crushes frequent words selected on the rejected side only.
     Metrics: rewards over the selection and over all tokens (`*_all`), selected counts, lengths, `empty`.
     """
     # Eq. 25's selection I_k, on the response tokens
@@ -70,6 +73,8 @@ def sepo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask, chosen_s
     # Eq. 26: L = -log sigmoid( r(x, y_w) - r(x, y_l) - gamma )
     losses = -F.logsigmoid(r_w - r_l - gamma)
     losses, empty = zero_empty_pairs(losses, S_w, S_l)
+    if lambda_:  # the anchor (off by default): + lambda * -(1/|y_w|) sum_t log pi(y_t^w), every chosen token
+        losses = losses - lambda_ * masked_mean(chosen_logps, chosen_mask)
     # the same reward over every response token, for comparison (metrics only)
     r_w_all = beta * masked_sum(chosen_logps.detach(), chosen_mask) / chosen_mask.sum(-1).clamp(min=1)
     r_l_all = beta * masked_sum(rejected_logps.detach(), rejected_mask) / rejected_mask.sum(-1).clamp(min=1)

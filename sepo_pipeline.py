@@ -49,6 +49,8 @@ class PipelineConfig:
     max_prompt_length: int = arg(1800, "prompt tokens")
     max_steps: int = arg(-1, "cap every training stage at this many steps (-1 = epochs)")
     policy_args: str = arg("", "more train.py flags for the policy stage, e.g. '--save_every 10 --keep_last 0'")
+    until: str = arg("policy", "the last stage to run: oracle | scores | policy (a study that trains its own "
+                              "policies from the selections stops at scores)")
     cross_tokenizer: bool = arg(False, "allow an oracle tokenizer other than the policy's (map selections by text)")
     tiny_world: str = arg("tiny_world", "folder of the offline tiny world")
     cache_dir: str = arg("", "datasets cache folder")
@@ -82,7 +84,7 @@ PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_
                      max_length=128, max_prompt_length=64)
 # Fields that may change when the same pipeline folder is run again (the others decide what its stages hold);
 # paths are compared by their contents
-PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world", "output_dir"}
+PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world", "output_dir", "until"}
 PIPELINE_PATHS = ("data", "eval_data", "oracle_base", "policy")
 
 
@@ -141,6 +143,8 @@ def run(cfg, explicit, rank):
         cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
         cfg.oracle_base = cfg.oracle_base or paths["llama-tiny"]
         cfg.policy = cfg.policy or tiny.sft_model(cfg.tiny_world, paths, train.main, cfg.seed, cfg.cache_dir)
+    if cfg.until not in ("oracle", "scores", "policy"):
+        raise UserError(f"--until must be oracle, scores or policy, got {cfg.until!r}")
     if not (cfg.oracle_base and cfg.policy):
         raise UserError("sepo_pipeline.py needs --oracle_base and --policy (or neither, with no --data: the tiny "
                         "world)")
@@ -184,19 +188,24 @@ def stages(cfg, oracle_tokenizer, on_tiny_world, rank):
             train.main(common + args + ["--output_dir", os.path.join(out, name)])  # later flags win
         return final
 
+    held_out = ["--eval_data", cfg.eval_data] if cfg.eval_data else []  # the oracle's held-out loss and accuracy
     # Eq. 23: SFT on the chosen responses of D_m; the result is pi_ref
     ref = stage("oracle_sft", ["--method", "sft", "--model", cfg.oracle_base, "--data", subset,
-                               "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs)] + oracle_tokenizer)
+                               "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs)] + oracle_tokenizer + held_out)
     # the oracle: DPO on D_m from pi_ref
     oracle = stage("oracle_dpo", ["--method", "dpo", "--model", ref, "--data", subset, "--lr", str(cfg.dpo_lr),
-                                  "--beta", str(cfg.dpo_beta)])
+                                  "--beta", str(cfg.dpo_beta)] + held_out)
+    if cfg.until == "oracle":
+        return oracle
     # Eq. 24-25: score every token of the target data, keep the top / bottom k% of each response
     scores_dir = os.path.join(out, "scores")
     if not sepo.scoring_complete(scores_dir):
         log0("\n== scores ==")
         score.main(scoring_argv(cfg, oracle, ref, [(cfg.chosen_ratio, cfg.rejected_ratio)], scores_dir))
-    # Eq. 26: the policy, on the selected tokens only
     selections = os.path.join(scores_dir, sepo.selection_name(cfg.chosen_ratio, cfg.rejected_ratio))
+    if cfg.until == "scores":
+        return selections
+    # Eq. 26: the policy, on the selected tokens only
     final = stage("policy", policy_argv(cfg, selections) + ["--judge", "synthetic" if on_tiny_world else "none"] +
                   shlex.split(cfg.policy_args))
     log0(f"done: {out} (oracle_sft/, oracle_dpo/, scores/ with report.html, policy/final)")

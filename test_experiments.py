@@ -17,41 +17,54 @@ SVG = "{http://www.w3.org/2000/svg}"
 
 
 def test_quick_study_writes_every_output_and_reruns_from_its_results(world, tmp_path):
+    """Both regimes, a subset of the methods (the others differ only by their objective): every stage (pretraining,
+    SFT, sweep, comparison with curves, SePO's k / share / size / anchor, selections' anatomy) and every output."""
     args = ["--quick", "--output_dir", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"), "--tiny_world",
-            os.path.dirname(world["data"]), "--cache_dir", world["cache"]]
+            os.path.dirname(world["data"]), "--cache_dir", world["cache"], "--methods", "dpo,simpo,confpo,sepo",
+            "--lrs", "1e-4,3e-4"]
     assert experiments.main(args)
-    fig = tmp_path / "fig"
-    results = json.loads((fig / "results.json").read_text())
-    summary, runs = results["summary"], results["runs"]["0"]
-    expected = ["sft", "dpo", "ipo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo", "sepo_lr3e-05",
-                "sepo_k0.1", "sepo_k0.3", "sepo_tiny_0.25", "sepo_tiny_0.5", "sepo_micro_0.5"]
-    assert sorted(summary) == sorted(expected)
-    for name in expected:
-        for metric in ("reward", "kl", "accuracy", "margin"):
-            mean, std = summary[name][metric]
-            assert math.isfinite(mean) and std == 0.0, (name, metric)  # one seed
-        assert 0 <= summary[name]["accuracy"][0] <= 1
-    assert summary["sft"]["kl"][0] == 0.0  # the SFT model against itself
-    assert all(summary[m]["kl"][0] > 0 for m in ("dpo", "simpo", "confpo"))  # two steps at lr 3e-4 move the model
-    for m in ("dpo", "ipo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo", "sepo_lr3e-05"):  # SFT, 1, 2
-        assert [p["step"] for p in runs[m]["curve"]] == [0, 1, 2], m
-        assert runs[m]["curve"][0]["kl"] == 0.0 and runs[m]["curve"][-1]["kl"] > 0, m
-    assert [p["step"] for p in runs["confpo"]["selected"]] == [1, 2]  # ConfPO Fig. 8's series
-    assert runs["sepo_k0.3"] == runs["sepo"]  # k = --ratio is the pipeline's own policy, not trained twice
-    assert not (tmp_path / "runs" / "seed0" / "dpo" / "checkpoints").exists()  # deleted once evaluated
-    keys = results["keys"]
-    assert keys["confpo"]["key_chosen"]["recall"] > 0 and set(keys["sepo"]) == {
-        "0/tiny/0.5", "0/sweep", "0/tiny/0.25", "0/micro/0.5"}
-    for name in ("methods", "kl_reward", "confpo_selected", "sepo", "key_tokens"):
-        root = ET.parse(fig / f"{name}.svg").getroot()
-        assert root.tag == f"{SVG}svg" and len(root.findall(f".//{SVG}circle")) >= 2, name
-    table = (fig / "results.md").read_text()
-    assert "| confpo_rand |" in table and "| SePO k=0.1 | chosen |" in table and "nan" not in table
-    # a second run finds every result in place: the same numbers, nothing retrained
-    mtime = os.path.getmtime(tmp_path / "runs" / "seed0" / "dpo" / "result.json")
+    for regime in ("minimal", "independent"):
+        fig = tmp_path / "fig" / regime
+        results = json.loads((fig / "results.json").read_text())
+        summary, runs = results["summary"], results["runs"]["0"]
+        expected = ["sft", "dpo", "simpo", "confpo", "sepo", "sepo_anchor", "sepo_k0.1", "sepo_k0.3",
+                    "sepo_tiny_0.25", "sepo_tiny_0.5", "sepo_micro_0.5"]
+        assert sorted(summary) == sorted(expected), regime
+        for name in expected:
+            for metric in ("reward", "kl", "accuracy", "margin", "chosen_logp"):
+                mean, std = summary[name][metric]
+                assert math.isfinite(mean) and std == 0.0, (name, metric)  # one seed
+            assert 0 <= summary[name]["accuracy"][0] <= 1
+        assert summary["sft"]["kl"][0] == 0.0  # the SFT model against itself
+        assert set(results["sweep"]) == {"dpo", "simpo", "confpo", "sepo"}
+        assert all(set(v) == {"0.0001", "0.0003"} for v in results["sweep"].values())
+        assert all(results["best_lr"][m] in (1e-4, 3e-4) for m in results["sweep"])
+        for m in ("dpo", "simpo", "confpo", "sepo", "sepo_anchor"):  # the SFT model, step 1, step 2
+            assert [p["step"] for p in runs[m]["curve"]] == [0, 1, 2], m
+            assert runs[m]["curve"][0]["kl"] == 0.0 and runs[m]["curve"][-1]["kl"] > 0, m
+        assert {"selected_rejected", "same_types_heldout_chosen"} <= set(runs["sepo"]["curve"][-1])
+        assert [p["step"] for p in runs["confpo"]["selected"]] == [1, 2]  # ConfPO Fig. 8's series
+        assert runs["sepo_k0.3"] == runs["sepo"]  # k = --ratio is the comparison's own SePO, not trained twice
+        assert not list((tmp_path / "runs" / regime).rglob("checkpoints"))  # deleted once every curve is evaluated
+        for kind in ("selection", "random"):
+            a = results["anatomy"]["confpo"][kind]["rejected"]
+            assert 0 <= a["precision"] <= 1 and 0 <= a["one_sided"] <= 1 and 0 <= a["after_key_selected"] <= 1
+        assert results["anatomy"]["confpo"]["selection"]["chosen"]["recall"] > 0
+        assert set(results["stages"]["oracles"]["0"]) == {"tiny_0.25", "tiny_0.5", "micro_0.5"}
+        assert set(results["stages"]["pretrain"]) == {"micro", "tiny", "small"}
+        for name in ("methods", "kl_reward", "confpo_selected", "sepo", "collapse"):
+            root = ET.parse(fig / f"{name}.svg").getroot()
+            assert root.tag == f"{SVG}svg" and len(root.findall(f".//{SVG}circle")) >= 2, name
+        table = (fig / "results.md").read_text()
+        assert "| confpo |" in table and "| SePO k=0.1 | chosen |" in table and "nan" not in table
+        assert "| sepo_anchor | selected rejected |" in table
+    # a second run finds every result in place: the same numbers, nothing trained or evaluated again
+    evaluation = next((tmp_path / "runs" / "independent" / "dpo").glob("seed0_*/evaluation_test_curve.json"))
+    mtime = os.path.getmtime(evaluation)
+    summary = json.loads((tmp_path / "fig" / "independent" / "results.json").read_text())["summary"]
     assert experiments.main(args)
-    assert json.loads((fig / "results.json").read_text())["summary"] == summary
-    assert os.path.getmtime(tmp_path / "runs" / "seed0" / "dpo" / "result.json") == mtime
+    assert json.loads((tmp_path / "fig" / "independent" / "results.json").read_text())["summary"] == summary
+    assert os.path.getmtime(evaluation) == mtime
 
 
 def slow_sequence_kl(model, sft, sequences, answer_mask, pad_id):

@@ -609,6 +609,26 @@ def test_sepo_loss_against_loop(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sepo_anchor_adds_the_chosen_nll(dtype):
+    """lambda_ adds - lambda (1/|y_w|) sum_t log pi(y_t^w) to every pair, empty selections included."""
+    for seed, pad in itertools.product(SEEDS, ["right", "left"]):
+        d = make_pair(seed, dtype, pad)
+        sw = sepo.select_tokens(d["chosen_logps"].detach(), d["chosen_mask"], 0.3)
+        sl = sepo.select_tokens(d["rejected_logps"].detach(), d["rejected_mask"], 0.3, highest=False)
+        fast, _ = sepo.sepo_loss(**d, chosen_selected=sw, rejected_selected=sl, beta=1.5, lambda_=0.7)
+        slow = torch.stack([
+            sepo_slow(toks(d["chosen_logps"], d["chosen_mask"], b), toks(d["rejected_logps"], d["rejected_mask"], b),
+                      [bool(sw[b, t]) for t in range(sw.shape[1]) if d["chosen_mask"][b, t]],
+                      [bool(sl[b, t]) for t in range(sl.shape[1]) if d["rejected_mask"][b, t]], 1.5, 0.0)
+            - 0.7 * tsum(toks(d["chosen_logps"], d["chosen_mask"], b)) / len(toks(d["chosen_logps"], d["chosen_mask"], b))
+            for b in range(sw.shape[0])])
+        check_against(fast, slow, d, dtype)
+        plain, _ = sepo.sepo_loss(**d, chosen_selected=sw, rejected_selected=sl, beta=1.5)
+        assert torch.equal(plain, sepo.sepo_loss(**d, chosen_selected=sw, rejected_selected=sl, beta=1.5,
+                                                 lambda_=0.0)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_sepo_ratio_one_is_simpo_gamma_zero(dtype):
     for seed in SEEDS:
         d = make_pair(seed, dtype, "left", ref=True)

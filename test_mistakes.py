@@ -335,9 +335,9 @@ def test_quick_study_has_folders_of_its_own_and_results_are_keyed_by_configurati
     assert cfg.output_dir == "runs/experiments-quick" and cfg.figures == "runs/experiments-quick/figures"
     assert experiments.configure([]).figures == "docs/experiments"
     assert experiments.configure(["--quick", "--figures", "x"]).figures == "x"
-    calls = []
-    assert experiments.finished(str(tmp_path), {"lr": 1}, lambda: calls.append(1) or {"r": 1}) == {"r": 1}
-    assert experiments.finished(str(tmp_path), {"lr": 1}, lambda: calls.append(1) or {"r": 2}) == {"r": 1}
+    calls, path = [], str(tmp_path / "result.json")
+    assert experiments.cached(path, {"lr": 1}, lambda: calls.append(1) or {"r": 1}) == {"r": 1}
+    assert experiments.cached(path, {"lr": 1}, lambda: calls.append(1) or {"r": 2}) == {"r": 1}
     assert calls == [1]
-    with pytest.raises(SystemExit, match="holds the result of another configuration"):
-        experiments.finished(str(tmp_path), {"lr": 2}, lambda: {"r": 3})
+    with pytest.raises(SystemExit, match="holds a result of another configuration"):
+        experiments.cached(path, {"lr": 2}, lambda: {"r": 3})

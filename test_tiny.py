@@ -95,3 +95,40 @@ def test_synthetic_task_reward_and_spans(world):
     assert tiny.synthetic_reward("What is 12 + 30?", "42? No, 41.") == 0.5
     assert tiny.synthetic_reward('Describe the sky without using the word "blue".', "Clear.") == 0.5
     assert tiny.synthetic_reward("Write a positive review of the cafe.", "Great place, but poor coffee.") == 0.0
+
+
+def test_independent_regime_judge_spans_and_independence(world):
+    pairs = [json.loads(line) for s in ("train", "valid", "test") for line in open(world[f"{s}_independent"])]
+    assert len(pairs) == 2400 and {p["task"] for p in pairs} == {"sum", "forbidden_word", "polarity"}
+    for p in pairs:
+        assert tiny.synthetic_reward(p["prompt"], p["chosen"]) == 1.0, p
+        assert tiny.synthetic_reward(p["prompt"], p["rejected"]) < 1.0, p
+        for side in ("chosen", "rejected"):
+            keys = [p[side][a:b] for a, b in p[f"{side}_key_spans"]]
+            assert keys, p
+            if p["task"] == "sum":  # the stated number, the answer's last
+                assert keys == [__import__("re").findall(r"\d+", p[side])[-1]]
+            elif p["task"] == "polarity":
+                good = tiny.POSITIVE if "positive" in p["prompt"] else tiny.NEGATIVE
+                assert all((k in good) == (side == "chosen") for k in keys), p
+            else:
+                w = p["prompt"].split('"')[1]
+                assert all((k == w) == (side == "rejected") for k in keys), p
+    # written each on its own: most pairs differ in opening and in length, unlike the minimal pairs
+    assert sum(p["chosen"][:12] != p["rejected"][:12] for p in pairs) > 0.7 * len(pairs)
+    assert sum(p["chosen"].count(".") != p["rejected"].count(".") for p in pairs) > 0.5 * len(pairs)
+    minimal = [json.loads(line) for line in open(world["train_minimal"])]
+    assert sum(p["chosen"].count(".") != p["rejected"].count(".") for p in minimal) < 0.15 * len(minimal)
+
+
+def test_pretraining_corpus_holds_both_regimes_good_and_bad_and_no_study_pair(tmp_path, world):
+    paths = tiny.write_pretraining_corpus(str(tmp_path / "pt"), n_pairs=400, seed=0)
+    rows = [json.loads(line) for s in ("train", "test") for line in open(paths[s])]
+    assert len(rows) == 800 and sum(1 for _ in open(paths["test"])) == 40
+    texts = {r["chosen"] for r in rows}
+    judged = [tiny.synthetic_reward(r["prompt"], r["chosen"]) for r in rows]
+    assert 0.4 < sum(j == 1.0 for j in judged) / len(judged) < 0.6  # good and bad answers alike
+    assert any(t.count(".") >= 3 for t in texts) and any(t.count(".") <= 1 for t in texts)  # both regimes
+    study = {json.loads(line)["chosen"] for regime in ("minimal", "independent") for s in ("train", "valid", "test")
+             for line in open(world[f"{s}_{regime}"])}
+    assert len(texts & study) < 0.05 * len(texts)  # other streams (short minimal answers may coincide)

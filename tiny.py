@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from utils import log0  # noqa: E402
 
-WORLD_VERSION = 1  # bump when anything the tiny world writes changes, so old folders are rebuilt
+WORLD_VERSION = 2  # bump when anything the tiny world writes changes, so old folders are rebuilt
 
 # `python train.py` without --model: a small model and batch, so that a run finishes in about a minute on two CPU
 # cores. train.py applies these only to fields not set on the command line or in --config.
@@ -116,6 +116,75 @@ def synthetic_pair(rng):
             "chosen_key_spans": [cs], "rejected_key_spans": [rs]}
 
 
+# The independent regime, built like real preference data: chosen and rejected are two answers written on their
+# own (each draws its opener, fillers, sentence order, length and closer), several sentences long; the preference
+# is still decided by known key content (one or more key spans per response), judged by the same reward.
+FILLERS = ["That is a good question.", "I thought about it for a moment.", "Here is what I would say.",
+           "Let me keep this short.", "I hope that is clear.", "This is how I see it.", "It is easy to check.",
+           "There is not much more to add.", "I can put it simply.", "Thanks for asking."]  # no number, no key word
+SUM_SENTENCES = ["The answer is {k}.", "So {a} + {b} = {k}.", "Adding {a} and {b} gives {k}.",
+                 "The total comes to {k}.", "All together that makes {k}."]
+WORD_SENTENCES = ["The {t} is {k}.", "To me the {t} feels {k}.", "You could call the {t} {k}.",
+                  "Most of all, the {t} seems {k}."]
+REVIEW_SENTENCES = ["The {i} was {k}.", "I would call the {i} {k}.", "Honestly, the {i} felt {k}.",
+                    "My whole time with the {i} was {k}."]
+
+
+def _answer(rng, key_sentences):
+    """One answer written on its own: an opener, the key sentences and 0-3 fillers in a random order, a closer.
+    key_sentences: [(template with {k} and other fields filled, key text)] -> (text, key spans)."""
+    parts = [(template, key) for template, key in key_sentences] + [(f, None) for f in
+                                                                     rng.sample(FILLERS, rng.randint(0, 3))]
+    rng.shuffle(parts)
+    text, spans = rng.choice(OPENERS), []
+    for template, key in parts:
+        text += " " if text and not text.endswith(" ") else ""
+        if key is None:
+            text += template
+        else:
+            before, after = template.split("{k}")
+            spans.append([len(text) + len(before), len(text) + len(before) + len(key)])
+            text += before + key + after
+    return text + rng.choice(CLOSERS), spans
+
+
+def _keyed(rng, templates, field, value, keys):
+    """Key sentences, one per key, each from its own template (no sentence twice) -> [(template, key)]."""
+    return [(template.replace(field, value), k) for template, k in zip(rng.sample(templates, len(keys)), keys)]
+
+
+def independent_pair(rng):
+    """One pair of the independent regime: the same prompts and keys as synthetic_pair, but chosen and rejected
+    are drawn each on its own. The sum's key is the whole stated number (the last number of the answer); the
+    forbidden word's keys are the words that describe the topic (chosen) or the forbidden word itself (rejected);
+    a review's keys are its words of polarity."""
+    task = rng.choice(["sum", "forbidden_word", "polarity"])
+    if task == "sum":
+        a, b = rng.randint(10, 89), rng.randint(10, 89)
+        prompt = rng.choice(SUM_PROMPTS).format(a=a, b=b)
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        sides = [[(rng.choice(SUM_SENTENCES).replace("{a}", str(a)).replace("{b}", str(b)), str(k))] for k in
+                 (a + b, wrong)]
+    elif task == "forbidden_word":
+        t = rng.choice(sorted(TOPICS))
+        w, alternatives = TOPICS[t]
+        prompt = rng.choice(WORD_PROMPTS).format(t=t, w=w)
+        n_good, n_bad = rng.randint(1, 2), rng.randint(1, 2)
+        sides = [_keyed(rng, WORD_SENTENCES, "{t}", t, rng.sample(alternatives, n_good)), _keyed(
+            rng, WORD_SENTENCES, "{t}", t, [w] * n_bad)]
+    else:
+        p, i = rng.choice(["positive", "negative"]), rng.choice(ITEMS)
+        prompt = rng.choice(REVIEW_PROMPTS).format(p=p, i=i)
+        good, bad = (POSITIVE, NEGATIVE) if p == "positive" else (NEGATIVE, POSITIVE)
+        sides = [_keyed(rng, REVIEW_SENTENCES, "{i}", i, rng.sample(words, rng.randint(1, 2))) for words in (good, bad)]
+    (chosen, cs), (rejected, rs) = (_answer(rng, side) for side in sides)
+    return {"task": task, "prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_key_spans": cs,
+            "rejected_key_spans": rs}
+
+
+REGIMES = {"minimal": synthetic_pair, "independent": independent_pair}
+
+
 def synthetic_reward(prompt, response):
     """Judge a generated answer to a synthetic prompt from the prompt alone -> reward in [0, 1].
 
@@ -137,10 +206,11 @@ def synthetic_reward(prompt, response):
     return 1.0 if numbers[-1:] == [a + b] else 0.5 if a + b in numbers else 0.0
 
 
-def synthetic_pairs(n, seed):
-    """n pairs from a generator seeded with `seed` (the same seed always gives the same pairs)."""
+def synthetic_pairs(n, seed, regime="minimal"):
+    """n pairs of a regime ("minimal": chosen and rejected share every word but the key; "independent": two answers
+    written each on its own) from a generator seeded with `seed` (the same seed always gives the same pairs)."""
     rng = random.Random(seed)
-    return [synthetic_pair(rng) for _ in range(n)]
+    return [REGIMES[regime](rng) for _ in range(n)]
 
 
 def _write_jsonl(path, rows):
@@ -149,12 +219,34 @@ def _write_jsonl(path, rows):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_synthetic_task(out_dir, n_train=2000, n_test=200, seed=0):
-    """Write train.jsonl and test.jsonl (standard form + task and key spans) -> {"train": path, "test": path}."""
+def write_synthetic_task(out_dir, n_train=2000, n_test=200, seed=0, regime="minimal", n_valid=0):
+    """Write train.jsonl and test.jsonl (and valid.jsonl if n_valid), standard form + task and key spans ->
+    {"train": path, "test": path[, "valid": path]}. Each file is its own stream of the generator."""
     os.makedirs(out_dir, exist_ok=True)
+    sizes = {"train": (n_train, seed), "test": (n_test, seed + 1_000_003), "valid": (n_valid, seed + 2_000_006)}
+    paths = {}
+    for name, (n, s) in sizes.items():
+        if n:
+            paths[name] = os.path.join(out_dir, f"{name}.jsonl")
+            _write_jsonl(paths[name], synthetic_pairs(n, s, regime))
+    return paths
+
+
+def write_pretraining_corpus(out_dir, n_pairs=10000, seed=0):
+    """A corpus for pretraining the tiny models on the task's language: pairs of both regimes from streams of
+    their own (not the train, valid or test pairs), each response once as the text to learn (`chosen`, good or
+    bad alike, as uncurated text is) and the other beside it (`rejected`, which train.py --method sft ignores)."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    for k, regime in enumerate(REGIMES):
+        for pair in synthetic_pairs(n_pairs // 2, seed + 7_000_001 * (k + 1), regime):
+            rows.append({"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]})
+            rows.append({"prompt": pair["prompt"], "chosen": pair["rejected"], "rejected": pair["chosen"]})
+    random.Random(seed).shuffle(rows)
+    held = max(1, len(rows) // 20)
     paths = {"train": os.path.join(out_dir, "train.jsonl"), "test": os.path.join(out_dir, "test.jsonl")}
-    _write_jsonl(paths["train"], synthetic_pairs(n_train, seed))
-    _write_jsonl(paths["test"], synthetic_pairs(n_test, seed + 1_000_003))  # an independent stream
+    _write_jsonl(paths["train"], rows[held:])
+    _write_jsonl(paths["test"], rows[:held])
     return paths
 
 
@@ -257,11 +349,15 @@ def _build_piece(path, seed, build):
 
 def build_tiny_world(root="tiny_world", seed=0):
     """Create (or re-use) the offline world -> dict of paths: tokenizer, tokenizer_char, llama-tiny, llama-small,
-    neox-tiny (models with their tokenizer), data (folder), train, test (JSONL files)."""
+    neox-tiny (models with their tokenizer), data and data_independent (folders), train, test, train_independent,
+    test_independent (JSONL files of the two regimes)."""
     os.makedirs(os.path.join(root, "models"), exist_ok=True)
     p = {"data": os.path.join(root, "data"), "tokenizer": os.path.join(root, "tokenizer"),
          "tokenizer_char": os.path.join(root, "tokenizer_char")}
-    _build_piece(p["data"], seed, lambda d: write_synthetic_task(d, seed=seed))
+    _build_piece(p["data"], seed, lambda d: write_synthetic_task(d, seed=seed, n_valid=200))
+    p["data_independent"] = os.path.join(root, "data_independent")
+    _build_piece(p["data_independent"], seed, lambda d: write_synthetic_task(d, seed=seed, regime="independent",
+                                                                              n_valid=200))
     _build_piece(p["tokenizer"], seed, lambda d: build_tokenizer(d, "bpe", seed=seed))
     _build_piece(p["tokenizer_char"], seed, lambda d: build_tokenizer(d, "char", seed=seed))
     for name, family, size in [("llama-tiny", "llama", "tiny"), ("llama-small", "llama", "small"),
@@ -269,32 +365,64 @@ def build_tiny_world(root="tiny_world", seed=0):
         p[name] = os.path.join(root, "models", name)
         _build_piece(p[name], seed, lambda d, f=family, s=size: build_tiny_model(d, p["tokenizer"], f, s, seed))
     p["train"], p["test"] = os.path.join(p["data"], "train.jsonl"), os.path.join(p["data"], "test.jsonl")
+    for split in ("train", "valid", "test"):
+        p[f"{split}_minimal"] = os.path.join(p["data"], f"{split}.jsonl")
+        p[f"{split}_independent"] = os.path.join(p["data_independent"], f"{split}.jsonl")
     return p
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The SFT starting point (SePO Eq. 23), trained once with train.py's own loop
+# Trained starting points, each built once with train.py's own loop and cached in root/models
 # ---------------------------------------------------------------------------------------------------------------
 
-def sft_model(root, paths, train_main, seed=42, cache_dir=""):
-    """llama-small fine-tuned on the chosen responses of the synthetic train set, built once and cached as
-    root/models/llama-small-sft. `train_main` is train.main (passed in: this module sits below train.py)."""
-    path = os.path.join(root, "models", "llama-small-sft")
+def trained(root, name, flags, train_main):
+    """root/models/<name>: the export of `train_main(flags)` (train.main, passed in: this module sits below
+    train.py), trained once and then re-used, with the run's metrics.jsonl beside the weights. On every rank; rank 0
+    moves the export into place."""
+    path = os.path.join(root, "models", name)
     if not os.path.exists(os.path.join(path, "config.json")):
-        log0(f"building the tiny SFT model once ({path})")
+        log0(f"building {path} once")
         run = path + ".run"
         if dist.get_rank() == 0:
             shutil.rmtree(run, ignore_errors=True)
         dist.barrier()
-        flags = {**TRAIN_DEFAULTS, "lr": 1e-3, "epochs": 2, "save_every": 0, "method": "sft",
-                 "model": paths["llama-small"], "data": paths["train"], "tiny_world": root, "output_dir": run,
-                 "resume": False, "cache_dir": cache_dir, "seed": seed}
-        train_main([x for k, v in flags.items() for x in (f"--{k}", str(v))])
-        if dist.get_rank() == 0:
+        train_main([x for k, v in {**flags, "output_dir": run, "resume": False, "save_every": 0}.items()
+                    for x in (f"--{k}", str(v))])
+        if dist.get_rank() == 0:  # the run's metrics (held-out losses included) stay with the model
+            shutil.copy(os.path.join(run, "metrics.jsonl"), os.path.join(run, "final", "metrics.jsonl"))
             os.replace(os.path.join(run, "final"), path)
             shutil.rmtree(run, ignore_errors=True)
         dist.barrier()
     return path
+
+
+def sft_model(root, paths, train_main, seed=42, cache_dir=""):
+    """llama-small fine-tuned on the chosen responses of the synthetic train set (SePO Eq. 23): the starting point
+    of `python train.py` and `python sepo_pipeline.py` -> root/models/llama-small-sft."""
+    return trained(root, "llama-small-sft", {**TRAIN_DEFAULTS, "lr": 1e-3, "epochs": 2, "method": "sft",
+                                            "model": paths["llama-small"], "data": paths["train"],
+                                            "tiny_world": root, "cache_dir": cache_dir, "seed": seed}, train_main)
+
+
+def model_of_size(root, paths, size, seed=0):
+    """The randomly initialised llama of a MODEL_SIZES size (the world holds tiny and small; others are built here,
+    from the same tokenizer) -> its folder."""
+    path = os.path.join(root, "models", f"llama-{size}")
+    _build_piece(path, seed, lambda d: build_tiny_model(d, paths["tokenizer"], "llama", size, seed))
+    return path
+
+
+def pretrained_model(root, paths, size, train_main, epochs=2, lr=1e-3, seed=0, cache_dir="", max_steps=-1):
+    """A llama of `size` that knows the task's language before any preference training: next-token training on
+    a corpus of both regimes' prompts and responses, good and bad alike (write_pretraining_corpus), from random
+    weights -> root/models/llama-<size>-pt; its held-out loss is the last eval line of its metrics.jsonl."""
+    corpus = os.path.join(root, "pretrain")
+    _build_piece(corpus, seed, lambda d: write_pretraining_corpus(d, seed=seed))
+    return trained(root, f"llama-{size}-pt", {
+        **TRAIN_DEFAULTS, "method": "sft", "model": model_of_size(root, paths, size, seed),
+        "data": os.path.join(corpus, "train.jsonl"), "eval_data": os.path.join(corpus, "test.jsonl"),
+        "eval_every": 10**9, "eval_max_pairs": 0, "lr": lr, "epochs": epochs, "max_steps": max_steps,
+        "tiny_world": root, "cache_dir": cache_dir, "seed": seed, "judge": "none"}, train_main)
 
 
 # ---------------------------------------------------------------------------------------------------------------
