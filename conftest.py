@@ -1,6 +1,12 @@
 """Shared test fixtures: the tiny offline world, built once per test session in a temporary folder."""
 
+import os
+
 import pytest
+
+# One thread in the test process, as in the commands the tests start (their environment sets it too): results
+# compared bit for bit between the two come from the same float summation order.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import tiny
 

@@ -3,12 +3,15 @@ score.py scores with.
 
     PolicyLogps       model(input_ids, attention_mask, labels) -> (log pi(y_t | x, y_<t) (B, T), response mask)
     choose_logp_path  "chunked" (hidden @ W.T block by block, never the (B, T, V) logits) or "logits"
-    load_model        FSDP2 on every decoder layer, then the root; fp32 master weights, bf16 compute on GPU
+    load_model        one process: the model itself; more ranks: FSDP2 on every decoder layer, then the root, loaded
+                      with one full copy of the weights per job; fp32 master weights, bf16 compute on GPU
 """
 
 import os
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -25,12 +28,20 @@ class PolicyLogps(torch.nn.Module):
     soft-capping or a logit scale), only from the first response position on.
     """
 
-    def __init__(self, model, path, chunk_size):
+    def __init__(self, model, path, chunk_size, autocast=None):
         super().__init__()
-        self.model, self.path, self.chunk_size = model, path, chunk_size
+        self.model, self.path, self.chunk_size, self.autocast = model, path, chunk_size, autocast
         self.checked = path != "chunked"
 
     def forward(self, input_ids, attention_mask, labels):
+        """-> (per-token log-probs (B, T) float32, response mask (B, T)); with `autocast` (a dtype: one process
+        computing in bf16 on its fp32 weights) under torch.autocast."""
+        if self.autocast is None:
+            return self.log_probs(input_ids, attention_mask, labels)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast):
+            return self.log_probs(input_ids, attention_mask, labels)
+
+    def log_probs(self, input_ids, attention_mask, labels):
         if self.path == "logits":
             return self.logits_path(input_ids, attention_mask, labels)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
@@ -110,33 +121,66 @@ def compute_dtype(flag, device):
 
 
 def load_model(path, cfg, mesh, device, trainable):
-    """A causal LM sharded with FSDP2: each decoder layer, then the root (which holds embeddings, final norm and
-    the output embedding). Master weights fp32; on GPU bf16 compute with fp32 gradient reduction."""
+    """A causal LM as PolicyLogps, fp32 master weights.
+
+    One process: the model itself, on the device (FSDP would only add copies of each layer's weights and
+    gradients; measured in the README); bf16 compute on a GPU under autocast. More ranks: FSDP2 on each decoder
+    layer, then the root (embeddings, final norm, output embedding), bf16 compute on GPU with fp32 gradient
+    reduction; and one full copy of the weights per job at load: rank 0 reads the checkpoint, the other ranks
+    build the model on the meta device, and every rank keeps its shards of what rank 0 broadcasts (with the
+    buffers that no checkpoint holds, such as rotary frequencies). The weights are those of from_pretrained, bit
+    for bit.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
+    world, rank = mesh.size(), dist.get_rank()
+    config = AutoConfig.from_pretrained(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if world == 1 or rank == 0:
+            source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        with torch.device("meta"):
+            model = source if world == 1 else AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except ValueError as e:
-        kind = type(AutoConfig.from_pretrained(path)).__name__
-        raise UserError(f"{path}: {kind} has no causal-LM head that AutoModelForCausalLM can load ({e})")
+        raise UserError(f"{path}: {type(config).__name__} has no causal-LM head that AutoModelForCausalLM can load "
+                        f"({e})")
     if cfg.activation_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype(cfg.dtype, device), reduce_dtype=torch.float32)
-    wrapped = PolicyLogps(model, choose_logp_path(cfg.logp_path, model), cfg.chunk_size)
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if cfg.disable_dropout:  # as TRL: dropout would make the log-probs (and ConfPO's threshold) noisy
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    dtype = compute_dtype(cfg.dtype, device)
+    wrapped = PolicyLogps(model, choose_logp_path(cfg.logp_path, model), cfg.chunk_size,
+                          autocast=dtype if world == 1 and dtype != torch.float32 else None)
+    if world == 1:
+        wrapped.to(device)
+    else:
+        shard(wrapped, mesh, MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32), trainable, path)
+        wrapped.to_empty(device=device)
+        full = source.state_dict() if rank == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        own = dict(source.named_buffers()) if rank == 0 else {}
+        for name, buffer in model.named_buffers():  # buffers outside the state dict are not broadcast above
+            if rank == 0:
+                buffer.copy_(own[name])
+            dist.broadcast(buffer, src=0)
+        del full, own
+        if rank == 0:
+            del source
+    wrapped.train(trainable)
+    if not trainable:
+        wrapped.requires_grad_(False)
+    return wrapped
+
+
+def shard(wrapped, mesh, mp, trainable, path):
+    """FSDP2: each decoder layer, then the root."""
+    layer_classes = set(getattr(wrapped.model, "_no_split_modules", None) or [])
+    layers = [m for m in wrapped.model.modules() if type(m).__name__ in layer_classes]
     if not layers:
-        raise UserError(f"{path}: cannot find the decoder layers of {type(model).__name__} to shard")
+        raise UserError(f"{path}: cannot find the decoder layers of {type(wrapped.model).__name__} to shard")
     for i, layer in enumerate(layers):
         # a trained model needs its last layer again right at the start of backward: keep it gathered; a frozen
         # reference never runs backward, so everything (its root included) is resharded after forward
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable or i < len(layers) - 1)
     fully_shard(wrapped, mesh=mesh, mp_policy=mp, **({} if trainable else {"reshard_after_forward": True}))
-    wrapped.train(trainable)
-    if not trainable:
-        wrapped.requires_grad_(False)
-    if cfg.disable_dropout:  # as TRL: dropout would make the log-probs (and ConfPO's threshold) noisy
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-    return wrapped

@@ -4,6 +4,7 @@ The `world` fixture (conftest.py) is the tiny offline world, built once per sess
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -322,7 +323,8 @@ def test_heads_that_transform_logits_are_not_chunked(world, world_of_one):
         models.PolicyLogps(model, "chunked", 64)(batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
-def test_frozen_reference_stays_sharded_after_forward(world, world_of_one):
+def test_one_process_holds_the_plain_model_and_a_frozen_reference(world, world_of_one):
+    """A world of one has nothing to shard: the model itself (no FSDP copies), the reference without gradients."""
     from torch.distributed.tensor import DTensor
     cfg = world_of_one
     mesh = models.make_mesh(cfg, 1, torch.device("cpu"))
@@ -330,8 +332,73 @@ def test_frozen_reference_stays_sharded_after_forward(world, world_of_one):
     batch = tiny_batch(world, world["llama-tiny"])
     with torch.no_grad():
         ref(batch["input_ids"], batch["attention_mask"], batch["labels"])
-    assert all(isinstance(p, DTensor) for p in ref.parameters())
+    assert not any(isinstance(p, DTensor) for p in ref.parameters())
     assert not any(p.requires_grad for p in ref.parameters())
+
+
+LOAD_WORKER = """
+import json, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+sys.path.insert(0, sys.argv[1])
+import models, train, utils
+path, out = sys.argv[2], sys.argv[3]
+rank, world, device = utils.init_distributed("cpu")
+cfg = train.Config(model=path, device="cpu", dtype="fp32")
+mesh = models.make_mesh(cfg, world, device)
+report = {}
+for trainable in (True, False):
+    wrapped = models.load_model(path, cfg, mesh, device, trainable)
+    sharded = all(isinstance(p, DTensor) for p in wrapped.parameters())
+    ids = torch.arange(1, 25).reshape(2, 12) % 50
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        logps, _ = wrapped(ids, torch.ones_like(ids), labels)
+    if not trainable:  # a frozen reference is resharded after its forward: it holds only its shards
+        sharded = sharded and all(isinstance(p, DTensor) for p in wrapped.parameters())
+    sd = get_model_state_dict(wrapped.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    buffers = {n: b.clone() for n, b in wrapped.model.named_buffers()}
+    if rank == 0:
+        torch.save({"sd": sd, "buffers": buffers, "logps": logps}, f"{out}/{'policy' if trainable else 'ref'}.pt")
+    report[str(trainable)] = sharded
+if rank == 0:
+    json.dump(report, open(f"{out}/report.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_two_ranks_load_the_weights_of_from_pretrained_bit_for_bit(world, tmp_path, tied):
+    """Rank 0 reads the checkpoint, rank 1 builds on the meta device, both keep shards of the broadcast: the
+    weights, the buffers no checkpoint holds (rotary frequencies) and the log-probs equal from_pretrained's."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    path = world["llama-tiny"]
+    if tied:  # a tied output embedding, as SmolLM2's
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, tie_word_embeddings=True, rope_theta=5000.0)
+        path = str(tmp_path / "tied")
+        LlamaForCausalLM(cfg).save_pretrained(path)
+    (tmp_path / "worker.py").write_text(LOAD_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(tmp_path / "worker.py"), HERE, path, str(tmp_path)]
+    proc = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "report.json").read_text()) == {"True": True, "False": True}  # sharded
+    reference = AutoModelForCausalLM.from_pretrained(path)
+    expected = reference.state_dict()
+    for name in ("policy", "ref"):
+        got = torch.load(tmp_path / f"{name}.pt")
+        assert got["sd"].keys() == expected.keys()
+        assert all(torch.equal(got["sd"][k], expected[k]) for k in expected), name
+        assert all(torch.equal(got["buffers"][k], b) for k, b in reference.named_buffers()), name
+        ids = torch.arange(1, 25).reshape(2, 12) % 50
+        logits = reference(input_ids=ids).logits
+        direct = torch.log_softmax(logits[:, 3:-1], -1).gather(-1, ids[:, 4:, None]).squeeze(-1)
+        torch.testing.assert_close(got["logps"][:, 4:], direct, rtol=1e-5, atol=1e-5)
 
 
 def test_trim_metrics(tmp_path):
@@ -342,3 +409,33 @@ def test_trim_metrics(tmp_path):
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
     train.trim_metrics(str(path), 0)  # a fresh start: nothing of the old run stays
     assert path.read_text() == ""
+
+
+@pytest.mark.parametrize("method", ["dpo", "confpo_dpo", "kto"])
+def test_reference_log_probs_computed_once_give_the_live_reference_losses(world, tmp_path, method):
+    """--precompute_ref: one pass writes the reference's per-token log-probs (tensors, resumable), training holds
+    no reference model, and the losses equal those of a live reference to float rounding; ConfPO_DPO needs them
+    per token (its selection is the policy's, every step)."""
+    live, once = tmp_path / "live", tmp_path / "once"
+    common = dict(method=method, max_steps=4, epochs=2, eval_data=world["small"], eval_every=2, **EQUIV)
+    train.main(base_args(world, live, **common))
+    train.main(base_args(world, once, precompute_ref="true", **common))
+    blocks = sorted(os.listdir(once / "ref_logps"))
+    assert blocks == ["eval_000000.pt", "train_000000.pt"]
+    for a, b in zip(metrics(live) + metrics(live, "eval"), metrics(once) + metrics(once, "eval")):
+        assert a["step"] == b["step"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-6), (a, b)
+    assert_same_params(live, once, atol=2e-6)
+    stamp = (once / "ref_logps" / "train_000000.pt").stat().st_mtime_ns  # a rerun computes nothing again
+    train.main(base_args(world, once, precompute_ref="true", **common) + ["--resume", "false"])
+    assert (once / "ref_logps" / "train_000000.pt").stat().st_mtime_ns == stamp
+
+
+def test_save_final_false_keeps_no_last_checkpoint_and_a_rerun_finds_the_run_finished(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(base_args(world, out, method="simpo", save_final="false"))
+    assert train.checkpoints(out) == [] and json.loads((out / "final" / "run.json").read_text()) == {"step": 4}
+    stamp = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    train.main(base_args(world, out, method="simpo", save_final="false"))
+    assert "this run had already finished" in capsys.readouterr().out
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp and len(metrics(out)) == 4

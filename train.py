@@ -93,6 +93,11 @@ class Config:
     # systems
     dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
     device: str = arg("auto", "auto | cpu | cuda")
+    threads: int = arg(0, "CPU threads per process (0 = OMP_NUM_THREADS if you set it, else the cores available "
+                          "divided among this node's ranks)")
+    precompute_ref: bool = arg(False, "reference methods: compute the reference's per-token log-probs once, in one "
+                                      "pass before training, into output_dir/ref_logps (resumable); training then "
+                                      "holds no reference model (as TRL's precompute_ref_log_probs)")
     activation_checkpointing: bool = arg(False, "recompute decoder layers in backward (saves memory)")
     logp_path: str = arg("auto", "chunked: log-probs from hidden states, never the full logits | logits | auto")
     chunk_size: int = arg(0, "response tokens per vocabulary block in the log-prob computation (0 = as many as "
@@ -103,7 +108,9 @@ class Config:
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)")
     eval_max_pairs: int = arg(1000, "held-out pairs used per evaluation (0 = all)")
-    save_every: int = arg(100, "steps between checkpoints (0 = only at the end)")
+    save_every: int = arg(100, "steps between checkpoints (0 = none before the end)")
+    save_final: bool = arg(True, "also save a checkpoint at the last step (to resume from; the result is the export "
+                                 "in final/, and a rerun finds the run finished either way)")
     keep_last: int = arg(2, "checkpoints kept")
     resume: bool = arg(True, "continue from the newest checkpoint in output_dir if there is one")
     export: bool = arg(True, "write a Hugging Face folder output_dir/final at the end")
@@ -120,7 +127,7 @@ class Config:
 RESUMABLE_FIELDS = {"judge", "halt_after", "log_every", "eval_every", "eval_max_pairs", "save_every", "keep_last",
                     "resume", "export", "num_proc", "cache_dir", "skip_bad_rows", "device", "hybrid_shard",
                     "activation_checkpointing", "chunk_size", "logp_path", "micro_batch_size", "skip_nonfinite",
-                    "output_dir", "tiny_world"}
+                    "output_dir", "tiny_world", "threads", "save_final"}
 PATH_FIELDS = ("model", "ref_model", "tokenizer", "data", "eval_data", "selections")  # compared by content
 HPARAMS = ["beta", "gamma", "tau", "label_smoothing", "lambda_", "lambda_w", "lambda_l", "delta", "alpha",
            "threshold", "strict", "normalize"]
@@ -219,7 +226,8 @@ def resolve(cfg, explicit):
 def main(argv=None):
     cfg, explicit = parse_config(argv)
     hparams = resolve(cfg, explicit)
-    return run_in_group(cfg.device, lambda rank, world, device: train(cfg, hparams, rank, world, device))
+    return run_in_group(cfg.device, lambda rank, world, device: train(cfg, hparams, rank, world, device),
+                        cfg.threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,12 +282,21 @@ def set_up(cfg, method, rank, world, device):
     ref = load_model(cfg.ref_model or cfg.model, cfg, mesh, device, trainable=False) if method.reference else None
     log0(f"policy {cfg.model}: log-probs via the {policy.path} path; reference: "
          f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}")
+    refs = {}
+    if ref is not None and cfg.precompute_ref:  # one pass now; then no reference model during training
+        refs = {split: with_ref_logps(cfg, ref, pairs, split, tokenizer, device, rank, world)
+                for split, pairs in ds.items()}
+        ref = None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
     meter = Meter(device)
-    step, skipped = resume(found, policy, optimizer, scheduler, meter, rank) if found and cfg.resume else (0, 0)
+    step, skipped = 0, 0
+    if cfg.resume and finished_at(cfg.output_dir) == total:  # exported at its last step: nothing left to train
+        step = total
+    elif found and cfg.resume:
+        step, skipped = resume(found, policy, optimizer, scheduler, meter, rank)
 
     dist.barrier()  # every check passed and every rank has read the checkpoint: the folder is now this run's
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
@@ -294,9 +311,9 @@ def set_up(cfg, method, rank, world, device):
         for leftover in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "*.tmp")):
             shutil.rmtree(leftover, ignore_errors=True)  # a save that was killed before its rename
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return SimpleNamespace(tokenizer=tokenizer, pad_id=pad_id, ds=ds, policy=policy, ref=ref, optimizer=optimizer,
-                           scheduler=scheduler, meter=meter, step=step, skipped=skipped, total=total,
-                           steps_per_epoch=steps_per_epoch, metrics_path=metrics_path)
+    return SimpleNamespace(tokenizer=tokenizer, pad_id=pad_id, ds=ds, refs=refs, policy=policy, ref=ref,
+                           optimizer=optimizer, scheduler=scheduler, meter=meter, step=step, skipped=skipped,
+                           total=total, steps_per_epoch=steps_per_epoch, metrics_path=metrics_path)
 
 
 def check_same_run(cfg, saved, fingerprints, found):
@@ -329,7 +346,8 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                 fh.write(json.dumps(line) + "\n")
 
     def held_out(at_step):
-        line = evaluate(cfg, method, policy, run.ref, ds["eval"], hparams, run.pad_id, device, world)
+        line = evaluate(cfg, method, policy, run.ref, ds["eval"], hparams, run.pad_id, device, world,
+                        run.refs.get("eval"))
         write({**line, "step": at_step, "split": "eval"})
         return line
 
@@ -344,7 +362,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
             epoch = step // run.steps_per_epoch
             order = batch_order(len(ds["train"]), cfg, epoch)
             micro = rank_micro_batches(order, step, run.steps_per_epoch, cfg, rank, world)
-            batches = [collate(ds["train"], idx, run.pad_id, method, device) for idx in micro]
+            batches = [collate(ds["train"], idx, run.pad_id, method, device, run.refs.get("train")) for idx in micro]
             # Loss normaliser: FSDP averages gradients over ranks, so each rank scales by world / global count.
             if method.chosen_only:  # a token mean over the whole global batch (Hugging Face's SFT convention)
                 count = torch.tensor(float(sum(int((b["labels"][:b["labels"].shape[0] // 2] != -100).sum())
@@ -354,7 +372,8 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                 count = torch.tensor(float(cfg.global_batch_size), device=device)
             not_finite = torch.zeros((), device=device)
             for i, batch in enumerate(batches):
-                policy.set_requires_gradient_sync(i == len(batches) - 1)
+                if world > 1:  # FSDP: reduce the gradients on the last micro-step only
+                    policy.set_requires_gradient_sync(i == len(batches) - 1)
                 per_pair, metrics = micro_step(method, policy, run.ref, batch, hparams, (cfg.seed, step))
                 (per_pair.sum() * world / count).backward()
                 not_finite += (~torch.isfinite(per_pair.detach())).sum()
@@ -392,7 +411,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                 log0(f"\nstep {step} eval: loss {line['loss']:.4f}" +
                      (f", reward accuracy {line['accuracy']:.3f}" if "accuracy" in line else ""))
             halting = halt_at is not None and step >= halt_at
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total or halting:
+            if (cfg.save_every and step % cfg.save_every == 0) or (step == total and cfg.save_final) or halting:
                 save_checkpoint(cfg, run, step, rank)
             if halting:
                 bar.close()
@@ -405,7 +424,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
         bar.close()  # before any message: the bar's line ends first
     final = os.path.join(cfg.output_dir, "final")
     if cfg.export and not os.path.exists(os.path.join(final, "config.json")):
-        export(cfg, policy, run.tokenizer, cfg.model, rank)
+        export(cfg, policy, run.tokenizer, cfg.model, step, rank)
     judged = rank == 0 and any(line.get("split") == "generate" for line in read_metrics(run.metrics_path))
     if cfg.export and (cfg.judge == "synthetic" or (cfg.judge == "auto" and on_tiny_world)) and rank == 0 \
             and not judged:  # the synthetic task has a programmatic judge: score greedy answers to held-out prompts
@@ -492,6 +511,45 @@ def check_selections(cfg, tokenizer, data_fingerprint):
                         "score again with --policy set to this model")
 
 
+def with_ref_logps(cfg, ref, pairs, split, tokenizer, device, rank, world, block=256):
+    """The reference's per-token log-probs of every pair -> {pair index: (chosen (n_w,), rejected (n_l,))}, over
+    its response tokens, computed once: block by block, every rank forwarding its share of a block's pairs
+    through the sharded reference, rank 0 writing the block to output_dir/ref_logps/<split>_NNNNNN.pt (tensors
+    only) through a temporary file. A killed pass resumes at the first missing block."""
+    folder = os.path.join(cfg.output_dir, "ref_logps")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, f"{split}_{b:06d}.pt") for b in range(math.ceil(len(pairs) / block))]
+    todo = [b for b, path in enumerate(paths) if not os.path.exists(path)]
+    for b in tqdm(todo, desc=f"reference log-probs ({split})", disable=rank != 0 or not todo, dynamic_ncols=True):
+        idx = list(range(b * block, min(len(pairs), (b + 1) * block)))
+        mine = idx[rank::world]
+        mine += mine[-1:] * (math.ceil(len(idx) / world) - len(mine))  # every rank the same forwards (FSDP)
+        rows = {}
+        for s in range(0, len(mine), cfg.micro_batch_size):
+            chunk = mine[s:s + cfg.micro_batch_size]
+            batch = collate(pairs, chunk, pad_id, Method(None), device)
+            with torch.no_grad():
+                logps, mask = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=batch["labels"])
+            for j, i in enumerate(chunk):  # per pair: its response tokens' log-probs, chosen then rejected
+                rows[i] = (logps[j][mask[j]].cpu(), logps[len(chunk) + j][mask[len(chunk) + j]].cpu())
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        if rank == 0:
+            rows = {i: r for part in gathered for i, r in part.items()}
+            torch.save({"index": torch.tensor(idx), "chosen": [rows[i][0] for i in idx],
+                        "rejected": [rows[i][1] for i in idx]}, paths[b] + ".tmp")
+            os.replace(paths[b] + ".tmp", paths[b])
+        dist.barrier()
+    values = {}
+    for path in paths:
+        saved = torch.load(path, weights_only=True)  # tensors only: loading runs no code
+        values.update(zip(saved["index"].tolist(), zip(saved["chosen"], saved["rejected"])))
+    return values
+
+
 def batch_order(n_pairs, cfg, epoch):
     """The pair order of an epoch: a permutation seeded by (seed, epoch), the same on every rank and every resume."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
@@ -508,10 +566,18 @@ def rank_micro_batches(order, step, steps_per_epoch, cfg, rank, world):
     return [mine[j:j + cfg.micro_batch_size] for j in range(0, per_rank, cfg.micro_batch_size)]
 
 
-def collate(ds, indices, pad_id, method, device):
-    """A padded batch of the pairs at `indices`, chosen rows first; `index` holds the pairs' positions in ds."""
-    batch = data.collate_pairs([ds[int(i)] for i in indices], pad_id, token_fields=tuple(method.batch_fields))
+def collate(ds, indices, pad_id, method, device, refs=None):
+    """A padded batch of the pairs at `indices`, chosen rows first; `index` holds the pairs' positions in ds, and
+    with `refs` (with_ref_logps) `ref` the reference's per-token log-probs, aligned with the labels."""
+    rows = [ds[int(i)] for i in indices]
+    batch = data.collate_pairs(rows, pad_id, token_fields=tuple(method.batch_fields))
     batch["index"] = torch.tensor([int(i) for i in indices])
+    if refs is not None:
+        batch["ref"] = torch.zeros(batch["labels"].shape)
+        for side, offset in ((0, 0), (1, len(rows))):  # responses follow the prompt (right padding)
+            for j, (i, row) in enumerate(zip(indices, rows)):
+                values = refs[int(i)][side]
+                batch["ref"][offset + j, row["prompt_len"]:row["prompt_len"] + len(values)] = values
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -531,8 +597,11 @@ def micro_step(method, policy, ref, batch, hparams, draw_key):
         return method.objective(logps, mask, length_normalize=False)
     kw = dict(chosen_logps=logps[:B], chosen_mask=mask[:B], rejected_logps=logps[B:], rejected_mask=mask[B:])
     if method.reference:
-        with torch.no_grad():
-            ref_logps, _ = ref(**inputs)
+        if "ref" in batch:  # computed once before training (--precompute_ref)
+            ref_logps = batch["ref"]
+        else:
+            with torch.no_grad():
+                ref_logps, _ = ref(**inputs)
         kw.update(ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:])
     for field, name in method.batch_fields.items():  # SePO: chosen_selected / rejected_selected
         kw[f"chosen_{name}"], kw[f"rejected_{name}"] = batch[field][:B].bool(), batch[field][B:].bool()
@@ -611,7 +680,7 @@ class Meter:
         return out
 
 
-def evaluate(cfg, method, policy, ref, eval_ds, hparams, pad_id, device, world):
+def evaluate(cfg, method, policy, ref, eval_ds, hparams, pad_id, device, world, refs=None):
     """Held-out loss and rewards; every rank runs the same number of forwards (FSDP needs it), pairs beyond the
     end are repeats with zero weight."""
     n = len(eval_ds) if not cfg.eval_max_pairs else min(len(eval_ds), cfg.eval_max_pairs)
@@ -623,7 +692,7 @@ def evaluate(cfg, method, policy, ref, eval_ds, hparams, pad_id, device, world):
         for s in range(0, per_rank, cfg.micro_batch_size):
             chunk = idx[s:s + cfg.micro_batch_size]
             valid = torch.tensor([i < n for i in chunk], device=device)
-            batch = collate(eval_ds, [min(i, n - 1) for i in chunk], pad_id, method, device)
+            batch = collate(eval_ds, [min(i, n - 1) for i in chunk], pad_id, method, device, refs)
             per_pair, metrics = micro_step(method, policy, ref, batch, hparams, (cfg.seed, -1))
             keep = valid.nonzero().squeeze(-1)
             meter.add(logged_loss(method, per_pair, metrics)[keep], {k: v[keep] for k, v in metrics.items()},
@@ -774,9 +843,19 @@ def trim_metrics(path, step):
         atomic_write(path, "".join(json.dumps(line) + "\n" for line in kept))
 
 
-def export(cfg, policy, tokenizer, model_path, rank):
-    """A Hugging Face folder (safetensors + config + tokenizer) at output_dir/final. Parameters are gathered one at
-    a time to rank 0's CPU memory; the other ranks never hold the whole model."""
+def finished_at(out_dir):
+    """The step at which final/ was exported (its run.json), or None."""
+    path = os.path.join(out_dir, "final", "run.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh).get("step")
+
+
+def export(cfg, policy, tokenizer, model_path, step, rank):
+    """A Hugging Face folder (safetensors + config + tokenizer) at output_dir/final, with run.json naming the step
+    it holds. Parameters are gathered one at a time to rank 0's CPU memory; the other ranks never hold the whole
+    model."""
     from transformers import AutoConfig, AutoModelForCausalLM
     sd = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
@@ -792,6 +871,7 @@ def export(cfg, policy, tokenizer, model_path, rank):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        atomic_write(os.path.join(tmp, "run.json"), json.dumps({"step": step}))
         if os.path.exists(out):  # a run resumed after its export: retire the old folder first
             remove(out)
         os.replace(tmp, out)

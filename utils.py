@@ -217,8 +217,9 @@ def _literal(t):
 # Processes
 # ---------------------------------------------------------------------------------------------------------------
 
-def init_distributed(device="auto"):
-    """Process group from torchrun's environment, or a world of one; an existing group is reused.
+def init_distributed(device="auto", threads=0):
+    """Process group from torchrun's environment, or a world of one; an existing group is reused. CPU threads:
+    `threads` if given, else those the process may use, divided among the ranks on this node (cpu_threads).
     Returns (rank, world, device)."""
     import torch
     import torch.distributed as dist
@@ -226,23 +227,35 @@ def init_distributed(device="auto"):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    torch.set_num_threads(cpu_threads(threads))
     if "RANK" in os.environ:  # torchrun
         if use_cuda:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    else:  # plain `python`: the same FSDP code path over a world of one
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    else:  # plain `python`: a world of one
         dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def run_in_group(device, fn):
+def cpu_threads(threads=0):
+    """Intra-op threads of this process: `threads` when given (> 0); else OMP_NUM_THREADS when the user set it
+    (under torchrun, a value of 1 is torchrun's own default and does not count); else the cores this process may
+    run on, divided among the ranks of this node (LOCAL_WORLD_SIZE)."""
+    if threads > 0:
+        return threads
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0 and not ("RANK" in os.environ and omp == "1"):
+        return int(omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def run_in_group(device, fn, threads=0):
     """fn(rank, world, device) inside a process group, destroyed afterwards unless a caller already had one (the
     SePO pipeline runs several stages in one group)."""
     import torch.distributed as dist
     owner = not dist.is_initialized()
-    rank, world, dev = init_distributed(device)
+    rank, world, dev = init_distributed(device, threads)
     try:
         return fn(rank, world, dev)
     finally:
