@@ -63,18 +63,20 @@ def command_line():
     parser.add_argument("--tiny_world", "--tiny-world", default="tiny_world",
                         help="the offline tiny world (built on first use)")
     parser.add_argument("--cache_dir", "--cache-dir", default="", help="datasets cache ('' = a temporary folder)")
-    parser.add_argument("--items", default="1,2,3,4,5,select", help="which items to run, comma-separated")
+    parser.add_argument("--items", default="1,2,3,4,5,6,8,9,select", help="which items to run, comma-separated "
+                        "(6: real shapes against TRL, about an hour; 8: memory breakdown; 9: loading on 2 ranks)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     parser.add_argument("--table", default="", help="only print the table of an existing bench.json, run nothing")
     return parser
 
 
-if __name__ == "__main__" and sys.argv[1:2] != ["_fsdp_worker"]:
+if __name__ == "__main__" and not (sys.argv[1:2] and sys.argv[1].endswith("_worker")):
     command_line().parse_args()  # --help and a mistyped flag answer here, before torch loads
 
 import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
 import torch.nn.functional as F  # noqa: E402
 
+import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import score  # noqa: E402
@@ -92,6 +94,9 @@ TARGETS = {
     "logps_time": (1.00, "<="),  # item 2: ours / naive time ("no slower")
     "trl_throughput": (1.2, ">="),  # item 3: our tokens/s / TRL's
     "fsdp_memory": (0.55, "<="),  # item 4: per-rank bytes with 2 ranks / 1 rank
+    "real_throughput": (1.2, ">="),  # item 6: our tokens/s / TRL's, real shapes
+    "real_memory": (0.9, "<="),  # item 7: our peak memory / TRL's, real shapes
+    "load_memory": (1.3, "<="),  # item 9: 2 ranks' summed peak at load / (one model + its shards)
 }
 SKIP_TRL = "skipped (pip install -r requirements-bench.txt)"
 
@@ -350,7 +355,7 @@ def setup(args, work):
                                                                     "global_batch_size", "micro_batch_size", "lr")}
     cfg = train.Config(method="simpo", model=model, data=train_file, device="cpu", dtype="fp32",
                        cache_dir=args.cache_dir or os.path.join(work, "cache"), **shapes)
-    _, _, device = init_distributed(cfg.device)  # a world of one: train.py's FSDP code path
+    _, _, device = init_distributed(cfg.device, args.threads)  # a world of one, as python train.py
     set_threads(args.threads)  # init_distributed sets OMP_NUM_THREADS threads for a world of one
     tokenizer = AutoTokenizer.from_pretrained(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -473,7 +478,8 @@ def trl_throughput(ctx, kind, steps, warmup):
                   lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio, max_grad_norm=cfg.grad_clip,
                   optim="adamw_torch", max_length=cfg.max_length, use_cpu=True, bf16=False, fp16=False,
                   report_to=[], save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
-                  dataloader_num_workers=0, dataloader_pin_memory=False, seed=cfg.seed)
+                  dataloader_num_workers=0, dataloader_pin_memory=False, seed=cfg.seed,
+                  gradient_checkpointing=cfg.activation_checkpointing)  # TRL 1.x turns it on by default
     ends, tokens = [], []
 
     class StepEnds(TrainerCallback):  # Trainer's hook: the moment each optimizer step is done
@@ -632,6 +638,421 @@ def bench_fsdp(ctx):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Items 6-8: real shapes. SmolLM2-135M's architecture, built from its config in code (no download, random
+# weights), with the tiny world's tokenizer (the shapes are what cost: V = 49,152, 30 layers, hidden 576). Every
+# run is a process of its own (`python bench.py _real_worker ...`), so that its peak RSS is its own.
+# ---------------------------------------------------------------------------------------------------------------
+
+SMOL = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+            tie_word_embeddings=True)  # HuggingFaceTB/SmolLM2-135M-Instruct's config.json
+REAL_PAIRS_PER_STEP = 4  # as the measurements of issue 15: 4 pairs (8 rows) per optimizer step, one micro-step
+
+
+def real_model(work, tokenizer_path, quick):
+    """SmolLM2-135M's architecture (quick: 2 layers of it) with random weights (seed 0), saved with the tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    path = os.path.join(work, "smollm2-135m-random")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        torch.manual_seed(0)
+        config = LlamaConfig(**{**SMOL, **({"num_hidden_layers": 2} if quick else {})}, bos_token_id=tok.bos_token_id,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        LlamaForCausalLM(config).save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+def long_pairs(work, tokens, n):
+    """n pairs whose prompt and responses are long enough that every row is cut to `tokens` (the same lengths
+    for every method and for TRL), from the synthetic task's words; and SePO selections of them (30% at random)."""
+    import random
+    rng = random.Random(0)
+    words = [w for p in tiny.synthetic_pairs(50, 0) for w in (p["prompt"] + " " + p["chosen"]).split()]
+    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    path = os.path.join(work, f"pairs-{tokens}.jsonl")
+    with open(path, "w") as fh:
+        for _ in range(n):
+            fh.write(json.dumps({"prompt": text(tokens // 3), "chosen": text(tokens), "rejected": text(tokens)}) + "\n")
+    return path
+
+
+def real_worker(argv):
+    """One measured run in this process: train.py itself (ours), or TRL's trainer, for --steps optimizer steps;
+    prints a JSON line: tokens/s of each step after the first (each side's own non-padding tokens), the peak RSS
+    of the process, and with --profile the allocator's peak bytes (the profiler's CPU memory events over the whole
+    run, loading included)."""
+    parser = argparse.ArgumentParser()
+    for flag in ("--kind", "--method", "--model", "--data", "--out"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--seq", type=int, required=True)
+    parser.add_argument("--ac", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", type=int, default=0)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    run = trl_run if args.kind == "trl" else ours_run
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with no_fd2_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            steps = run(args)
+        events = sorted((e for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
+                        key=lambda e: e.start_ns())
+        peak = max(itertools.accumulate(e.nbytes() for e in events), default=0)
+    else:
+        steps, peak = run(args), None
+    rss = resource_peak_rss()
+    with open(args.out, "w") as fh:
+        json.dump({"steps": steps, "peak_rss": rss, "allocator_peak": peak}, fh)
+
+
+def resource_peak_rss():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def ours_run(args):
+    """train.py's own loop on the pairs -> [(tokens, seconds)] per step, as it logs them."""
+    out = tempfile.mkdtemp(prefix="ours-", dir=os.path.dirname(args.out))
+    method = {"dpo_once": "dpo"}.get(args.method, args.method)
+    argv = ["--model", args.model, "--data", args.data, "--method", method, "--output_dir", out, "--max_length",
+            str(args.seq), "--max_prompt_length", str(args.seq // 4), "--global_batch_size", str(REAL_PAIRS_PER_STEP),
+            "--micro_batch_size", str(REAL_PAIRS_PER_STEP), "--max_steps", str(args.steps), "--log_every", "1",
+            "--save_every", "0", "--save_final", "false", "--export", "false", "--judge", "none", "--lr", "1e-6",
+            "--threads", str(args.threads), "--device", "cpu", "--dtype", "fp32", "--warmup_ratio", "0"]
+    argv += ["--activation_checkpointing"] if args.ac else []
+    argv += ["--precompute_ref", "true"] if args.method == "dpo_once" else []
+    if method == "sepo":
+        argv += ["--selections", random_selections(args, out)]
+    with quiet():
+        train.main(argv)
+    lines = [line for line in train.read_metrics(os.path.join(out, "metrics.jsonl")) if line["split"] == "train"]
+    shutil.rmtree(out, ignore_errors=True)
+    return [(line["tokens"], line["tokens"] / line["tokens_per_s"]) for line in lines]
+
+
+def random_selections(args, out):
+    """A selection file for the pairs as score.py writes one: 30% of each response (random scores, Eq. 25)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(args.model)
+    pairs, _ = data.tokenize_preferences(data.load_preferences(args.data), tok, args.seq, args.seq // 4)
+    gen, path = torch.Generator().manual_seed(0), os.path.join(out, "selections.jsonl")
+    with open(path, "w") as fh:
+        for ex in pairs:
+            row = {"row": ex["row"]}
+            for side, highest in (("chosen", True), ("rejected", False)):
+                n = len(data.response_part(ex, side, "labels"))
+                picked = sepo.select_tokens(torch.rand(1, n, generator=gen), torch.ones(1, n, dtype=torch.bool), 0.3,
+                                            highest)[0]
+                row[f"{side}_n"], row[f"{side}_selected"] = n, picked.nonzero().squeeze(-1).tolist()
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def trl_run(args):
+    """TRL 1.x's trainer on the same pairs (conversational: rendered with the same chat template), batch, max
+    length, AdamW (torch), fp32, threads, dropout off, gradient checkpointing as --ac -> [(tokens, seconds)]."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    with open(args.data) as fh:
+        rows = [json.loads(line) for line in fh]
+    pairs = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
+    out = tempfile.mkdtemp(prefix="trl-", dir=os.path.dirname(args.out))
+    common = dict(output_dir=out, per_device_train_batch_size=REAL_PAIRS_PER_STEP, gradient_accumulation_steps=1,
+                  max_steps=args.steps, learning_rate=1e-6, max_length=args.seq, optim="adamw_torch", use_cpu=True,
+                  bf16=False, fp16=False, report_to=[], save_strategy="no", eval_strategy="no",
+                  logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
+                  gradient_checkpointing=bool(args.ac), max_grad_norm=1.0, seed=0)
+    ends, tokens = [time.perf_counter()], []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            ends.append(time.perf_counter())
+
+    with quiet():
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        if args.method == "simpo":
+            trainer = CPOTrainer(model=model, args=CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0,
+                                                             simpo_gamma=1.0, **common),
+                                 train_dataset=pairs, processing_class=tokenizer)
+        else:
+            trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=pairs,
+                                 processing_class=tokenizer)
+        trainer.add_callback(StepEnds())
+        step = trainer.training_step
+
+        def counting(model, inputs, *a, **kw):
+            tokens.append(sum(int(v.sum()) for k, v in inputs.items()
+                              if k.endswith("attention_mask") and not k.startswith("prompt")))
+            return step(model, inputs, *a, **kw)
+
+        trainer.training_step = counting
+        trainer.train()
+    shutil.rmtree(out, ignore_errors=True)
+    return [(tokens[i], ends[i + 1] - ends[i]) for i in range(len(tokens))]
+
+
+REAL_RUNS = {256: ["simpo", "confpo", "sepo", "dpo", "dpo_once"], 1024: ["simpo", "dpo", "dpo_once"]}
+
+
+def bench_real(ctx, quick, threads):
+    """Items 6 and 7: tokens/s and peak memory of train.py against TRL at 256 and 1024 tokens, with activation
+    checkpointing off and on for both (TRL's gradient checkpointing), each run a process of its own, run in turns
+    (ours, TRL, ours, TRL, ...). The first step of every run is dropped. DPO also with --precompute_ref
+    (`dpo_once`: the reference's pass is done before the timed steps, its cost reported apart)."""
+    work = ctx["work"]
+    model = real_model(work, ctx["paths"]["tokenizer"], quick)
+    have_trl = trl_status() is None
+    runs = REAL_RUNS if not quick else {64: ["simpo", "dpo_once"]}
+    result = {"model": "SmolLM2-135M architecture" + (" (2 layers: --quick)" if quick else ""), "runs": {},
+              "pairs_per_step": REAL_PAIRS_PER_STEP, "threads": threads, "trl": have_trl or trl_status()}
+    for seq, methods in runs.items():
+        pairs = long_pairs(work, seq, REAL_PAIRS_PER_STEP * 4)
+        for ac in (0, 1) if not quick else (0,):
+            order = [("ours", m) for m in methods]
+            if have_trl:  # in turns: ours, TRL, ours, TRL, ...
+                order = [x for pair in itertools.zip_longest(order, [("trl", "simpo"), ("trl", "dpo")]) for x in pair if x]
+            for kind, method in order:
+                key = f"{kind}_{method}_T{seq}_ac{ac}"
+                result["runs"][key] = real_subprocess(kind, method, model, pairs, seq, ac, 2 if quick else 3, threads,
+                                                      work)
+                print(f"    {key}: {result['runs'][key]['tokens_per_s']:.0f} tok/s, peak RSS "
+                      f"{result['runs'][key]['peak_rss'] / 2**30:.2f} GiB", flush=True)
+    if have_trl and not quick:  # the allocator's peak over a whole run, SimPO and DPO, checkpointing off
+        for seq in runs:
+            for kind, method in (("ours", "simpo"), ("trl", "simpo"), ("ours", "dpo"), ("trl", "dpo")):
+                key = f"{kind}_{method}_T{seq}_ac0"
+                if key not in result["runs"]:
+                    continue
+                result["runs"][key]["allocator_peak"] = real_subprocess(
+                    kind, method, model, long_pairs(work, seq, REAL_PAIRS_PER_STEP * 4), seq, 0, 2, threads, work,
+                    profile=True)["allocator_peak"]
+    result["ratios"] = real_ratios(result["runs"])
+    return result
+
+
+def real_subprocess(kind, method, model, pairs, seq, ac, steps, threads, work, profile=False):
+    out = os.path.join(work, f"real-{kind}-{method}-{seq}-{ac}-{int(profile)}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "_real_worker", "--kind", kind, "--method", method, "--model",
+           model, "--data", pairs, "--out", out, "--seq", str(seq), "--ac", str(ac), "--steps", str(steps),
+           "--threads", str(threads), "--profile", str(int(profile))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+           "TRL_EXPERIMENTAL_SILENCE": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=7200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} {method} at {seq} tokens failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    with open(out) as fh:
+        r = json.load(fh)
+    timed = r["steps"][1:] or r["steps"]
+    r["tokens_per_s"] = sum(t for t, _ in timed) / sum(s for _, s in timed)
+    return r
+
+
+def real_ratios(runs):
+    """ours / TRL: tokens/s and peak RSS (and allocator peak where measured), per method, length and setting.
+    ConfPO and SePO are compared with TRL's SimPO (TRL has neither), DPO with and without --precompute_ref with
+    TRL's DPO."""
+    out = {}
+    for key, r in runs.items():
+        kind, method, seq, ac = key.split("_", 1)[0], *key.split("_", 1)[1].rsplit("_", 2)
+        if kind != "ours":
+            continue
+        theirs = runs.get(f"trl_{'dpo' if method.startswith('dpo') else 'simpo'}_{seq}_{ac}")
+        if theirs:
+            out[key] = {"tokens_per_s": r["tokens_per_s"] / theirs["tokens_per_s"],
+                        "peak_rss": r["peak_rss"] / theirs["peak_rss"]}
+            if r.get("allocator_peak") and theirs.get("allocator_peak"):
+                out[key]["allocator_peak"] = r["allocator_peak"] / theirs["allocator_peak"]
+    return out
+
+
+def breakdown_worker(argv):
+    """Where the memory of one SimPO (or DPO) step goes, at real shapes, in this process (item 8): train.py's
+    model in a world of one, the same under FSDP2 in a world of one (how train.py ran before), and the plain
+    Hugging Face model computing full logits (as TRL does). Peak live bytes of the allocator in each phase (load,
+    forward, backward, optimizer step), from the profiler's memory events; and by owner: parameters, gradients,
+    optimizer state, the reference model, the activations the forward saves (counted by a saved-tensors hook),
+    and the rest at the peak (transients: log-prob blocks or logits, FSDP's unsharded copies, temporaries)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from transformers import AutoModelForCausalLM
+    parser = argparse.ArgumentParser()
+    for flag in ("--variant", "--method", "--model", "--out"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--seq", type=int, required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    cfg = train.Config(model=args.model, device="cpu", dtype="fp32")
+    init_distributed("cpu", args.threads)
+    device, B, T = torch.device("cpu"), REAL_PAIRS_PER_STEP, args.seq
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 600, (2 * B, T), generator=gen)
+    labels = ids.clone()
+    labels[:, :T // 4] = -100
+
+    def load(trainable):
+        if args.variant == "hf":
+            model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+            model.train(trainable)
+            return model.requires_grad_(trainable)
+        model = models.load_model(args.model, cfg, models.make_mesh(cfg, 1, device), device, trainable)
+        if args.variant == "ours_fsdp":  # train.py's world of one before: FSDP2 around the same model
+            models.shard(model, models.make_mesh(cfg, 1, device), torch.distributed.fsdp.MixedPrecisionPolicy(
+                param_dtype=torch.float32, reduce_dtype=torch.float32), trainable, args.model)
+        return model
+
+    def logps_of(model):
+        if args.variant == "hf":  # full logits, log-softmax, gather: what a trainer without our path computes
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1]
+            mask = torch.nn.functional.pad(labels[:, 1:] != -100, (1, 0))
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None]).squeeze(-1)
+            return torch.nn.functional.pad(lp, (1, 0)), mask
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+    rss0 = resource_peak_rss()
+    with no_fd2_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("phase:load"):
+            policy = load(True)
+            ref = load(False) if args.method == "dpo" else None
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+        saved = {"bytes": 0, "seen": set()}
+        param_storage = {p.untyped_storage().data_ptr() for p in policy.parameters() if p.device.type != "meta"}
+
+        def pack(t):  # each tensor the forward keeps for backward, counted once, parameters aside
+            key = t.untyped_storage().data_ptr()
+            if key not in saved["seen"] and key not in param_storage:
+                saved["seen"].add(key)
+                saved["bytes"] += t.untyped_storage().nbytes()
+            return t
+        for step in range(2):  # the first builds the optimizer state; the second is the one measured
+            with record_function(f"phase:forward{step}"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                saved["bytes"], saved["seen"] = 0, set()
+                lp, mask = logps_of(policy)
+                if ref is not None:
+                    with torch.no_grad():
+                        ref_lp, _ = logps_of(ref)
+                    loss, _ = losses.dpo_loss(lp[:B], mask[:B], lp[B:], mask[B:], ref_lp[:B], ref_lp[B:])
+                else:
+                    loss, _ = losses.simpo_loss(lp[:B], mask[:B], lp[B:], mask[B:])
+            with record_function(f"phase:backward{step}"):
+                loss.mean().backward()
+                grads = sum(p.grad.numel() * p.grad.element_size() for p in policy.parameters() if p.grad is not None)
+            with record_function(f"phase:optimizer{step}"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    events = prof.profiler.kineto_results.events()
+    memory = sorted(((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"
+                     and e.device_type() == torch.autograd.DeviceType.CPU))
+    phases = {e.name().split(":", 1)[1]: (e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+              if e.name().startswith("phase:")}
+    live, peaks, t_peak, overall = 0, {}, None, 0
+    for t, nbytes in memory:
+        live += nbytes
+        for name, (a, b) in phases.items():
+            if a <= t <= b:
+                peaks[name] = max(peaks.get(name, 0), live)
+        if live > overall and phases["forward1"][0] <= t:
+            overall, t_peak = live, t
+    size = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    owners = {"parameters": size(local(p) for p in policy.parameters()),
+              "optimizer_state": sum(size([local(v)]) for s in optimizer.state.values() for v in s.values()
+                                     if torch.is_tensor(v) and v.dim()),
+              "reference": size(local(p) for p in ref.parameters()) if ref is not None else 0,
+              "gradients": grads, "activations_saved": saved["bytes"]}
+    at_peak = "backward1" if phases["backward1"][0] <= t_peak <= phases["backward1"][1] else "forward1" \
+        if phases["forward1"][0] <= t_peak <= phases["forward1"][1] else "optimizer1"
+    with open(args.out, "w") as fh:
+        json.dump({"variant": args.variant, "method": args.method, "seq": T, "peaks": {
+            "load": peaks.get("load", 0), "forward": peaks.get("forward1", 0), "backward": peaks.get("backward1", 0),
+            "optimizer": peaks.get("optimizer1", 0)}, "peak": overall, "peak_in": at_peak, "owners": owners,
+            "peak_rss": resource_peak_rss(), "rss_before_load": rss0}, fh)
+    torch.distributed.destroy_process_group()
+
+
+def bench_breakdown(ctx, quick, threads):
+    """Item 8: the memory breakdown of one step, for each variant and method, at 256 tokens."""
+    model = real_model(ctx["work"], ctx["paths"]["tokenizer"], quick)
+    out = {}
+    for method in ("simpo", "dpo") if not quick else ("simpo",):
+        for variant in ("ours", "ours_fsdp", "hf") if not quick else ("ours", "hf"):
+            path = os.path.join(ctx["work"], f"breakdown-{variant}-{method}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "_breakdown_worker", "--variant", variant, "--method",
+                   method, "--model", model, "--out", path, "--seq", str(64 if quick else 256), "--threads",
+                   str(threads)]
+            proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, cwd=HERE,
+                                  capture_output=True, text=True, timeout=3600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"breakdown {variant} {method} failed:\n{proc.stderr[-3000:]}")
+            with open(path) as fh:
+                out[f"{variant}_{method}"] = json.load(fh)
+    return out
+
+
+def load_worker(argv):
+    """Under torchrun (item 9): load the policy as train.py does (--way new: rank 0 reads, the others build on
+    meta and keep their shards of the broadcast) or as it did before (--way old: every rank reads the whole
+    checkpoint, then shards it), and record every rank's peak RSS before and after."""
+    parser = argparse.ArgumentParser()
+    for flag in ("--way", "--model", "--out"):
+        parser.add_argument(flag, required=True)
+    args = parser.parse_args(argv)
+    cfg = train.Config(model=args.model, device="cpu", dtype="fp32")
+    rank, world, device = init_distributed("cpu", 1)
+    before = resource_peak_rss()
+    mesh = models.make_mesh(cfg, world, device)
+    if args.way == "new":
+        policy = models.load_model(args.model, cfg, mesh, device, trainable=True)
+    else:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        policy = models.PolicyLogps(model, "chunked", 0)
+        models.shard(policy, mesh, torch.distributed.fsdp.MixedPrecisionPolicy(param_dtype=torch.float32,
+                                                                             reduce_dtype=torch.float32), True,
+                     args.model)
+    shard = sum(p.to_local().numel() * 4 for p in policy.parameters())
+    every = [None] * world
+    torch.distributed.all_gather_object(every, {"before": before, "after": resource_peak_rss(), "shard": shard})
+    if rank == 0:
+        write_json(args.out, every)
+    torch.distributed.destroy_process_group()
+
+
+def bench_load(ctx, quick):
+    """Item 9: summed peak host memory of 2 ranks loading the policy, the new way and the old, over one full model
+    plus its shards (what loading must at least hold); the growth of each rank's peak RSS while loading."""
+    model = real_model(ctx["work"], ctx["paths"]["tokenizer"], quick)
+    full = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors"))
+    out = {"model_bytes": full}
+    for way in ("old", "new"):
+        path = os.path.join(ctx["work"], f"load-{way}.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.abspath(__file__), "_load_worker", "--way", way, "--model", model, "--out", path]
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=HERE, capture_output=True,
+                              text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"loading ({way}) failed:\n{proc.stderr[-3000:]}")
+        with open(path) as fh:
+            ranks = json.load(fh)
+        grown = sum(r["after"] - r["before"] for r in ranks)
+        out[way] = {"ranks": ranks, "summed_growth": grown,
+                    "over_model_and_shards": grown / (full + sum(r["shard"] for r in ranks))}
+    out["ratio"] = out["new"]["summed_growth"] / out["old"]["summed_growth"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Also: SePO's selection, vectorised against a loop
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -737,6 +1158,36 @@ def table_rows(results):
     if sc:
         add("5 score.py vs training", "scoring / training tok/s",
             f"{sc['score_tokens_per_s']:.0f} / {sc['train_tokens_per_s']:.0f} tok/s", sc["ratio"])
+    real = results.get("6_real")
+    for key, r in (real or {}).get("ratios", {}).items():
+        _, method, seq, ac = key.split("_", 1)[0], *key.split("_", 1)[1].rsplit("_", 2)
+        label = f"6-7 real shapes {seq[1:]} tokens, checkpointing {'on' if ac == 'ac1' else 'off'}"
+        versus = "DPO" if method.startswith("dpo") else "SimPO"
+        ours, theirs = real["runs"][key], real["runs"][f"trl_{versus.lower()}_{seq}_{ac}"]
+        add(label, f"{method}: train.py / TRL {versus}, tokens/s",
+            f"{ours['tokens_per_s']:.1f} / {theirs['tokens_per_s']:.1f}", r["tokens_per_s"], "real_throughput")
+        add(label, f"{method}: train.py / TRL {versus}, peak RSS",
+            f"{ours['peak_rss'] / 2**30:.2f} / {theirs['peak_rss'] / 2**30:.2f} GiB", r["peak_rss"], "real_memory")
+        if "allocator_peak" in r:
+            add(label, f"{method}: train.py / TRL {versus}, allocator peak", f"{ours['allocator_peak'] / 2**30:.2f} / "
+                f"{theirs['allocator_peak'] / 2**30:.2f} GiB", r["allocator_peak"], "real_memory")
+    for key, r in (real or {}).get("runs", {}).items():  # what computing the reference once saves
+        live = real["runs"].get(key.replace("dpo_once", "dpo"))
+        if key.startswith("ours_dpo_once") and live:
+            label = f"6 reference computed once, {key.split('_')[3][1:]} tokens, ac {key.split('_')[4][2:]}"
+            add(label, "dpo --precompute_ref / live reference, tokens/s",
+                f"{r['tokens_per_s']:.1f} / {live['tokens_per_s']:.1f}", r["tokens_per_s"] / live["tokens_per_s"])
+            add(label, "dpo --precompute_ref / live reference, peak RSS",
+                f"{r['peak_rss'] / 2**30:.2f} / {live['peak_rss'] / 2**30:.2f} GiB", r["peak_rss"] / live["peak_rss"])
+    for key, r in results.get("8_breakdown", {}).items():
+        add("8 memory of a step (256 tokens)", f"{key}: peak, in {r['peak_in']}",
+            f"{r['peak'] / 2**30:.2f} GiB", r["peak"] / results["8_breakdown"][f"hf_{r['method']}"]["peak"])
+    ld = results.get("9_load")
+    if ld:
+        for way in ("old", "new"):
+            add("9 loading on 2 ranks", f"{way}: summed growth of peak RSS / (one model + its shards)",
+                f"{ld[way]['summed_growth'] / 2**30:.2f} GiB", ld[way]["over_model_and_shards"],
+                "load_memory" if way == "new" else None)
     sel = results.get("select_tokens")
     if sel:
         add("SePO selection", "select_tokens / loop",
@@ -819,6 +1270,14 @@ def main(argv=None):
             results["4_fsdp"] = bench_fsdp(ctx)
             timing["4"] = time.perf_counter() - t0
             print(f"  item 4 done ({timing['4']:.0f} s)", flush=True)
+        for item, key, run in (("6", "6_real", lambda: bench_real(ctx, q, args.threads)),
+                                ("8", "8_breakdown", lambda: bench_breakdown(ctx, q, args.threads)),
+                                ("9", "9_load", lambda: bench_load(ctx, q))):
+            if item in items:
+                t0 = time.perf_counter()
+                results[key] = run()
+                timing[item] = time.perf_counter() - t0
+                print(f"  item {item} done ({timing[item]:.0f} s)", flush=True)
         if "select" in items:
             results["select_tokens"] = bench_select(8 if q else 32, 128 if q else 512, repeats=2 if q else 5)
     finally:
@@ -838,8 +1297,12 @@ def main(argv=None):
     return results
 
 
+WORKERS = {"_fsdp_worker": "fsdp_worker", "_real_worker": "real_worker", "_breakdown_worker": "breakdown_worker",
+           "_load_worker": "load_worker"}  # hidden sub-commands: one measured run in a process of its own
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_fsdp_worker":
-        fsdp_worker(sys.argv[2:])
+    if sys.argv[1:2] and sys.argv[1] in WORKERS:
+        globals()[WORKERS[sys.argv[1]]](sys.argv[2:])
     else:
         main()

@@ -65,8 +65,8 @@ def test_quick_run(world, tmp_path):
     assert "targets met" in proc.stdout
     result = json.loads(out.read_text())
 
-    for item in ("machine", "1_step_time", "2_logps", "3_trl_throughput", "4_fsdp", "5_score", "select_tokens",
-                 "verdicts", "runtime_s"):
+    for item in ("machine", "1_step_time", "2_logps", "3_trl_throughput", "4_fsdp", "5_score", "6_real",
+                 "8_breakdown", "9_load", "select_tokens", "verdicts", "runtime_s"):
         assert item in result, item
     assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
     found = list(ratios(result))
@@ -97,6 +97,21 @@ def test_quick_run(world, tmp_path):
     # 5 and the selection
     assert result["5_score"]["score_tokens_per_s"] > 0
     assert result["select_tokens"]["agree"]
+    # 6: real shapes (a 2-layer SmolLM2 in --quick), every run in its own process, TRL's where it is installed
+    real = result["6_real"]["runs"]
+    assert {"ours_simpo_T64_ac0", "ours_dpo_once_T64_ac0"} <= set(real)
+    for r in real.values():
+        assert r["tokens_per_s"] > 0 and r["peak_rss"] > 2**27 and len(r["steps"]) == 2
+    # 8: the breakdown: the plain model's full logits make its step the larger; owners are exact sizes
+    b = result["8_breakdown"]
+    ours, hf = b["ours_simpo"], b["hf_simpo"]
+    assert ours["owners"]["parameters"] == hf["owners"]["parameters"] > 0
+    assert ours["owners"]["optimizer_state"] == 2 * ours["owners"]["parameters"]
+    assert ours["peak"] < hf["peak"] and ours["peaks"]["backward"] > ours["peaks"]["load"] > 0
+    # 9: loading on 2 ranks: rank 0 reads, rank 1 builds on meta: less summed memory than every rank reading
+    load = result["9_load"]
+    assert load["new"]["summed_growth"] < load["old"]["summed_growth"]
+    assert load["new"]["ranks"][1]["after"] - load["new"]["ranks"][1]["before"] < 0.6 * load["model_bytes"]
 
 
 def test_a_wrong_variant_cannot_win():

@@ -421,7 +421,7 @@ def test_reference_log_probs_computed_once_give_the_live_reference_losses(world,
     train.main(base_args(world, live, **common))
     train.main(base_args(world, once, precompute_ref="true", **common))
     blocks = sorted(os.listdir(once / "ref_logps"))
-    assert blocks == ["eval_000000.pt", "train_000000.pt"]
+    assert blocks == ["eval.json", "eval_000000.pt", "train.json", "train_000000.pt"]
     for a, b in zip(metrics(live) + metrics(live, "eval"), metrics(once) + metrics(once, "eval")):
         assert a["step"] == b["step"] and math.isclose(a["loss"], b["loss"], rel_tol=1e-5, abs_tol=1e-6), (a, b)
     assert_same_params(live, once, atol=2e-6)

@@ -518,8 +518,22 @@ def with_ref_logps(cfg, ref, pairs, split, tokenizer, device, rank, world, block
     only) through a temporary file. A killed pass resumes at the first missing block."""
     folder = os.path.join(cfg.output_dir, "ref_logps")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # what the blocks are the log-probs of: blocks computed for anything else are cleared first
+    source = cfg.eval_data or cfg.data if split == "eval" else cfg.data
+    identity = {"reference": fingerprint(cfg.ref_model or cfg.model), "data": fingerprint(source),
+                "split": cfg.eval_split or cfg.split if split == "eval" else cfg.split, "pairs": len(pairs),
+                "tokenizer": data.tokenizer_hash(tokenizer), "max_length": cfg.max_length,
+                "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype}
+    marker = os.path.join(folder, f"{split}.json")
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
+        if os.path.exists(marker):
+            with open(marker) as fh:
+                if json.load(fh) != identity:
+                    for stale in glob.glob(os.path.join(folder, f"{split}_*.pt")):
+                        os.remove(stale)
+        atomic_write(marker, json.dumps(identity))
+    dist.barrier()
     paths = [os.path.join(folder, f"{split}_{b:06d}.pt") for b in range(math.ceil(len(pairs) / block))]
     todo = [b for b, path in enumerate(paths) if not os.path.exists(path)]
     for b in tqdm(todo, desc=f"reference log-probs ({split})", disable=rank != 0 or not todo, dynamic_ncols=True):
