@@ -479,7 +479,8 @@ def study_regime(cfg, ctx):
     """Sweep, comparison, SePO's studies and the selections' anatomy of one regime -> its results."""
     methods, seeds = cfg.methods.split(","), [int(s) for s in cfg.seeds.split(",")]
     lrs = [float(x) for x in cfg.lrs.split(",")]
-    res = {"stages": {"sft_loss": ctx["sft_loss"]}, "sweep": {}, "best_lr": {}, "runs": {}, "anatomy": {}}
+    res = {"stages": {"sft_loss": ctx["sft_loss"]}, "sweep": {}, "best_lr": {}, "runs": {}, "anatomy": {},
+           "sft_valid": ctx["sft_eval"]["valid"]}
     # 1. the lr sweep, judged on the validation split
     for method in methods:
         log0(f"\n==== {ctx['regime']}: sweep {method} ====")
@@ -739,16 +740,18 @@ def regime_markdown(cfg, regime, res, summary, pairs):
     out.append(f"| llama-small-pt SFT ({regime}) | {stages['sft_loss']['start']:.3f} | {stages['sft_loss']['end']:.3f} |")
     oracles = stages.get("oracles", {})
     if oracles:
-        out += ["", "| oracle (size, share) | pi_ref loss | DPO accuracy before | DPO accuracy after | DPO margin |",
-                "| --- | --- | --- | --- | --- |"]
+        out += ["", "The oracles on held-out pairs: pi_ref's token loss after its SFT on D_m, and the DPO oracle's "
+                    "reward accuracy and margin (beta log pi_oracle/pi_ref summed; at the start every margin is 0).",
+                "", "| oracle (size, share of the data) | pi_ref loss | DPO accuracy | DPO margin |",
+                "| --- | --- | --- | --- |"]
         for name in next(iter(oracles.values())):
             rows = [o[name] for o in oracles.values()]
             m = lambda k: fmt(mean_std([r[k] for r in rows]))  # noqa: E731
-            out.append(f"| {name} | {m('sft_loss_end')} | {m('dpo_accuracy_start')} | {m('dpo_accuracy_end')} | "
-                       f"{m('dpo_margin_end')} |")
+            out.append(f"| {name} | {m('sft_loss_end')} | {m('dpo_accuracy_end')} | {m('dpo_margin_end')} |")
     lrs = list(next(iter(res["sweep"].values()))) if res["sweep"] else []
     out += ["", f"Learning-rate sweep (seed {cfg.sweep_seed}, validation split): reward of greedy answers (KL from "
-                "SFT); each method trains at its best (bold).", "",
+                f"SFT); each method trains at its best (bold; ties go to the smaller KL). The SFT model's reward "
+                f"there: {res['sft_valid']['reward']:.3f}.", "",
             "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
     for method, sweep in res["sweep"].items():
         cells = [(f"**{v['reward']:.3f}** ({v['kl']:.1f})" if float(lr) == res["best_lr"][method] else
