@@ -1,16 +1,18 @@
 """Speed and memory, measured side by side in one run against the naive way and against TRL, with targets.
 
-    python bench.py                    # the whole table, a few minutes on 2 CPU cores; writes bench.json
+    python bench.py                    # the whole table, about an hour on 2 CPU cores; writes bench.json
+    python bench.py --items 1,2,3,4,5,select    # the tiny-model items only: a few minutes
     python bench.py --quick            # small shapes, one or two repetitions: a smoke run (test_bench.py)
     python bench.py --large            # item 2 at T=1024, H=2048 (bf16 on a GPU; on a CPU, patience and 12 GB)
-    pip install -r requirements.txt -r requirements-bench.txt     # TRL and Liger-Kernel, for items 2 and 3 only
+    pip install -r requirements.txt -r requirements-bench.txt     # TRL and Liger-Kernel, for items 2, 3 and 6
 
 Absolute times on a shared machine are noise; what is reported is ratios of variants measured in the same process,
 on the same inputs, interleaved (A B C, B C A, C A B, ...) so that drift hits every variant alike, after warm-up,
 as the median of several repetitions, with a fixed number of threads (recorded in bench.json).
 
 1. Step time of ConfPO, ConfPO-rand and SePO (selections precomputed) over SimPO, and of ConfPO_DPO over DPO: one
-   training step of train.py (micro_step, backward, clipping, AdamW) on the same FSDP-wrapped tiny model and batch;
+   training step of train.py (micro_step, backward, clipping, AdamW) on the same tiny model (a world of one, as
+   train.py loads it) and batch;
    and the objective alone (from cached log-probs), the part that differs, in milliseconds.
 2. Per-token log-probs, forward + backward: peak memory and time of losses.token_logps (from logits) and
    losses.chunked_token_logps (from hidden states and the output embedding) over the naive
@@ -21,6 +23,15 @@ as the median of several repetitions, with a fixed number of threads (recorded i
 4. FSDP: per-rank bytes of parameters, gradients and AdamW state (local shards) with 2 ranks over 1 rank.
 5. score.py's scoring throughput (oracle + reference forward) over training throughput: the cost of SePO's token
    selection relative to one epoch of training.
+6-7. Real shapes: SmolLM2-135M's architecture (random weights, built from its config in code) at 256 and 1024
+   tokens, 4 pairs per step, activation checkpointing off and on (TRL's gradient checkpointing set the same):
+   tokens/s and peak memory (max RSS, and the allocator's peak) of train.py against TRL's CPOTrainer(simpo) and
+   DPOTrainer, every run a process of its own, in turns; DPO also with --precompute_ref.
+8. Where the memory of one real-shape step goes: peak by phase (load, forward, backward, optimizer step) and by owner
+   (parameters, gradients, optimizer state, reference, saved activations, the rest), for train.py's model, the same
+   under FSDP2 in a world of one, and the plain Hugging Face model computing full logits.
+9. Loading on 2 ranks (torchrun): summed growth of peak RSS, rank 0 reading and broadcasting (train.py) against
+   every rank reading the whole checkpoint (before), over one model plus its shards.
 Also: sepo.select_tokens against a loop over responses (the released scorer's way).
 
 Every comparison of two implementations first checks that they agree (loss and input gradients, to float
@@ -64,7 +75,7 @@ def command_line():
                         help="the offline tiny world (built on first use)")
     parser.add_argument("--cache_dir", "--cache-dir", default="", help="datasets cache ('' = a temporary folder)")
     parser.add_argument("--items", default="1,2,3,4,5,6,8,9,select", help="which items to run, comma-separated "
-                        "(6: real shapes against TRL, about an hour; 8: memory breakdown; 9: loading on 2 ranks)")
+                        "(6: real shapes against TRL, about 40 minutes; 8: memory breakdown; 9: loading on 2 ranks)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     parser.add_argument("--table", default="", help="only print the table of an existing bench.json, run nothing")
     return parser
@@ -375,9 +386,9 @@ STEP_RATIOS = {"confpo": "simpo", "confpo_rand": "simpo", "sepo": "simpo", "conf
 
 def bench_steps(ctx, repeats, warmup):
     """One training step as train.py takes it (micro_step, backward, gradient clipping, AdamW step, zero_grad) per
-    method, on the same FSDP-wrapped model, reference and batch. lr = 0, so every step sees the same weights and
-    does the same work. SePO's selection is precomputed as score.py writes it (30% of each response: the top of
-    random scores for chosen, the bottom for rejected), so no oracle runs."""
+    method, on the same model (as train.py loads it in a world of one), reference and batch. lr = 0, so every step
+    sees the same weights and does the same work. SePO's selection is precomputed as score.py writes it (30% of
+    each response: the top of random scores for chosen, the bottom for rejected), so no oracle runs."""
     cfg, device = ctx["cfg"], ctx["device"]
     mesh = models.make_mesh(cfg, 1, device)
     with quiet():
@@ -417,7 +428,8 @@ def bench_steps(ctx, repeats, warmup):
     objective_times = interleaved({m: (lambda m=m: objective(m)) for m in STEP_METHODS}, 5 * repeats, warmup)
     med = {m: statistics.median(t) for m, t in times.items()}
     obj = {m: statistics.median(t) for m, t in objective_times.items()}
-    return {"model": os.path.basename(ctx["model"]), "pairs": B, "tokens": train.forwarded_tokens(train.METHODS["simpo"], batch),
+    return {"model": os.path.basename(ctx["model"]), "pairs": B,
+            "tokens": train.forwarded_tokens(train.METHODS["simpo"], batch),
             "loss": losses_seen, "losses_finite": all(math.isfinite(v) for v in losses_seen.values()),
             "median_s": med, "times_s": times, "ratio": {m: med[m] / med[b] for m, b in STEP_RATIOS.items()},
             "baseline": STEP_RATIOS, "objective_median_s": obj,
@@ -460,18 +472,10 @@ def trl_throughput(ctx, kind, steps, warmup):
     train.py on CPU), gradient clipping and threads; fp32 on CPU, dropout off, no evaluation, saving or reporting.
     A step's time is the wall time between TRL's consecutive on_step_end callbacks; its tokens are the non-padding
     tokens of the micro-batches passed to training_step. Returns [(tokens, seconds)] after `warmup` steps."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
     cfg = ctx["cfg"]
     accumulation = cfg.global_batch_size // cfg.micro_batch_size
     with open(ctx["train_file"]) as fh:
         rows = [json.loads(line) for line in itertools.islice(fh, steps * cfg.global_batch_size)]
-    # conversational form: TRL renders it with the tokenizer's chat template, as data.tokenize_preferences does
-    pairs = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     out = tempfile.mkdtemp(prefix=f"trl-{kind}-", dir=ctx["work"])
     common = dict(output_dir=out, per_device_train_batch_size=cfg.micro_batch_size,
                   gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=cfg.lr,
@@ -480,21 +484,43 @@ def trl_throughput(ctx, kind, steps, warmup):
                   report_to=[], save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
                   dataloader_num_workers=0, dataloader_pin_memory=False, seed=cfg.seed,
                   gradient_checkpointing=cfg.activation_checkpointing)  # TRL 1.x turns it on by default
+    tokens, ends = trl_train("simpo" if kind == "cpo_simpo" else "dpo", ctx["model"], rows, common)
+    shutil.rmtree(out, ignore_errors=True)
+    per_step = [sum(tokens[i * accumulation:(i + 1) * accumulation]) for i in range(len(ends) - 1)]
+    return [(per_step[i], ends[i + 1] - ends[i]) for i in range(max(1, warmup), len(ends) - 1)]
+
+
+def trl_train(method, model_path, rows, common):
+    """TRL 1.x trains `model_path` on `rows` (conversational: rendered with the model's chat template, as
+    data.tokenize_preferences does) with the TrainingArguments `common`: CPOTrainer(loss_type="simpo", cpo_alpha=0,
+    simpo_gamma=1, beta=2: pure SimPO as losses.simpo_loss's defaults) or DPOTrainer (beta 0.1, a reference model run
+    every step, as train.py). -> (non-padding tokens of each micro-batch passed to training_step, [the time training
+    started] + the time of each on_step_end)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    pairs = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
+                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     ends, tokens = [], []
 
-    class StepEnds(TrainerCallback):  # Trainer's hook: the moment each optimizer step is done
+    class StepEnds(TrainerCallback):  # Trainer's hooks: training starts, each optimizer step is done
+        def on_train_begin(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
 
     with quiet():
-        tokenizer = AutoTokenizer.from_pretrained(ctx["model"])
-        model = AutoModelForCausalLM.from_pretrained(ctx["model"], dtype=torch.float32)
-        if kind == "cpo_simpo":  # pure SimPO: no NLL term, simpo_gamma is the absolute margin; losses.simpo_loss's
-            args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0, **common)  # defaults
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if method == "simpo":
+            args = CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0, **common)
             trainer = CPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
-        else:  # DPO with a reference model run every step (as train.py), beta 0.1 as losses.dpo_loss
-            args = DPOConfig(beta=0.1, **common)
-            trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+        else:
+            trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=pairs,
+                                 processing_class=tokenizer)
         trainer.add_callback(StepEnds())
         training_step = trainer.training_step
 
@@ -505,9 +531,7 @@ def trl_throughput(ctx, kind, steps, warmup):
 
         trainer.training_step = counting_step
         trainer.train()
-    shutil.rmtree(out, ignore_errors=True)
-    per_step = [sum(tokens[i * accumulation:(i + 1) * accumulation]) for i in range(len(ends))]
-    return [(per_step[i], ends[i] - ends[i - 1]) for i in range(max(1, warmup), len(ends))]
+    return tokens, ends
 
 
 def bench_throughput(ctx, rounds, steps, warmup, score_pairs):
@@ -742,7 +766,8 @@ def random_selections(args, out):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)
     pairs, _ = data.tokenize_preferences(data.load_preferences(args.data), tok, args.seq, args.seq // 4)
-    gen, path = torch.Generator().manual_seed(0), os.path.join(out, "selections.jsonl")
+    # beside the run's folder, not in it: train.py refuses a new run's folder that holds files it did not write
+    gen, path = torch.Generator().manual_seed(0), os.path.join(os.path.dirname(out), f"selections-{args.seq}.jsonl")
     with open(path, "w") as fh:
         for ex in pairs:
             row = {"row": ex["row"]}
@@ -758,80 +783,52 @@ def random_selections(args, out):
 def trl_run(args):
     """TRL 1.x's trainer on the same pairs (conversational: rendered with the same chat template), batch, max
     length, AdamW (torch), fp32, threads, dropout off, gradient checkpointing as --ac -> [(tokens, seconds)]."""
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
     with open(args.data) as fh:
         rows = [json.loads(line) for line in fh]
-    pairs = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
     out = tempfile.mkdtemp(prefix="trl-", dir=os.path.dirname(args.out))
     common = dict(output_dir=out, per_device_train_batch_size=REAL_PAIRS_PER_STEP, gradient_accumulation_steps=1,
                   max_steps=args.steps, learning_rate=1e-6, max_length=args.seq, optim="adamw_torch", use_cpu=True,
                   bf16=False, fp16=False, report_to=[], save_strategy="no", eval_strategy="no",
                   logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False,
                   gradient_checkpointing=bool(args.ac), max_grad_norm=1.0, seed=0)
-    ends, tokens = [time.perf_counter()], []
-
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            ends.append(time.perf_counter())
-
-    with quiet():
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        if args.method == "simpo":
-            trainer = CPOTrainer(model=model, args=CPOConfig(loss_type="simpo", cpo_alpha=0.0, beta=2.0,
-                                                             simpo_gamma=1.0, **common),
-                                 train_dataset=pairs, processing_class=tokenizer)
-        else:
-            trainer = DPOTrainer(model=model, args=DPOConfig(beta=0.1, **common), train_dataset=pairs,
-                                 processing_class=tokenizer)
-        trainer.add_callback(StepEnds())
-        step = trainer.training_step
-
-        def counting(model, inputs, *a, **kw):
-            tokens.append(sum(int(v.sum()) for k, v in inputs.items()
-                              if k.endswith("attention_mask") and not k.startswith("prompt")))
-            return step(model, inputs, *a, **kw)
-
-        trainer.training_step = counting
-        trainer.train()
+    tokens, ends = trl_train("simpo" if args.method == "simpo" else "dpo", args.model, rows, common)
     shutil.rmtree(out, ignore_errors=True)
     return [(tokens[i], ends[i + 1] - ends[i]) for i in range(len(tokens))]
 
 
-REAL_RUNS = {256: ["simpo", "confpo", "sepo", "dpo", "dpo_once"], 1024: ["simpo", "dpo", "dpo_once"]}
+# (methods, activation checkpointing settings) per length. At 1024 tokens SimPO and DPO without checkpointing only:
+# a run there takes about 7 minutes on 2 cores, and every method in both settings would add more than an hour.
+REAL_RUNS = {256: (["simpo", "confpo", "sepo", "dpo", "dpo_once"], (0, 1)), 1024: (["simpo", "dpo"], (0,))}
+PROFILED_RUNS = {256: ["simpo"]}  # the allocator's peak over a whole run (a second, profiled run of each side)
 
 
 def bench_real(ctx, quick, threads):
-    """Items 6 and 7: tokens/s and peak memory of train.py against TRL at 256 and 1024 tokens, with activation
-    checkpointing off and on for both (TRL's gradient checkpointing), each run a process of its own, run in turns
+    """Items 6 and 7: tokens/s and peak memory of train.py against TRL at 256 and 1024 tokens (REAL_RUNS), with
+    activation checkpointing off and on for both (TRL's gradient checkpointing), each run a process of its own, in turns
     (ours, TRL, ours, TRL, ...). The first step of every run is dropped. DPO also with --precompute_ref
     (`dpo_once`: the reference's pass is done before the timed steps, its cost reported apart)."""
     work = ctx["work"]
     model = real_model(work, ctx["paths"]["tokenizer"], quick)
     have_trl = trl_status() is None
-    runs = REAL_RUNS if not quick else {64: ["simpo", "dpo_once"]}
+    runs = REAL_RUNS if not quick else {64: (["simpo", "sepo", "dpo_once"], (0,))}
     result = {"model": "SmolLM2-135M architecture" + (" (2 layers: --quick)" if quick else ""), "runs": {},
               "pairs_per_step": REAL_PAIRS_PER_STEP, "threads": threads, "trl": have_trl or trl_status()}
-    for seq, methods in runs.items():
+    for seq, (methods, settings) in runs.items():
         pairs = long_pairs(work, seq, REAL_PAIRS_PER_STEP * 4)
-        for ac in (0, 1) if not quick else (0,):
+        for ac in settings:
             order = [("ours", m) for m in methods]
             if have_trl:  # in turns: ours, TRL, ours, TRL, ...
-                order = [x for pair in itertools.zip_longest(order, [("trl", "simpo"), ("trl", "dpo")]) for x in pair if x]
+                theirs = [("trl", "simpo"), ("trl", "dpo")]
+                order = [x for pair in itertools.zip_longest(order, theirs) for x in pair if x]
             for kind, method in order:
                 key = f"{kind}_{method}_T{seq}_ac{ac}"
                 result["runs"][key] = real_subprocess(kind, method, model, pairs, seq, ac, 2 if quick else 3, threads,
                                                       work)
                 print(f"    {key}: {result['runs'][key]['tokens_per_s']:.0f} tok/s, peak RSS "
                       f"{result['runs'][key]['peak_rss'] / 2**30:.2f} GiB", flush=True)
-    if have_trl and not quick:  # the allocator's peak over a whole run, SimPO and DPO, checkpointing off
-        for seq in runs:
-            for kind, method in (("ours", "simpo"), ("trl", "simpo"), ("ours", "dpo"), ("trl", "dpo")):
+    if have_trl and not quick:  # the allocator's peak over a whole run, checkpointing off
+        for seq, methods in PROFILED_RUNS.items():
+            for kind, method in [(kind, m) for m in methods for kind in ("ours", "trl")]:
                 key = f"{kind}_{method}_T{seq}_ac0"
                 if key not in result["runs"]:
                     continue
@@ -927,7 +924,8 @@ def breakdown_worker(argv):
             ref = load(False) if args.method == "dpo" else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
         saved = {"bytes": 0, "seen": set()}
-        param_storage = {p.untyped_storage().data_ptr() for p in policy.parameters() if p.device.type != "meta"}
+        param_storage = {(p.to_local() if hasattr(p, "to_local") else p).untyped_storage().data_ptr()
+                         for p in policy.parameters() if p.device.type != "meta"}  # FSDP's: its local shards
 
         def pack(t):  # each tensor the forward keeps for backward, counted once, parameters aside
             key = t.untyped_storage().data_ptr()

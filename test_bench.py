@@ -99,7 +99,7 @@ def test_quick_run(world, tmp_path):
     assert result["select_tokens"]["agree"]
     # 6: real shapes (a 2-layer SmolLM2 in --quick), every run in its own process, TRL's where it is installed
     real = result["6_real"]["runs"]
-    assert {"ours_simpo_T64_ac0", "ours_dpo_once_T64_ac0"} <= set(real)
+    assert {"ours_simpo_T64_ac0", "ours_sepo_T64_ac0", "ours_dpo_once_T64_ac0"} <= set(real)
     for r in real.values():
         assert r["tokens_per_s"] > 0 and r["peak_rss"] > 2**27 and len(r["steps"]) == 2
     # 8: the breakdown: the plain model's full logits make its forward the larger (at --quick's 64 tokens the
