@@ -689,7 +689,7 @@ def real_model(work, tokenizer_path, quick):
 
 def long_pairs(work, tokens, n):
     """n pairs whose prompt and responses are long enough that every row is cut to `tokens` (the same lengths
-    for every method and for TRL), from the synthetic task's words; and SePO selections of them (30% at random)."""
+    for every method and for TRL), from the synthetic task's words -> the JSONL file's path."""
     import random
     rng = random.Random(0)
     words = [w for p in tiny.synthetic_pairs(50, 0) for w in (p["prompt"] + " " + p["chosen"]).split()]
@@ -703,7 +703,7 @@ def long_pairs(work, tokens, n):
 
 def real_worker(argv):
     """One measured run in this process: train.py itself (ours), or TRL's trainer, for --steps optimizer steps;
-    prints a JSON line: tokens/s of each step after the first (each side's own non-padding tokens), the peak RSS
+    writes to --out (JSON): tokens/s of each step after the first (each side's own non-padding tokens), the peak RSS
     of the process, and with --profile the allocator's peak bytes (the profiler's CPU memory events over the whole
     run, loading included)."""
     parser = argparse.ArgumentParser()
@@ -722,13 +722,9 @@ def real_worker(argv):
     transformers.logging.set_verbosity_error()
     run = trl_run if args.kind == "trl" else ours_run
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with no_fd2_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            steps = run(args)
-        events = sorted((e for e in prof.profiler.kineto_results.events()
-                         if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU),
-                        key=lambda e: e.start_ns())
-        peak = max(itertools.accumulate(e.nbytes() for e in events), default=0)
+        done = []
+        peak = peak_bytes(lambda: done.append(run(args)))
+        steps = done[0]
     else:
         steps, peak = run(args), None
     rss = resource_peak_rss()

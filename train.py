@@ -284,7 +284,7 @@ def set_up(cfg, method, rank, world, device):
          f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}")
     refs = {}
     if ref is not None and cfg.precompute_ref:  # one pass now; then no reference model during training
-        refs = {split: with_ref_logps(cfg, ref, pairs, split, tokenizer, device, rank, world)
+        refs = {split: with_ref_logps(cfg, ref, pairs, split, tokenizer, fingerprints, device, rank, world)
                 for split, pairs in ds.items()}
         ref = None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -511,16 +511,16 @@ def check_selections(cfg, tokenizer, data_fingerprint):
                         "score again with --policy set to this model")
 
 
-def with_ref_logps(cfg, ref, pairs, split, tokenizer, device, rank, world, block=256):
+def with_ref_logps(cfg, ref, pairs, split, tokenizer, fingerprints, device, rank, world, block=256):
     """The reference's per-token log-probs of every pair -> {pair index: (chosen (n_w,), rejected (n_l,))}, over
     its response tokens, computed once: block by block, every rank forwarding its share of a block's pairs
     through the sharded reference, rank 0 writing the block to output_dir/ref_logps/<split>_NNNNNN.pt (tensors
     only) through a temporary file. A killed pass resumes at the first missing block."""
     folder = os.path.join(cfg.output_dir, "ref_logps")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # what the blocks are the log-probs of: blocks computed for anything else are cleared first
-    source = cfg.eval_data or cfg.data if split == "eval" else cfg.data
-    identity = {"reference": fingerprint(cfg.ref_model or cfg.model), "data": fingerprint(source),
+    # what the blocks are the log-probs of (from set_up's fingerprints): blocks of anything else are cleared first
+    source = fingerprints["eval_data"] or fingerprints["data"] if split == "eval" else fingerprints["data"]
+    identity = {"reference": fingerprints["ref_model"] or fingerprints["model"], "data": source,
                 "split": cfg.eval_split or cfg.split if split == "eval" else cfg.split, "pairs": len(pairs),
                 "tokenizer": data.tokenizer_hash(tokenizer), "max_length": cfg.max_length,
                 "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype}
