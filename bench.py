@@ -650,6 +650,12 @@ def bench_fsdp(ctx):
                os.path.abspath(__file__), "_fsdp_worker", "--model", ctx["model"], "--out", out]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+            # NOTE: an intermittent abort of one gloo rank (std::terminate, SIGABRT), seen in about one run in four
+            # of the --quick test and never reproduced in isolation; the byte counts are deterministic, so one
+            # rerun is taken, and recorded
+            result[f"rerun_{n}"] = proc.stderr[-1000:]
+            proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"torchrun with {n} ranks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         with open(out) as fh:
