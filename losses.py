@@ -106,37 +106,52 @@ def token_logps(logits, labels, ignore_index=IGNORE_INDEX, chunk_size=None):
     return _scatter_rows(picked, mask), mask
 
 
+def _matmul_dtype(hidden, weight):
+    """The dtype of hidden @ W.T: autocast's (bf16 under a bf16 autocast) where it is on, else the inputs'."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 class _LinearLogSoftmaxGather(torch.autograd.Function):
-    """log_softmax(hidden @ W.T)[rows, targets] without ever holding more than a (chunk, V) block of logits."""
+    """log_softmax(hidden @ W.T)[rows, targets] without ever holding more than a (chunk, V) block of logits.
+
+    The products run in one dtype, chosen in forward (bf16 under a bf16 autocast) and cast to explicitly in forward
+    and backward alike: backward runs outside autocast, and a float32 recomputation of bf16 logits would give
+    softmax rows that do not sum to 1 against the forward's log-sum-exp (a gradient off by several percent)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, rows, targets, chunk_size):  # hidden (B*T, H), weight (V, H)
         N = rows.numel()
+        dtype = _matmul_dtype(hidden, weight)
+        w = weight.to(dtype)
         lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
         picked = torch.empty(N, dtype=torch.float32, device=hidden.device)
         for s in range(0, N, chunk_size):
-            z = (hidden.index_select(0, rows[s:s + chunk_size]) @ weight.T).float()  # (c, V)
+            z = (hidden.index_select(0, rows[s:s + chunk_size]).to(dtype) @ w.T).float()  # (c, V)
             lse[s:s + chunk_size] = torch.logsumexp(z, dim=-1)
             picked[s:s + chunk_size] = z.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
         ctx.save_for_backward(hidden, weight, rows, targets, lse)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
         return picked - lse
 
     @staticmethod
     def backward(ctx, grad):  # grad (N,)
         hidden, weight, rows, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)  # the forward's products, in the forward's dtype
         grad_hidden = torch.zeros_like(hidden)
         # accumulated over chunks in float32: a transient (V, H) buffer, the size of the weight in fp32
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for s in range(0, rows.numel(), ctx.chunk_size):
             r, g = rows[s:s + ctx.chunk_size], grad[s:s + ctx.chunk_size, None].float()
-            h = hidden.index_select(0, r)  # (c, H)
-            z = (h @ weight.T).float()  # (c, V), recomputed rather than stored
+            h = hidden.index_select(0, r).to(ctx.dtype)  # (c, H)
+            z = (h @ w.T).float()  # (c, V), recomputed rather than stored: the forward's very logits
             d = z.sub_(lse[s:s + ctx.chunk_size, None]).exp_().mul_(-g)  # onehot(y) - softmax(z), times grad
             d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g)
-            d = d.to(weight.dtype)
-            grad_hidden.index_copy_(0, r, (d @ weight).to(hidden.dtype))
-            grad_weight += (d.T @ h.to(weight.dtype)).float()
+            d = d.to(ctx.dtype)
+            grad_hidden.index_copy_(0, r, (d @ w).to(hidden.dtype))
+            grad_weight += (d.T @ h).float()
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 

@@ -28,10 +28,11 @@ class PolicyLogps(torch.nn.Module):
     soft-capping or a logit scale), only from the first response position on.
     """
 
-    def __init__(self, model, path, chunk_size, autocast=None):
+    def __init__(self, model, path, chunk_size, autocast=None, together=True):
         super().__init__()
         self.model, self.path, self.chunk_size, self.autocast = model, path, chunk_size, autocast
         self.checked = path != "chunked"
+        self.together = together  # the ranks run their first forward in step (FSDP): decide the check together
 
     def forward(self, input_ids, attention_mask, labels):
         """-> (per-token log-probs (B, T) float32, response mask (B, T)); with `autocast` (a dtype: one process
@@ -47,16 +48,28 @@ class PolicyLogps(torch.nn.Module):
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
         logps, mask = losses.chunked_token_logps(hidden, self.model.get_output_embeddings().weight, labels,
                                                  self.chunk_size)
-        if not self.checked:  # once: the model's own logits must agree (a head may scale them in its forward)
-            with torch.no_grad():
-                expected, _ = self.logits_path(input_ids[:1], attention_mask[:1], labels[:1])
-            gap = float((expected - logps[:1].detach()).abs().max())
-            if gap > (1e-3 if logps.dtype == torch.float32 and hidden.dtype == torch.float32 else 5e-2):
-                raise RuntimeError(f"{type(self.model).__name__}: log-probs from hidden @ W.T differ from the "
-                                   f"model's own logits by {gap:.3g} (its head transforms the logits); use "
-                                   "--logp_path logits")
-            self.checked = True
+        if not self.checked:
+            self.check_head(input_ids[:1], attention_mask[:1], labels[:1],
+                            low_precision=self.autocast is not None or hidden.dtype != torch.float32)
         return logps, mask
+
+    @torch.no_grad()
+    def check_head(self, input_ids, attention_mask, labels, low_precision):
+        """Once: the model's own logits must give the chunked path's log-probs (a head may scale or cap them in its
+        forward, in a way no config attribute names). Like is compared with like: both paths on the same row, in
+        the same precision, with a tolerance that fits it (bf16 rounds a logit of 30 by 0.06; the transforms this
+        finds move log-probs by nats); and under FSDP the ranks decide together, so that no rank stops alone."""
+        expected, _ = self.logits_path(input_ids, attention_mask, labels)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        ours, _ = losses.chunked_token_logps(hidden, self.model.get_output_embeddings().weight, labels,
+                                             self.chunk_size)
+        gap = (expected - ours).abs().max().float().reshape(1)
+        if self.together and dist.is_initialized():
+            dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+        if float(gap) > (0.25 if low_precision else 1e-3):
+            raise UserError(f"{type(self.model).__name__}: log-probs from hidden @ W.T differ from the model's own "
+                            f"logits by {float(gap):.3g} (its head transforms the logits); use --logp_path logits")
+        self.checked = True
 
     def logits_path(self, input_ids, attention_mask, labels):
         """The model's logits from the first response position on (logits_to_keep), reduced by token_logps."""

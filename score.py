@@ -170,7 +170,7 @@ def load_scorer(path, cfg, device):
     """A causal LM for inference that returns per-token log-probs (models.PolicyLogps), no FSDP: ranks split data."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(path, dtype=models.compute_dtype(cfg.dtype, device)).to(device).eval()
-    return models.PolicyLogps(model, models.choose_logp_path("auto", model), chunk_size=None)
+    return models.PolicyLogps(model, models.choose_logp_path("auto", model), chunk_size=None, together=False)
 
 
 def block_path(cfg, b):

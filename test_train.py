@@ -319,8 +319,34 @@ def test_heads_that_transform_logits_are_not_chunked(world, world_of_one):
     assert models.choose_logp_path("auto", model) == "chunked"
     model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
     batch = tiny_batch(world, world["llama-tiny"])
-    with pytest.raises(RuntimeError, match="use --logp_path logits"):
+    with pytest.raises(SystemExit, match="use --logp_path logits"):
         models.PolicyLogps(model, "chunked", 64)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+def test_the_head_check_tolerates_bf16_rounding_and_still_finds_a_transform(world, world_of_one):
+    """Under a bf16 autocast (a GPU's default; --dtype bf16 on CPU) the two paths may round the logits differently
+    (cuBLAS results depend on the batch's shape; the CPU's do not, so a rounding-sized difference is planted here):
+    the check uses bf16's tolerance there and fp32's in fp32, and a head that scales its logits fails in both.
+    (The old check took fp32's tolerance, 1e-3, for bf16 logits in a world of one.)"""
+    from transformers import AutoModelForCausalLM
+    batch = tiny_batch(world, world["llama-small"])
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def check(transform, autocast):
+        model = AutoModelForCausalLM.from_pretrained(world["llama-small"])
+        with torch.no_grad():  # logits of a real model's scale (std ~10)
+            model.lm_head.weight.mul_(40)
+        model.lm_head.register_forward_hook(lambda module, args, out: transform(out))
+        wrapped = models.PolicyLogps(model, "chunked", 64, autocast=autocast)
+        wrapped(*inputs)
+        return wrapped.checked
+
+    rounding = lambda out: out + 0.06 * torch.sign(torch.sin(torch.arange(out.shape[-1], dtype=out.dtype)))  # noqa
+    assert check(lambda out: out, torch.bfloat16) and check(rounding, torch.bfloat16)
+    with pytest.raises(SystemExit, match="use --logp_path logits"):
+        check(rounding, None)
+    with pytest.raises(SystemExit, match="use --logp_path logits"):
+        check(lambda out: out * 1.5, torch.bfloat16)
 
 
 def test_one_process_holds_the_plain_model_and_a_frozen_reference(world, world_of_one):
