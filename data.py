@@ -237,6 +237,21 @@ def _explicit_row(ex, idx, form):
             "_same": chosen == rejected}
 
 
+def _report_bad(errors, name, skip_bad_rows):
+    """The rows' errors ("" when fine) -> the bad ones: the first raised as a DataError, or with skip_bad_rows
+    counted and printed (every row bad is an error either way)."""
+    bad = [e for e in errors if e]
+    if bad and not skip_bad_rows:
+        raise DataError(f"{name} {bad[0]}")
+    if len(bad) == len(errors):
+        raise DataError(f"{name}: no valid rows ({bad[0]})")
+    if bad:
+        print(f"{name}: skipped {len(bad)} bad rows of {len(errors)}; first reasons:")
+        for reason in bad[:5]:
+            print(f"  {name} {reason}")
+    return bad
+
+
 def _detect_form(rows):
     """First row with a `chosen`: messages -> conversational; else standard if there is a prompt, else implicit."""
     for ex in rows:
@@ -273,15 +288,7 @@ def load_preferences(source, split="train", form="auto", cache_dir=None, skip_ba
         ds = data.map(_explicit_row, with_indices=True, fn_kwargs={"form": form}, desc="checking rows",
                       num_proc=num_proc if num_proc > 1 else None)
         errors = list(ds["_error"])
-    bad = [e for e in errors if e]
-    if bad and not skip_bad_rows:
-        raise DataError(f"{name} {bad[0]}")
-    if len(bad) == len(errors):
-        raise DataError(f"{name}: no valid rows ({bad[0]})")
-    if bad:
-        print(f"{name}: skipped {len(bad)} bad rows of {len(errors)}; first reasons:")
-        for reason in bad[:5]:
-            print(f"  {name} {reason}")
+    bad = _report_bad(errors, name, skip_bad_rows)
     if isinstance(data, list):
         ds = datasets.Dataset.from_list([r for r in rows if not r["_error"]])
     elif bad:
@@ -292,7 +299,71 @@ def load_preferences(source, split="train", form="auto", cache_dir=None, skip_ba
     return ds.remove_columns(["_error", "_same"])
 
 
+def _prompt_row(ex, idx):
+    """`datasets.map` function for prompt data: the checked prompt (a string, or messages that end before an
+    assistant turn), `row`, and `_error` ("" when fine)."""
+    value = ex.get("prompt")
+    try:
+        if isinstance(value, list):
+            value = _messages(value, "prompt")
+            if not value or value[-1]["role"] == "assistant" or not any(m["content"].strip() for m in value):
+                raise DataError("field 'prompt': a conversation must be non-empty and end before an assistant turn")
+        else:
+            value = _text(value, "prompt", "standard")
+    except DataError as e:
+        return {"prompt": None, "row": idx, "_error": f"row {idx}, {e}"}
+    return {"prompt": value, "row": idx, "_error": ""}
+
+
+def load_prompts(source, split="train", form="auto", cache_dir=None, skip_bad_rows=False):
+    """Prompts to sample responses for -> Dataset with `prompt` (a string, or a list of {role, content} messages)
+    and `row` (0-based index in the source). A `prompt` column is read as it is; preference data (with `chosen`
+    and `rejected`) go through load_preferences, whose prompts are kept and responses dropped. Bad rows raise
+    DataError (file, row, field) or, with skip_bad_rows, are skipped and counted."""
+    data, name = _read_source(source, split, cache_dir)
+    if len(data) == 0:
+        raise DataError(f"{name}: no rows")
+    rows = data if isinstance(data, list) else data.select(range(min(len(data), 100)))
+    if any(isinstance(ex, dict) and ex.get("chosen") is not None for ex in rows):  # preference data
+        ds = load_preferences(source, split=split, form=form, cache_dir=cache_dir, skip_bad_rows=skip_bad_rows)
+        return ds.select_columns(["prompt", "row"])
+    checked = [_prompt_row(ex, i) if isinstance(ex, dict) else {"_error": f"row {i}, field '<row>': expected a "
+               f"dict, got {type(ex).__name__}"} for i, ex in enumerate(data)]
+    _report_bad([r["_error"] for r in checked], name, skip_bad_rows)
+    good = [{"prompt": r["prompt"], "row": r["row"]} for r in checked if not r["_error"]]
+    kind = lambda r: "conversation" if isinstance(r["prompt"], list) else "string"  # noqa: E731
+    other = next((r for r in good if kind(r) != kind(good[0])), None)
+    if other is not None:
+        raise DataError(f"{name} row {other['row']}, field 'prompt': a {kind(other)}, while row {good[0]['row']} holds "
+                        f"a {kind(good[0])}: one form per file")
+    return datasets.Dataset.from_list(good)
+
+
 # -------------------------------------------------------------------------------------------- 2. tokenizing
+
+def render_prompt(prompt, tokenizer, use_template):
+    """The text a model continues with its response: the chat template's rendering with the generation prompt (a
+    string prompt is one user turn), or without a template the string itself ("role: content" lines for a
+    conversation)."""
+    if not use_template:
+        if isinstance(prompt, list):  # plain rendering of a conversation for tokenizers without a template
+            return "".join(f"{m['role']}: {m['content']}\n\n" for m in prompt) + "assistant: "
+        return prompt
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(prompt_text, tokenizer, max_prompt_length):
+    """The prompt's token ids as training sees them -> (ids, truncated): BOS first (unless the template already
+    starts with it), then its last max_prompt_length tokens."""
+    ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:  # the template may start with BOS
+        ids = [tokenizer.bos_token_id] + ids
+    # NOTE(deviation): TRL <= 0.11 / SimPO cut the prompt only when the pair overflowed max_length; we always
+    # keep the last max_prompt_length prompt tokens (newer TRL), then cut responses to fit in max_length.
+    truncated = len(ids) > max_prompt_length  # a prompt cut from the left loses its BOS, as in TRL
+    return (ids[-max_prompt_length:] if truncated else ids), truncated
+
 
 def _render(prompt, response, tokenizer, use_template):
     """One pair side -> (prompt_text, response_text, content, content_start).
@@ -302,13 +373,11 @@ def _render(prompt, response, tokenizer, use_template):
     content_start its index in response_text (-1 if the template altered it).
     """
     content = response[-1]["content"] if isinstance(prompt, list) else response
+    prompt_text = render_prompt(prompt, tokenizer, use_template)
     if not use_template:
-        if isinstance(prompt, list):  # plain rendering of a conversation for tokenizers without a template
-            return "".join(f"{m['role']}: {m['content']}\n\n" for m in prompt) + "assistant: ", content, content, 0
-        return prompt, content, content, 0
+        return prompt_text, content, content, 0
     if not isinstance(prompt, list):  # NOTE(deviation): TRL leaves strings untemplated; we wrap them as one turn each
         prompt, response = [{"role": "user", "content": prompt}], [{"role": "assistant", "content": response}]
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
     if not full.startswith(prompt_text):
         raise DataError("the chat template renders the prompt differently once the response follows")
@@ -328,7 +397,7 @@ def _tokenize_batch(batch, tokenizer, max_length, max_prompt_length, use_templat
     """Batched `datasets.map` function: see tokenize_preferences. Drops pairs left with an empty response."""
     keys = "chosen_key_spans" in batch
     need_offsets = offsets or keys
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     out = {k: [] for k in ("row", "prompt_len", "_trunc_prompt", "_trunc_response")}
     for i in range(len(batch["row"])):
         sides = {}
@@ -343,13 +412,7 @@ def _tokenize_batch(batch, tokenizer, max_length, max_prompt_length, use_templat
                      enc["offset_mapping"]] if need_offsets else []
             spans = [sp if sp[1] > sp[0] else [-1, -1] for sp in spans] + [[-1, -1]]
             sides[side] = (enc["input_ids"] + [eos], spans)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        if bos is not None and prompt_ids[:1] != [bos]:  # the template may already start with BOS
-            prompt_ids = [bos] + prompt_ids
-        # NOTE(deviation): TRL <= 0.11 / SimPO cut the prompt only when the pair overflowed max_length; we always
-        # keep the last max_prompt_length prompt tokens (newer TRL), then cut responses to fit in max_length.
-        trunc_prompt = len(prompt_ids) > max_prompt_length  # a prompt cut from the left loses its BOS, as in TRL
-        prompt_ids = prompt_ids[-max_prompt_length:] if trunc_prompt else prompt_ids
+        prompt_ids, trunc_prompt = encode_prompt(prompt_text, tokenizer, max_prompt_length)
         budget = max_length - len(prompt_ids)
         if budget <= 0:
             continue  # both responses would be empty: drop the pair
@@ -403,7 +466,8 @@ def tokenize_preferences(ds, tokenizer, max_length=2048, max_prompt_length=1800,
     # A fingerprint fixed by the data, the tokenizer, the options and this code: the same call finds its cache
     # files again, and with num_proc > 1 re-uses every shard a killed run had finished.
     args = [ds._fingerprint, tokenizer_hash(tokenizer), max_length, max_prompt_length, use_template, offsets,
-            inspect.getsource(_tokenize_batch), inspect.getsource(_render)]
+            inspect.getsource(_tokenize_batch), inspect.getsource(_render), inspect.getsource(render_prompt),
+            inspect.getsource(encode_prompt)]
     fingerprint = hashlib.sha256(json.dumps(args).encode()).hexdigest()[:32]
     out = ds.map(_tokenize_batch, batched=True, remove_columns=ds.column_names, num_proc=num_proc if num_proc > 1
                  else None, new_fingerprint=fingerprint, desc="tokenizing",

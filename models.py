@@ -5,8 +5,11 @@ score.py scores with.
     choose_logp_path  "chunked" (hidden @ W.T block by block, never the (B, T, V) logits) or "logits"
     load_model        one process: the model itself; more ranks: FSDP2 on every decoder layer, then the root, loaded
                       with one full copy of the weights per job; fp32 master weights, bf16 compute on GPU
+    sample            K responses per prompt with a KV cache, each sample's draws its own (onpolicy.py, studies)
 """
 
+import hashlib
+import inspect
 import os
 
 import torch
@@ -197,3 +200,98 @@ def shard(wrapped, mesh, mp, trainable, path):
         # reference never runs backward, so everything (its root included) is resharded after forward
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable or i < len(layers) - 1)
     fully_shard(wrapped, mesh=mesh, mp_policy=mp, **({} if trainable else {"reshard_after_forward": True}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling (onpolicy.py, the studies): one prefill per prompt shared by its K samples, a KV cache, finished rows
+# leave the batch
+# ---------------------------------------------------------------------------------------------------------------
+
+def draw_seed(seed, row, k):
+    """The seed of sample k of source row `row`: the same draws whatever the batch, block or rank."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{row}:{k}".encode()).digest()[:8], "little") >> 1
+
+
+def nucleus_pick(logits, u, temperature, top_p):
+    """One token per row (A, V) -> (A,): the argmax when temperature is 0; else the token where u (A,) in [0, 1)
+    falls in the cumulative distribution of softmax(logits / temperature) cut to its nucleus (the most likely
+    tokens, in order, until their mass reaches top_p; at least one) and renormalised. The nucleus is sought among
+    the top 64, then 1024 tokens, and the whole vocabulary only for the rows that need it (a full sort costs 40
+    times a top-64 on a 49k vocabulary)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    log_z = logits.logsumexp(-1, keepdim=True)
+    out = torch.empty(len(logits), dtype=torch.long, device=logits.device)
+    todo = torch.arange(len(logits), device=logits.device)
+    V = logits.shape[1]
+    for c in (min(64, V), min(1024, V), V):
+        p, idx = (logits[todo] - log_z[todo]).exp().topk(c, -1)  # sorted, most likely first
+        before = p.cumsum(-1) - p  # the mass of the tokens ranked above each one
+        found = (before[:, -1] + p[:, -1] >= top_p) | (c == V)
+        p = p * (before < top_p)  # the nucleus
+        cdf = p.cumsum(-1)
+        j = torch.searchsorted(cdf, (u[todo] * cdf[:, -1]).unsqueeze(-1)).clamp(max=c - 1)
+        out[todo[found]] = idx.gather(-1, j).squeeze(-1)[found]
+        todo = todo[~found]
+        if not len(todo):
+            break
+    return out
+
+
+@torch.no_grad()
+def sample(model, prompt_ids, seeds, max_new_tokens, temperature=1.0, top_p=1.0, eos_ids=(), pad_id=0):
+    """Responses of a causal LM to a batch of prompts -> per prompt, per sample: (token ids, ended with an EOS).
+
+    prompt_ids: P lists of token ids; seeds: per prompt, the draw seeds of its K samples (draw_seed). Each prompt
+    is read once (left-padded prefill) and its KV cache repeated for its K samples; rows leave the batch, and the
+    cache, when they emit an EOS (any of eos_ids); a row's t-th token uses the t-th uniform of its own generator,
+    drawn on the CPU, so a sample does not depend on the device, the batch or the other rows. The token ids
+    include the EOS."""
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    P, K = len(prompt_ids), len(seeds[0])
+    L = max(len(x) for x in prompt_ids)
+    ids = torch.tensor([[pad_id] * (L - len(x)) + list(x) for x in prompt_ids], device=device)  # (P, L)
+    mask = torch.tensor([[0] * (L - len(x)) + [1] * len(x) for x in prompt_ids], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    accepted = inspect.signature(model.forward).parameters
+    cache = DynamicCache(config=model.config)
+    given = {"cache" if "cache" in accepted else "past_key_values": cache, "use_cache": True}  # transformers 5.x: cache
+    last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **given, **last).logits[:, -1]
+    cache.batch_repeat_interleave(K)  # row p * K + k is sample k of prompt p
+    logits, mask = logits.repeat_interleave(K, 0), mask.repeat_interleave(K, 0)
+    position = positions[:, -1].repeat_interleave(K, 0)
+    u = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s)) for row in seeds
+                     for s in row]).to(device)  # (P K, max_new_tokens)
+    eos = torch.tensor(sorted(set(eos_ids)), device=device)
+    tokens = torch.full((P * K, max_new_tokens), pad_id, device=device)
+    length = torch.zeros(P * K, dtype=torch.long, device=device)
+    ended = torch.zeros(P * K, dtype=torch.bool, device=device)
+    live = torch.arange(P * K, device=device)  # the rows still generating
+    for t in range(max_new_tokens):
+        y = nucleus_pick(logits, u[live, t], temperature, top_p)
+        tokens[live, t] = y
+        length[live] += 1
+        stop = torch.isin(y, eos)
+        ended[live[stop]] = True
+        if t == max_new_tokens - 1 or bool(stop.all()):
+            break
+        if bool(stop.any()):  # finished rows leave the batch and the cache
+            keep = (~stop).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            live, mask, position, y = live[keep], mask[keep], position[keep], y[keep]
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
+        position = position + 1
+        logits = model(input_ids=y[:, None], attention_mask=mask, position_ids=position[:, None], **given).logits[:, -1]
+    tokens, length, ended = tokens.cpu(), length.tolist(), ended.tolist()
+    return [[(tokens[p * K + k, :length[p * K + k]].tolist(), ended[p * K + k]) for k in range(K)] for p in range(P)]
+
+
+def eos_token_ids(model, tokenizer):
+    """Every id that ends a response: the tokenizer's EOS and the generation config's (Llama-3: two of them)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, (list, tuple)) else {configured}
+    return sorted(i for i in ids if i is not None)

@@ -17,7 +17,7 @@ LAYERS = {
     "models": 1,  # a causal LM as per-token log-probs, sharded with FSDP2
     "tiny": 1, "report": 1,  # the offline tiny world; score.py's HTML report
     "train": 2,
-    "score": 3,
+    "score": 3, "onpolicy": 3,  # SePO's scores; on-policy pairs (sampled by the policy, scored by a reward)
     "sepo_pipeline": 4,
     "experiments": 5, "bench": 5,  # studies and measurements on top
 }

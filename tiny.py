@@ -206,6 +206,23 @@ def synthetic_reward(prompt, response):
     return 1.0 if numbers[-1:] == [a + b] else 0.5 if a + b in numbers else 0.0
 
 
+def synthetic_key_spans(prompt, response):
+    """Where synthetic_reward's verdict on any answer is decided -> [[start, end), ...] characters of the response:
+    the forbidden word where the answer uses it (else the topic's name); every word of either polarity; the last
+    number of a sum's answer (the one the judge checks). Lets key-token precision be measured on answers a policy
+    wrote (onpolicy.py --key_spans tiny:synthetic_key_spans)."""
+    forbidden = re.search(r'the word "([^"]+)"', prompt)
+    if forbidden:
+        spans = [m.span() for m in re.finditer(rf"\b{re.escape(forbidden.group(1))}\b", response, flags=re.I)]
+        topic = re.search(r"the (\w+)", prompt).group(1)
+        return [list(s) for s in spans or [m.span() for m in re.finditer(rf"\b{topic}\b", response, flags=re.I)]]
+    if re.search(r"\b(positive|negative)\b", prompt):
+        words = "|".join(POSITIVE + NEGATIVE)
+        return [list(m.span()) for m in re.finditer(rf"\b({words})\b", response, flags=re.I)]
+    numbers = list(re.finditer(r"\d+", response))
+    return [list(numbers[-1].span())] if numbers else []
+
+
 def synthetic_pairs(n, seed, regime="minimal"):
     """n pairs of a regime ("minimal": chosen and rejected share every word but the key; "independent": two answers
     written each on its own) from a generator seeded with `seed` (the same seed always gives the same pairs)."""

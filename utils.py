@@ -75,6 +75,35 @@ def cli(main, argv=None):
         return getattr(error, "exit_code", 1)
 
 
+def reason(e):
+    """An exception in a few words: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def load_callable(spec, flag):
+    """A function named by `module:function` (a module found on sys.path) or `path/to/file.py:function`; a spec
+    that cannot be imported is a one-line error naming the flag."""
+    import importlib
+    import importlib.util
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py") and not os.path.isfile(where):
+        raise UserError(f"{flag} {spec}: no such file {where}")
+    try:
+        if where.endswith(".py"):
+            found = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except Exception as e:
+        raise UserError(f"{flag} {spec}: cannot import {where} ({reason(e)})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"{flag} {spec}: {where} has no function {name}")
+    return fn
+
+
 def check_flags(parse):
     """Parse the command line at once, before a script's slow imports: --help and a mistyped flag answer in about a
     second, and a bad flag ends the process here."""
@@ -289,6 +318,28 @@ def on_rank_zero(fn):
     if box[1] is not None:
         raise UserError(box[1])
     return box[0]
+
+
+def together(fn):
+    """fn() on every rank; a failure on any rank ends every rank. Ranks that work on their own (each its blocks of
+    the data) would otherwise leave the others waiting in the next collective, which on nccl is a hang. The failing
+    rank raises its own error; the others a UserError naming that rank (said once, by rank 0)."""
+    import torch.distributed as dist
+    error, result = None, None
+    try:
+        result = fn()
+    except BaseException as e:  # noqa: B036 (KeyboardInterrupt too: the other ranks must not wait for this one)
+        error = e
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        said = [None] * dist.get_world_size()
+        mine = None if error is None else str(as_user_error(error) or f"{type(error).__name__}: {error}")
+        dist.all_gather_object(said, mine)
+        failed = [(r, m) for r, m in enumerate(said) if m is not None]
+        if error is None and failed:
+            raise UserError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    if error is not None:
+        raise error
+    return result
 
 
 def rank_zero_first(fn):

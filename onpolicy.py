@@ -1,0 +1,435 @@
+"""On-policy preference pairs, the papers' Instruct setting (SimPO's recipe, Meng et al. 2024): sample K responses
+per prompt from the policy itself, score each with a reward model, keep the best as chosen and the worst as rejected.
+
+    python onpolicy.py                   # the tiny world: its SFT model, training prompts and judge, offline
+    torchrun --standalone --nproc_per_node 8 onpolicy.py --model meta-llama/Meta-Llama-3-8B-Instruct \
+        --prompts HuggingFaceH4/ultrafeedback_binarized --split train_prefs \
+        --reward Skywork/Skywork-Reward-Llama-3.1-8B-v0.2 --output_dir runs/llama3-onpolicy
+    torchrun ... train.py --method confpo --model meta-llama/Meta-Llama-3-8B-Instruct \
+        --data runs/llama3-onpolicy/pairs.jsonl ...
+
+--reward is a sequence-classification reward model (its scalar output on the (prompt, response) rendered with its
+own chat template) or a Python callable `module:function` / `path/to/file.py:function`, (prompt, response) -> float.
+
+Output folder:
+    blocks/block_NNNNNN.jsonl  per block of prompts: every sample's text, token count, EOS flag and score (written
+                               atomically: a killed run resumes at the first missing block)
+    samples.jsonl              every sample: row, sample, prompt, response, score, n_tokens, ended
+    pairs.jsonl                per kept prompt, in TRL's standard form (conversational when the prompts are): prompt,
+                               chosen, rejected, chosen_score, rejected_score, row (+ key spans with --key_spans)
+    manifest.json              what was sampled and scored with what (content fingerprints), how the pairs were
+                               chosen, the summary; "complete" once every file is in place
+Sample k of the prompt at source row r draws its tokens from a generator seeded by (seed, r, k): the same text
+whatever the batch, the block, the number of ranks or a resume (up to float rounding of the logits when the batch
+changes).
+"""
+
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import utils
+from utils import arg
+
+
+@dataclass
+class OnPolicyConfig:
+    model: str = arg("", "the policy that samples, with its chat template (folder or hub name; '' = the tiny "
+                         "world's SFT llama-small)")
+    prompts: str = arg("", "prompts: a file, save_to_disk folder or hub dataset with a `prompt` column (a string "
+                           "or a conversation), or preference data, whose responses are ignored ('' = the tiny "
+                           "world's training prompts)")
+    split: str = arg("train", "split of --prompts")
+    form: str = arg("auto", "form of preference data given as --prompts: auto | standard | conversational | "
+                            "implicit")
+    skip_bad_rows: bool = arg(False, "skip (and count) bad rows instead of stopping at the first")
+    max_prompts: int = arg(0, "the first N prompts only (0 = all)")
+    max_prompt_length: int = arg(1800, "prompt tokens, cut from the left as training cuts them")
+    num_samples: int = arg(5, "K: responses sampled per prompt (SimPO: 5)")
+    temperature: float = arg(0.8, "sampling temperature (SimPO: 0.8; 0 = greedy)")
+    top_p: float = arg(0.95, "nucleus sampling: the smallest set of tokens holding this probability (SimPO: 0.95)")
+    max_new_tokens: int = arg(1024, "response tokens at most; a response cut here has no EOS")
+    seed: int = arg(42, "sample k of source row r draws from a generator seeded by (seed, r, k)")
+    reward: str = arg("", "a sequence-classification reward model (folder or hub name), or a callable "
+                          "(prompt, response) -> float as module:function or path/to/file.py:function ('' = "
+                          "tiny:synthetic_reward on the tiny world)")
+    key_spans: str = arg("", "optional module:function (prompt, response) -> [[start, end), ...]: the characters "
+                             "that decide a response's reward, written as chosen_key_spans / rejected_key_spans "
+                             "(score.py then measures key-token precision)")
+    min_gap: float = arg(0.0, "drop a prompt when best - worst score < min_gap (a tie is always dropped)")
+    keep_unfinished: bool = arg(False, "let a response cut by max_new_tokens be chosen or rejected (training adds "
+                                       "an EOS to every response, as if it had ended there)")
+    batch_size: int = arg(8, "prompts per forward; each decodes its K samples together")
+    reward_batch_size: int = arg(16, "responses per reward-model forward")
+    block_size: int = arg(128, "prompts per block file: the unit of resumption and of work between ranks")
+    output_dir: str = arg("", "where blocks, samples, pairs and manifest.json go ('' = runs/onpolicy on the tiny "
+                              "world)")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32, of the policy and the reward model")
+    device: str = arg("auto", "auto | cpu | cuda")
+    threads: int = arg(0, "CPU threads per process (0 = as train.py)")
+    cache_dir: str = arg("", "datasets cache folder ('' = Hugging Face's default)")
+    tiny_world: str = arg("tiny_world", "folder of the offline tiny world, built on first use")
+
+
+# without --model: the tiny world's shapes (train.py's max_prompt_length) and its judge
+TINY = dict(max_new_tokens=40, max_prompt_length=64, batch_size=64, block_size=512, reward="tiny:synthetic_reward",
+            key_spans="tiny:synthetic_key_spans")
+PAIRING = ("min_gap", "keep_unfinished", "key_spans")  # settings of the merge alone: they may change on a rerun
+
+
+def parse_config(argv=None):
+    return utils.parse_dataclass(OnPolicyConfig, argv, __doc__)
+
+
+if __name__ == "__main__":  # answer --help and a mistyped flag now, before the imports below load torch (seconds)
+    utils.check_flags(parse_config)
+
+import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+import models  # noqa: E402
+import tiny  # noqa: E402
+import train  # noqa: E402
+from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, log0, on_rank_zero,  # noqa: E402
+                   rank_zero_first, read_marker, run_in_group, together)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rewards: a Hugging Face reward model, or a Python callable
+# ---------------------------------------------------------------------------------------------------------------
+
+def is_callable_spec(spec):
+    return ":" in spec and spec.rsplit(":", 1)[1].isidentifier()
+
+
+def callable_file(spec):
+    """The source file of a callable spec, for the fingerprint of what scored the samples."""
+    where = spec.rsplit(":", 1)[0]
+    return where if where.endswith(".py") else getattr(importlib.import_module(where), "__file__", "") or ""
+
+
+def check_reward_model(path, flag="--reward"):
+    """Before any weights load: a sequence-classification model with one output."""
+    from transformers import AutoConfig
+    models.check_source(path, flag)
+    config = AutoConfig.from_pretrained(path)
+    kinds = getattr(config, "architectures", None) or []
+    if kinds and not any("SequenceClassification" in k or "Reward" in k for k in kinds):
+        raise UserError(f"{flag} {path}: a {', '.join(kinds)}, not a sequence-classification reward model (give a "
+                        "reward model, or a callable as module:function)")
+    if config.num_labels != 1:
+        raise UserError(f"{flag} {path}: the model has {config.num_labels} outputs; a reward model has one (wrap a "
+                        "multi-objective model in a callable, module:function)")
+
+
+def reward_model_scorer(path, device, dtype, batch_size):
+    """A sequence-classification reward model -> scores(prompts, responses) -> [float]: each (prompt, response) is
+    rendered with the reward model's own chat template (or, without one, encoded as a text pair), batched with
+    right padding, scored without gradients; the score is its single output at the last token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+    except Exception as e:
+        raise UserError(f"--reward {path}: could not be loaded ({utils.reason(e)})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:  # HF pools at the last token that is not padding
+        model.config.pad_token_id = tok.pad_token_id
+    tok.padding_side = "right"
+
+    def encode(prompt, response):
+        if getattr(tok, "chat_template", None):
+            messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + [
+                {"role": "assistant", "content": response}]
+            return tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        return tok(data.render_prompt(prompt, tok, False), response)["input_ids"]
+
+    @torch.no_grad()
+    def scores(prompts, responses):
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            enc = tok.pad({"input_ids": [encode(p, r) for p, r in zip(prompts[i:i + batch_size],
+                                                                      responses[i:i + batch_size])]},
+                          return_tensors="pt").to(device)
+            out += model(**enc).logits[:, 0].float().tolist()
+        return out
+    return scores
+
+
+def reward_scorer(cfg, device, dtype):
+    """--reward as scores(prompts, responses) -> [float]."""
+    if is_callable_spec(cfg.reward):
+        fn = utils.load_callable(cfg.reward, "--reward")
+        return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
+    return reward_model_scorer(cfg.reward, device, dtype, cfg.reward_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks: each rank samples and scores its own, written atomically
+# ---------------------------------------------------------------------------------------------------------------
+
+def block_path(cfg, b):
+    return os.path.join(cfg.output_dir, "blocks", f"block_{b:06d}.jsonl")
+
+
+def load_models(cfg, device, dtype):
+    """(the reward's scores function, the policy) for sampling; the reward first, so that a reward model that
+    cannot load fails before the policy loads."""
+    from transformers import AutoModelForCausalLM
+    scores = reward_scorer(cfg, device, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+    except Exception as e:
+        raise UserError(f"--model {cfg.model}: could not be loaded ({utils.reason(e)})") from None
+    return scores, model
+
+
+def sample_blocks(cfg, todo, prompts, prompt_ids, tokenizer, scores, model, rank):
+    """Sample and score this rank's missing blocks (todo); one JSONL line per sample (row, sample, response,
+    n_tokens, ended, score), in prompt order, written through a temporary file."""
+    eos = models.eos_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    bar = tqdm(total=sum(len(range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))) for b in todo),
+               desc="sampling prompts", disable=rank != 0, dynamic_ncols=True)
+    n_samples, n_tokens, t_sample, t_score = 0, 0, 0.0, 0.0
+    for b in todo:
+        idx = list(range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size)))
+        order = sorted(idx, key=lambda i: len(prompt_ids[i]))  # batches of similar lengths: little padding
+        drawn = {}
+        t0 = time.perf_counter()
+        for s in range(0, len(order), cfg.batch_size):
+            batch = order[s:s + cfg.batch_size]
+            rows = [prompts[i]["row"] for i in batch]
+            out = models.sample(model, [prompt_ids[i] for i in batch], [[models.draw_seed(cfg.seed, r, k) for k in
+                         range(cfg.num_samples)] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                         eos, pad)
+            drawn.update(zip(batch, out))
+            bar.update(len(batch))
+        t1 = time.perf_counter()
+        lines = []
+        for i in idx:
+            for k, (ids, ended) in enumerate(drawn[i]):
+                text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).strip()
+                lines.append({"row": prompts[i]["row"], "sample": k, "response": text, "n_tokens": len(ids),
+                              "ended": ended})
+        values = scores([prompts[i]["prompt"] for i in idx for _ in range(cfg.num_samples)],
+                        [line["response"] for line in lines])
+        for line, value in zip(lines, values):
+            if not math.isfinite(value):
+                raise UserError(f"--reward {cfg.reward} gave {value} for row {line['row']}, sample {line['sample']} "
+                                f"({line['response'][:60]!r})")
+            line["score"] = value
+        t_sample, t_score = t_sample + t1 - t0, t_score + time.perf_counter() - t1
+        n_samples, n_tokens = n_samples + len(lines), n_tokens + sum(line["n_tokens"] for line in lines)
+        atomic_write(block_path(cfg, b), "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    bar.close()
+    print(f"rank {rank}: {n_samples} samples, {n_tokens} tokens in {t_sample:.1f} s: {n_samples / t_sample:.1f} "
+          f"samples/s, {n_tokens / t_sample:.0f} tokens/s; scored in {t_score:.1f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pairs: the best against the worst of each prompt's samples
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_block(cfg, b, expected_rows):
+    """The samples of block b, checked against the prompts it must hold (row ids and K each)."""
+    path = block_path(cfg, b)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = [json.loads(line) for line in fh if line.strip()]
+        rows = [(line["row"], line["sample"]) for line in lines]
+        for line in lines:
+            line["score"] = float(line["score"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); delete it and run the same command again: "
+                        "that block is sampled again") from None
+    if rows != [(r, k) for r in expected_rows for k in range(cfg.num_samples)]:
+        raise UserError(f"{path} does not hold the samples of its prompts (rows {expected_rows[0]}-"
+                        f"{expected_rows[-1]}, {cfg.num_samples} each); delete it and run the same command again")
+    return lines
+
+
+def choose_pair(samples, min_gap, keep_unfinished):
+    """(chosen, rejected, None) of one prompt's samples, or (None, None, why it is dropped): the best score is
+    chosen and the worst rejected (ties go to the earliest sample); a prompt is dropped when fewer than two samples
+    are eligible (ended with an EOS, unless keep_unfinished, and not empty), when best and worst tie, or when
+    best - worst < min_gap."""
+    eligible = [s for s in samples if (s["ended"] or keep_unfinished) and s["response"]]
+    if len(eligible) < 2:
+        return None, None, "fewer than 2 finished samples"
+    best = max(eligible, key=lambda s: (s["score"], -s["sample"]))
+    worst = min(eligible, key=lambda s: (s["score"], s["sample"]))
+    gap = best["score"] - worst["score"]
+    if gap <= 0:
+        return None, None, "tie"
+    if gap < min_gap:
+        return None, None, "gap below --min_gap"
+    return best, worst, None
+
+
+def merge(cfg, prompts, conversational):
+    """Rank 0: read the blocks in order, write samples.jsonl and pairs.jsonl through temporary files -> summary."""
+    key_spans = utils.load_callable(cfg.key_spans, "--key_spans") if cfg.key_spans else None
+    out = {name: open(os.path.join(cfg.output_dir, name) + f".tmp{os.getpid()}", "w", encoding="utf-8")
+           for name in ("samples.jsonl", "pairs.jsonl")}
+    dropped, all_, pairs = {}, [], []
+    for b in range(math.ceil(len(prompts) / cfg.block_size)):
+        idx = range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))
+        lines = read_block(cfg, b, [prompts[i]["row"] for i in idx])
+        for j, i in enumerate(idx):
+            prompt, samples = prompts[i]["prompt"], lines[j * cfg.num_samples:(j + 1) * cfg.num_samples]
+            for s in samples:
+                out["samples.jsonl"].write(json.dumps({"row": s["row"], "sample": s["sample"], "prompt": prompt,
+                                                       **{k: s[k] for k in ("response", "score", "n_tokens",
+                                                                             "ended")}}, ensure_ascii=False) + "\n")
+            all_ += samples
+            chosen, rejected, why = choose_pair(samples, cfg.min_gap, cfg.keep_unfinished)
+            if why:
+                dropped[why] = dropped.get(why, 0) + 1
+                continue
+            as_turn = (lambda text: [{"role": "assistant", "content": text}]) if conversational else (lambda t: t)
+            pair = {"prompt": prompt, "chosen": as_turn(chosen["response"]), "rejected": as_turn(rejected["response"]),
+                    "chosen_score": chosen["score"], "rejected_score": rejected["score"], "row": prompts[i]["row"]}
+            if key_spans:
+                pair.update(chosen_key_spans=key_spans(prompt, chosen["response"]),
+                            rejected_key_spans=key_spans(prompt, rejected["response"]))
+            out["pairs.jsonl"].write(json.dumps(pair, ensure_ascii=False) + "\n")
+            pairs.append((chosen, rejected))
+    for name, fh in out.items():
+        fh.close()
+        os.replace(fh.name, os.path.join(cfg.output_dir, name))
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    return {"prompts": len(prompts), "samples": len(all_), "pairs": len(pairs), "dropped": dropped,
+            "mean_score": mean([s["score"] for s in all_]), "mean_chosen_score": mean([c["score"] for c, _ in pairs]),
+            "mean_rejected_score": mean([r["score"] for _, r in pairs]),
+            "mean_tokens": mean([s["n_tokens"] for s in all_]),
+            "mean_chosen_tokens": mean([c["n_tokens"] for c, _ in pairs]),
+            "mean_rejected_tokens": mean([r["n_tokens"] for _, r in pairs]),
+            "cut_by_max_new_tokens": mean([not s["ended"] for s in all_])}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_config(cfg):
+    if cfg.num_samples < 2:
+        raise UserError(f"--num_samples {cfg.num_samples}: a pair needs at least 2 samples per prompt")
+    for name in ("max_new_tokens", "batch_size", "reward_batch_size", "block_size", "max_prompt_length"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise UserError(f"--top_p must be in (0, 1], got {cfg.top_p}")
+    if not (math.isfinite(cfg.min_gap) and cfg.min_gap >= 0):
+        raise UserError(f"--min_gap must be >= 0, got {cfg.min_gap}")
+    if not cfg.reward:
+        raise UserError("onpolicy.py needs --reward: a reward model, or a callable as module:function")
+    if cfg.dtype not in ("auto", "bf16", "fp32"):
+        raise UserError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
+
+
+def identity(cfg, tokenizer, dtype):
+    """What decides the blocks' contents, by content (not by path); the pairing settings are apart."""
+    reward = fingerprint(callable_file(cfg.reward)) + ":" + cfg.reward.rsplit(":", 1)[1] if is_callable_spec(
+        cfg.reward) else fingerprint(cfg.reward)
+    return {"policy": fingerprint(cfg.model), "tokenizer": data.tokenizer_hash(tokenizer),
+            "prompts": fingerprint(cfg.prompts), "split": cfg.split, "form": cfg.form,
+            "skip_bad_rows": cfg.skip_bad_rows, "max_prompts": cfg.max_prompts,
+            "max_prompt_length": cfg.max_prompt_length, "num_samples": cfg.num_samples,
+            "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed, "reward": reward, "dtype": repr(dtype), "batch_size": cfg.batch_size,
+            "block_size": cfg.block_size}
+
+
+def main(argv=None):
+    cfg, explicit = parse_config(argv)
+    if not cfg.model:
+        for key, value in TINY.items():
+            if key not in explicit:
+                setattr(cfg, key, value)
+        cfg.output_dir = cfg.output_dir or os.path.join("runs", "onpolicy")
+    check_config(cfg)
+    if not cfg.output_dir:
+        raise UserError("onpolicy.py needs --output_dir")
+    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device), cfg.threads)
+
+
+def run(cfg, rank, world, device):
+    from transformers import AutoTokenizer
+    if not cfg.model:  # the tiny world (rank 0 builds it once) and its SFT model
+        paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
+        cfg.prompts = cfg.prompts or paths["train"]
+        cfg.model = tiny.sft_model(cfg.tiny_world, paths, train.main, cache_dir=cfg.cache_dir)
+    if not cfg.prompts:
+        raise UserError("onpolicy.py needs --prompts")
+    models.check_source(cfg.model, "--model")
+    if is_callable_spec(cfg.reward):  # import the callables now: a mistake is found before anything loads
+        utils.load_callable(cfg.reward, "--reward")
+    else:
+        check_reward_model(cfg.reward)
+    if cfg.key_spans:
+        utils.load_callable(cfg.key_spans, "--key_spans")
+    dtype = models.compute_dtype(cfg.dtype, device)
+
+    def load():
+        ds = data.load_prompts(cfg.prompts, cfg.split, cfg.form, cfg.cache_dir or None, cfg.skip_bad_rows)
+        return ds.select(range(min(cfg.max_prompts, len(ds)))) if cfg.max_prompts else ds
+    prompts = rank_zero_first(load)
+    conversational = isinstance(prompts[0]["prompt"], list)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    use_template = bool(getattr(tokenizer, "chat_template", None))
+    if conversational and not use_template:
+        raise UserError(f"--prompts {cfg.prompts} holds conversations, and the policy {cfg.model} has no chat "
+                        "template to render them")
+    prompt_ids = [data.encode_prompt(data.render_prompt(p, tokenizer, use_template), tokenizer,
+                                     cfg.max_prompt_length)[0] for p in prompts["prompt"]]
+    with FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it found it
+        saved = on_rank_zero(lambda: read_marker(cfg.output_dir, "manifest.json", "samples"))
+        mine = on_rank_zero(lambda: identity(cfg, tokenizer, dtype))
+        changed = [k for k, _, _ in differences(saved["identity"], mine, {}, set())] if saved else []
+        if changed:
+            raise UserError(f"{cfg.output_dir} holds samples of another run (differs in: {', '.join(changed)}); "
+                            "choose another --output_dir")
+        pairing = {k: getattr(cfg, k) for k in PAIRING}
+        manifest = {"identity": mine, "paths": {k: getattr(cfg, k) for k in ("model", "prompts", "reward")},
+                    "pairing": pairing}
+        path = os.path.join(cfg.output_dir, "manifest.json")
+        if saved and saved.get("complete") and saved.get("pairing") == pairing:
+            log0(f"{cfg.output_dir}: already complete")
+        else:
+            n_blocks = math.ceil(len(prompts) / cfg.block_size)
+            todo = [b for b in range(rank, n_blocks, world) if not os.path.exists(block_path(cfg, b))]
+            # every model loads before anything is written: a failed start leaves the folder as it found it
+            loaded = together(lambda: load_models(cfg, device, dtype) if todo else None)
+            if rank == 0:
+                os.makedirs(os.path.join(cfg.output_dir, "blocks"), exist_ok=True)
+                atomic_write(path, json.dumps({**manifest, "complete": False}, indent=2))
+            dist.barrier()
+            together(lambda: todo and sample_blocks(cfg, todo, prompts, prompt_ids, tokenizer, *loaded, rank))
+            if rank == 0:
+                summary = merge(cfg, prompts, conversational)
+                atomic_write(path, json.dumps({**manifest, "complete": True, "summary": summary}, indent=2))
+            dist.barrier()
+        if rank == 0:
+            with open(path) as fh:
+                summary = json.load(fh)["summary"]
+            log0(f"{summary['pairs']} pairs of {summary['prompts']} prompts ({summary['dropped'] or 'none dropped'}); "
+                 f"mean score {summary['mean_score']:.3f}, chosen {summary['mean_chosen_score']:.3f}, rejected "
+                 f"{summary['mean_rejected_score']:.3f}; {summary['mean_tokens']:.1f} tokens per sample, "
+                 f"{summary['cut_by_max_new_tokens']:.1%} cut by --max_new_tokens")
+            log0(f"wrote {os.path.join(cfg.output_dir, 'pairs.jsonl')} (train on it: python train.py --data "
+                 f"{os.path.join(cfg.output_dir, 'pairs.jsonl')} ...), samples.jsonl and manifest.json")
+        return cfg.output_dir
+
+
+if __name__ == "__main__":
+    sys.exit(utils.cli(main))
