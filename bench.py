@@ -32,6 +32,9 @@ as the median of several repetitions, with a fixed number of threads (recorded i
    under FSDP2 in a world of one, and the plain Hugging Face model computing full logits.
 9. Loading on 2 ranks (torchrun): summed growth of peak RSS, rank 0 reading and broadcasting (train.py) against
    every rank reading the whole checkpoint (before), over one model plus its shards.
+10. Generation: onpolicy.py's sampler (models.sample: one prefill per prompt for its K samples, a KV cache, rows
+   leaving the batch as they end) against what a user would write, a loop of model.generate(num_return_sequences=K)
+   over batches of prompts, tokens/s, on the tiny world's SFT model and SmolLM2-135M's architecture.
 Also: sepo.select_tokens against a loop over responses (the released scorer's way).
 
 Every comparison of two implementations first checks that they agree (loss and input gradients, to float
@@ -74,8 +77,11 @@ def command_line():
     parser.add_argument("--tiny_world", "--tiny-world", default="tiny_world",
                         help="the offline tiny world (built on first use)")
     parser.add_argument("--cache_dir", "--cache-dir", default="", help="datasets cache ('' = a temporary folder)")
-    parser.add_argument("--items", default="1,2,3,4,5,6,8,9,select", help="which items to run, comma-separated "
-                        "(6: real shapes against TRL, about 40 minutes; 8: memory breakdown; 9: loading on 2 ranks)")
+    parser.add_argument("--items", default="1,2,3,4,5,6,8,9,10,select", help="which items to run, comma-separated "
+                        "(6: real shapes against TRL, about 40 minutes; 8: memory breakdown; 9: loading on 2 ranks; "
+                        "10: generation)")
+    parser.add_argument("--generation_model", "--generation-model", default="", help="item 10 also on this model "
+                        "(e.g. runs/real/assets/smollm2-135m-instruct, made by real_study.py)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     parser.add_argument("--table", default="", help="only print the table of an existing bench.json, run nothing")
     return parser
@@ -94,7 +100,7 @@ import score  # noqa: E402
 import sepo  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
-from utils import init_distributed  # noqa: E402
+from utils import end_group, exit_now, init_distributed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -108,6 +114,7 @@ TARGETS = {
     "real_throughput": (1.2, ">="),  # item 6: our tokens/s / TRL's, real shapes
     "real_memory": (0.9, "<="),  # item 7: our peak memory / TRL's, real shapes
     "load_memory": (1.3, "<="),  # item 9: 2 ranks' summed peak at load / (one model + its shards)
+    "generation": (2.0, ">="),  # item 10: onpolicy.py's sampler / a loop of model.generate, tokens/s
 }
 SKIP_TRL = "skipped (pip install -r requirements-bench.txt)"
 
@@ -240,7 +247,7 @@ def liger_status():
         return f"{type(e).__name__}: {e}"
 
 
-def bench_logps(B, T, H, V, prompt, hidden_dtype, device, repeats, extra=False):
+def bench_logps(B, T, H, V, prompt, hidden_dtype, device, repeats, extra=False, blocks=()):
     """Item 2 at one vocabulary size: B pairs (2B rows, chosen then rejected) of T tokens, the first `prompt` of each
     row unlabelled. From logits (float32, as train.py on CPU) and from hidden states; extra: also bfloat16 logits
     (a GPU's, where the naive way makes a float32 copy) and chunk_size 1024 instead of the default (blocks of 32 MiB
@@ -251,7 +258,7 @@ def bench_logps(B, T, H, V, prompt, hidden_dtype, device, repeats, extra=False):
     out = {"B_pairs": B, "rows": 2 * B, "T": T, "H": H, "V": V, "prompt": prompt}
     for dtype in (torch.float32, torch.bfloat16) if extra else (torch.float32,):
         out[f"from_logits_{str(dtype).replace('torch.', '')}"] = from_logits(labels, V, dtype, device, repeats, extra)
-    out["from_hidden"] = from_hidden(labels, H, V, hidden_dtype, device, repeats, extra)
+    out["from_hidden"] = from_hidden(labels, H, V, hidden_dtype, device, repeats, extra, blocks)
     return out
 
 
@@ -268,10 +275,11 @@ def from_logits(labels, V, dtype, device, repeats, extra):
     return {"dtype": str(dtype), **compare_variants(fns, lambda f: (f() * weights).sum(), [logits], repeats, device)}
 
 
-def from_hidden(labels, H, V, dtype, device, repeats, extra):
+def from_hidden(labels, H, V, dtype, device, repeats, extra, blocks=()):
     """The last hidden states and the output embedding in, the mean SimPO loss over the pairs out (what a trainer
     computes): `hidden @ W.T` then naive vs losses.chunked_token_logps, and Liger's fused linear SimPO loss where it
-    runs."""
+    runs; blocks: also chunked_token_logps with blocks of these many bytes of float32 logits (--large: the choice
+    of losses.CHUNK_BYTES on a GPU)."""
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(*labels.shape, H, generator=gen).to(dtype).to(device).requires_grad_()
     weight = (torch.randn(V, H, generator=gen) / H ** 0.5).to(dtype).to(device).requires_grad_()
@@ -280,6 +288,10 @@ def from_hidden(labels, H, V, dtype, device, repeats, extra):
     if extra:
         fns["chunked_token_logps chunk 1024"] = lambda: simpo_mean(*losses.chunked_token_logps(
             hidden, weight, labels, chunk_size=1024))
+    for size in blocks:
+        rows = max(1, size // (4 * V))
+        fns[f"chunked_token_logps {size >> 20} MiB blocks"] = lambda r=rows: simpo_mean(*losses.chunked_token_logps(
+            hidden, weight, labels, chunk_size=r))
     why_not = liger_status()
     if why_not is None:
         fns["liger_simpo"] = lambda: liger_simpo(hidden, weight, labels)
@@ -637,7 +649,7 @@ def fsdp_worker(argv):
     dist.all_gather_object(every, mine)
     if rank == 0:
         write_json(args.out, {"world": world, "ranks": every})
-    dist.destroy_process_group()
+    end_group()  # a barrier first: see utils.end_group
 
 
 def bench_fsdp(ctx):
@@ -650,12 +662,6 @@ def bench_fsdp(ctx):
                os.path.abspath(__file__), "_fsdp_worker", "--model", ctx["model"], "--out", out]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-            # NOTE: an intermittent abort of one gloo rank (std::terminate, SIGABRT), seen in about one run in four
-            # of the --quick test and never reproduced in isolation; the byte counts are deterministic, so one
-            # rerun is taken, and recorded
-            result[f"rerun_{n}"] = proc.stderr[-1000:]
-            proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"torchrun with {n} ranks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
         with open(out) as fh:
@@ -978,7 +984,7 @@ def breakdown_worker(argv):
             "load": peaks.get("load", 0), "forward": peaks.get("forward1", 0), "backward": peaks.get("backward1", 0),
             "optimizer": peaks.get("optimizer1", 0)}, "peak": overall, "peak_in": at_peak, "owners": owners,
             "peak_rss": resource_peak_rss(), "rss_before_load": rss0}, fh)
-    torch.distributed.destroy_process_group()
+    end_group()
 
 
 def bench_breakdown(ctx, quick, threads):
@@ -1026,7 +1032,7 @@ def load_worker(argv):
     torch.distributed.all_gather_object(every, {"before": before, "after": resource_peak_rss(), "shard": shard})
     if rank == 0:
         write_json(args.out, every)
-    torch.distributed.destroy_process_group()
+    end_group()
 
 
 def bench_load(ctx, quick):
@@ -1055,6 +1061,78 @@ def bench_load(ctx, quick):
 # ---------------------------------------------------------------------------------------------------------------
 # Also: SePO's selection, vectorised against a loop
 # ---------------------------------------------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------------------------------------------
+# Item 10: generation, onpolicy.py's sampler against a loop of model.generate(num_return_sequences=K)
+# ---------------------------------------------------------------------------------------------------------------
+
+def bench_generation(ctx, quick, repeats, extra_model=""):
+    """K = 5 samples per prompt (temperature 0.8, top-p 0.95), batches of 8 prompts, on the tiny world's SFT model
+    (trained: its answers end at different lengths) and SmolLM2-135M's architecture (random weights: no answer
+    ends, every row runs to max_new_tokens), fp32, and bf16 on the real architecture; with extra_model, also that
+    model (e.g. the real SmolLM2-135M-Instruct of real_study.py). Tokens are each sample's own, up to its first
+    EOS. Before timing, greedy answers of both sides must be equal."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    K, batch = 5, 8
+    prompts = [r["prompt"] for r in data.load_preferences(ctx["paths"]["test"])][:16 if quick else 48]
+    with quiet():
+        sft = tiny.sft_model(ctx["paths"]["data"].rsplit(os.sep, 1)[0], ctx["paths"], train.main,
+                             cache_dir=ctx["cfg"].cache_dir)
+    cases = {"tiny SFT, fp32": (sft, torch.float32, 40),
+             "SmolLM2-135M arch, fp32": (real_model(ctx["work"], ctx["paths"]["tokenizer"], quick), torch.float32, 64),
+             "SmolLM2-135M arch, bf16": (real_model(ctx["work"], ctx["paths"]["tokenizer"], quick), torch.bfloat16,
+                                         64)}
+    if extra_model:
+        cases.update({f"{os.path.basename(extra_model.rstrip('/'))}, {name}": (extra_model, dtype, 64)
+                      for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))})
+    out = {}
+    for name, (path, dtype, new_tokens) in cases.items():
+        new_tokens = min(new_tokens, 16) if quick else new_tokens
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        eos = models.eos_token_ids(model, tok)
+        ids = [data.encode_prompt(data.render_prompt(p, tok, True), tok, 64)[0] for p in prompts]
+        batches = [ids[i:i + batch] for i in range(0, len(ids), batch)]
+        counted = {}
+
+        def ours(temperature=0.8):
+            n, texts = 0, []
+            for b, chunk in enumerate(batches):
+                seeds = [[models.draw_seed(0, b * batch + j, k) for k in range(K)] for j in range(len(chunk))]
+                rows = models.sample(model, chunk, seeds, new_tokens, temperature, 0.95, eos, tok.pad_token_id)
+                n += sum(len(t) for row in rows for t, _ in row)
+                texts += [row[0][0] for row in rows]
+            counted["ours"] = n
+            return texts
+
+        def hf(do_sample=True):
+            n, texts = 0, []
+            for chunk in batches:
+                enc = tok.pad({"input_ids": chunk}, return_tensors="pt")
+                with torch.no_grad():
+                    gen = model.generate(**enc, max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=eos, **(dict(do_sample=True, temperature=0.8, top_p=0.95,
+                                                                   top_k=0, num_return_sequences=K)
+                                                              if do_sample else dict(do_sample=False)))
+                answers = gen[:, enc["input_ids"].shape[1]:]
+                ended = torch.isin(answers, torch.tensor(eos))
+                upto = (ended.int().cumsum(-1) - ended.int()) == 0  # up to and including the first EOS
+                n += int(upto.sum())
+                texts += [a[m].tolist() for a, m in zip(answers, upto)]
+            counted["hf"] = n
+            return texts
+
+        assert ours(temperature=0) == hf(do_sample=False), f"{name}: greedy answers differ from model.generate's"
+        tokens_per_s = {"ours": [], "hf": []}
+        for variant, seconds in interleaved({"ours": ours, "hf": hf}, repeats).items():
+            tokens_per_s[variant] = [counted[variant] / s for s in seconds]  # the counts of the same draws
+        med = {k: statistics.median(v) for k, v in tokens_per_s.items()}
+        out[name] = {"tokens_per_s": med, "samples": tokens_per_s, "ratio": med["ours"] / med["hf"],
+                     "prompts": len(prompts), "samples_per_prompt": K, "batch_prompts": batch,
+                     "max_new_tokens": new_tokens, "dtype": str(dtype), "greedy_equal": True}
+        print(f"    {name}: {med['ours']:.0f} / {med['hf']:.0f} tokens/s", flush=True)
+    return out
+
 
 def loop_select_tokens(scores, mask, ratio):
     """Eq. 25 one response at a time, as the released scorer does."""
@@ -1188,6 +1266,10 @@ def table_rows(results):
             add("9 loading on 2 ranks", f"{way}: summed growth of peak RSS / (one model + its shards)",
                 f"{ld[way]['summed_growth'] / 2**30:.2f} GiB", ld[way]["over_model_and_shards"],
                 "load_memory" if way == "new" else None)
+    for key, r in results.get("10_generation", {}).items():
+        t = r["tokens_per_s"]
+        add(f"10 generation, {key}", f"models.sample / model.generate loop, K = {r['samples_per_prompt']}",
+            f"{t['ours']:.0f} / {t['hf']:.0f} tok/s", r["ratio"], "generation")
     sel = results.get("select_tokens")
     if sel:
         add("SePO selection", "select_tokens / loop",
@@ -1228,6 +1310,16 @@ def main(argv=None):
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     items = set(args.items.split(","))
+    if args.large:  # a GPU run: say what it measures, and stop where there is no GPU
+        if not torch.cuda.is_available():
+            print("bench.py --large measures item 2 on a GPU (bf16 hidden states, T = 1024, H = 2048, V = 32000 and "
+                  "128256: peak memory and time of the chunked log-prob path against the naive one, and blocks of 32 "
+                  "MiB to 2 GiB); no GPU is visible here (torch.cuda.is_available() is False)", file=sys.stderr)
+            raise SystemExit(1)
+        print(f"bench.py --large on {torch.cuda.get_device_name()}: item 2 at T = 1024, H = 2048, V = 32000 and "
+              "128256, bf16, the chunked path's block size from 32 MiB to 2 GiB (losses.CHUNK_BYTES['cuda'] is "
+              f"{losses.CHUNK_BYTES['cuda'] >> 20} MiB)", flush=True)
+        items &= {"2"}
     t_start = time.perf_counter()
     results = {"machine": machine(args.threads), "settings": {"quick": args.quick, "large": args.large,
                                                               "threads": args.threads}, "targets": TARGETS}
@@ -1245,7 +1337,7 @@ def main(argv=None):
             print(f"  item 1 done ({timing['1']:.0f} s)", flush=True)
         if "2" in items:
             t0 = time.perf_counter()
-            device = "cuda" if args.large and torch.cuda.is_available() else "cpu"
+            device = "cuda" if args.large else "cpu"
             hidden_dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what train.py computes in
             if q:
                 shapes = [(2, 64, 32, 1000, 16), (2, 64, 32, 4000, 16)]
@@ -1253,8 +1345,9 @@ def main(argv=None):
                 shapes = [(2, 1024, 2048, v, 256) for v in (32000, 128256)]
             else:
                 shapes = [(2, 512, 256, v, 128) for v in (32000, 128256)]
+            blocks = [2**25, 2**27, 2**29, 2**31] if args.large else []  # 32 MiB (the CPU's) ... 2 GiB
             results["2_logps"] = {f"V={V}": bench_logps(B, T, H, V, prompt, hidden_dtype, device,
-                                                        repeats=1 if q else 3, extra=i == 0)
+                                                        repeats=1 if q else 3, extra=i == 0, blocks=blocks)
                                   for i, (B, T, H, V, prompt) in enumerate(shapes)}
             timing["2"] = time.perf_counter() - t0
             print(f"  item 2 done ({timing['2']:.0f} s)", flush=True)
@@ -1278,6 +1371,12 @@ def main(argv=None):
                 results[key] = run()
                 timing[item] = time.perf_counter() - t0
                 print(f"  item {item} done ({timing[item]:.0f} s)", flush=True)
+        if "10" in items:
+            t0 = time.perf_counter()
+            results["10_generation"] = bench_generation(ctx, q, repeats=1 if q else 3,
+                                                        extra_model=args.generation_model)
+            timing["10"] = time.perf_counter() - t0
+            print(f"  item 10 done ({timing['10']:.0f} s)", flush=True)
         if "select" in items:
             results["select_tokens"] = bench_select(8 if q else 32, 128 if q else 512, repeats=2 if q else 5)
     finally:
@@ -1306,3 +1405,4 @@ if __name__ == "__main__":
         globals()[WORKERS[sys.argv[1]]](sys.argv[2:])
     else:
         main()
+    exit_now(0)  # no interpreter finalization once a process group has run: see utils.exit_now

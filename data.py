@@ -72,8 +72,17 @@ class DataError(ValueError):
 
 # ------------------------------------------------------------------------------------------------- 1. loading
 
-def _read_source(source, split, cache_dir):
-    """-> (datasets.Dataset or list of dicts, name used in error messages)."""
+class _BadLine:
+    """A line of a JSON Lines file that is not JSON (a cut-off last line, garbage): a bad row like any other."""
+
+    def __init__(self, reason):
+        self.reason = reason
+
+
+def _read_source(source, split, cache_dir, skip_bad_rows=False):
+    """-> (datasets.Dataset or list of rows, name used in error messages). A local JSON file that Arrow refuses
+    (invalid JSON, invalid UTF-8) names its bad row, or with skip_bad_rows is read line by line in Python, its bad
+    lines kept as _BadLine rows for the caller to skip and count."""
     if isinstance(source, datasets.Dataset):
         return source, "<in-memory>"
     if isinstance(source, (list, tuple)):
@@ -100,6 +109,10 @@ def _read_source(source, split, cache_dir):
         raise DataError(f"{path}: file does not exist")
     if builder is None:
         raise DataError(f"{path}: unknown file type (expected .jsonl, .json or .parquet)")
+    if builder == "json":
+        with open(path, "rb") as fh:
+            if not fh.read(1 << 16).strip() and os.path.getsize(path) < 1 << 16:
+                raise DataError(f"{path}: the file is empty")
     json_log = logging.getLogger("datasets.packaged_modules.json.json")
     level = json_log.level
     try:
@@ -111,9 +124,30 @@ def _read_source(source, split, cache_dir):
         ds.data.table.validate(full=True)
         return ds, path
     except Exception as e:  # Arrow's errors name neither the row nor the field: find them ourselves
-        raise _locate_bad_json(path, builder) or DataError(f"{path}: could not be read: {e}") from e
+        if skip_bad_rows and builder == "json" and path.lower().endswith(".jsonl"):
+            return _json_lines(path), path
+        raise _locate_bad_json(path, builder) or DataError(f"{path}: could not be read: {reason_of(e)}") from e
     finally:
         json_log.setLevel(level)
+
+
+def reason_of(e):
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _json_lines(path):
+    """The rows of a JSON Lines file read in Python: invalid bytes become lone surrogates (which the row checks
+    refuse as invalid UTF-8), lines that are not JSON become _BadLine rows."""
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="surrogateescape")
+    rows = []
+    for line in (l for l in text.splitlines() if l.strip()):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            rows.append(_BadLine(f"invalid JSON: {e}"))
+    return rows
 
 
 def _locate_bad_json(path, builder):
@@ -237,6 +271,12 @@ def _explicit_row(ex, idx, form):
             "_same": chosen == rejected}
 
 
+def _not_a_row(ex, i):
+    if isinstance(ex, _BadLine):
+        return f"row {i}, field '<row>': {ex.reason}"
+    return f"row {i}, field '<row>': expected a dict, got {type(ex).__name__}"
+
+
 def _report_bad(errors, name, skip_bad_rows):
     """The rows' errors ("" when fine) -> the bad ones: the first raised as a DataError, or with skip_bad_rows
     counted and printed (every row bad is an error either way)."""
@@ -274,14 +314,14 @@ def load_preferences(source, split="train", form="auto", cache_dir=None, skip_ba
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    data, name = _read_source(source, split, cache_dir)
+    data, name = _read_source(source, split, cache_dir, skip_bad_rows)
     if len(data) == 0:
         raise DataError(f"{name}: no rows")
     if form == "auto":
-        form = _detect_form(data if isinstance(data, list) else data.select(range(min(len(data), 100))))
+        form = _detect_form([ex for ex in data[:100] if isinstance(ex, dict)] if isinstance(data, list) else
+                            data.select(range(min(len(data), 100))))
     if isinstance(data, list):  # Arrow would refuse mixed types before we could name the row: check in Python
-        rows = [{**ex, **_explicit_row(ex, i, form)} if isinstance(ex, dict) else
-                {"_error": f"row {i}, field '<row>': expected a dict, got {type(ex).__name__}"}
+        rows = [{**ex, **_explicit_row(ex, i, form)} if isinstance(ex, dict) else {"_error": _not_a_row(ex, i)}
                 for i, ex in enumerate(data)]
         errors = [r["_error"] for r in rows]
     else:
@@ -320,15 +360,15 @@ def load_prompts(source, split="train", form="auto", cache_dir=None, skip_bad_ro
     and `row` (0-based index in the source). A `prompt` column is read as it is; preference data (with `chosen`
     and `rejected`) go through load_preferences, whose prompts are kept and responses dropped. Bad rows raise
     DataError (file, row, field) or, with skip_bad_rows, are skipped and counted."""
-    data, name = _read_source(source, split, cache_dir)
+    data, name = _read_source(source, split, cache_dir, skip_bad_rows)
     if len(data) == 0:
         raise DataError(f"{name}: no rows")
-    rows = data if isinstance(data, list) else data.select(range(min(len(data), 100)))
+    rows = data[:100] if isinstance(data, list) else data.select(range(min(len(data), 100)))
     if any(isinstance(ex, dict) and ex.get("chosen") is not None for ex in rows):  # preference data
         ds = load_preferences(source, split=split, form=form, cache_dir=cache_dir, skip_bad_rows=skip_bad_rows)
         return ds.select_columns(["prompt", "row"])
-    checked = [_prompt_row(ex, i) if isinstance(ex, dict) else {"_error": f"row {i}, field '<row>': expected a "
-               f"dict, got {type(ex).__name__}"} for i, ex in enumerate(data)]
+    checked = [_prompt_row(ex, i) if isinstance(ex, dict) else {"_error": _not_a_row(ex, i)}
+               for i, ex in enumerate(data)]
     _report_bad([r["_error"] for r in checked], name, skip_bad_rows)
     good = [{"prompt": r["prompt"], "row": r["row"]} for r in checked if not r["_error"]]
     kind = lambda r: "conversation" if isinstance(r["prompt"], list) else "string"  # noqa: E731

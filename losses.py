@@ -42,12 +42,16 @@ def _scatter_rows(values, mask):
     return out.masked_scatter(mask, values)
 
 
-CHUNK_BYTES = 2**25  # the default block: 32 MiB of float32 logits, whatever the vocabulary (bench.py item 2)
+# The default block, in bytes of float32 logits whatever the vocabulary: 32 MiB on a CPU (bench.py item 2), 512 MiB
+# on a GPU, where a block is one matmul that re-reads the whole output embedding (at V = 128k, 65 rows per 32 MiB
+# block would be ~60 small matmuls for one micro-batch; 512 MiB gives ~1000 rows; bench.py --large measures it).
+CHUNK_BYTES = {"cpu": 2**25, "cuda": 2**29}
 
 
-def _chunk_rows(chunk_size, V):
-    """Response tokens per (rows, V) block: chunk_size when given, else as many as fit in CHUNK_BYTES."""
-    return chunk_size if chunk_size else max(1, CHUNK_BYTES // (4 * V))
+def _chunk_rows(chunk_size, V, device=None):
+    """Response tokens per (rows, V) block: chunk_size when given, else as many as fit in CHUNK_BYTES of the device."""
+    budget = CHUNK_BYTES.get(getattr(device, "type", "cpu"), CHUNK_BYTES["cpu"])
+    return chunk_size if chunk_size else max(1, budget // (4 * V))
 
 
 class _LogSoftmaxGather(torch.autograd.Function):
@@ -102,7 +106,8 @@ def token_logps(logits, labels, ignore_index=IGNORE_INDEX, chunk_size=None):
     """
     B, T, V = logits.shape
     mask, rows, targets = _targets(labels, ignore_index)
-    picked = _LogSoftmaxGather.apply(logits.reshape(B * T, V), rows, targets, _chunk_rows(chunk_size, V))  # (N,)
+    picked = _LogSoftmaxGather.apply(logits.reshape(B * T, V), rows, targets,
+                                     _chunk_rows(chunk_size, V, logits.device))  # (N,)
     return _scatter_rows(picked, mask), mask
 
 
@@ -173,7 +178,7 @@ def chunked_token_logps(hidden, lm_head_weight, labels, chunk_size=None, ignore_
     B, T, H = hidden.shape
     mask, rows, targets = _targets(labels, ignore_index)
     picked = _LinearLogSoftmaxGather.apply(hidden.reshape(B * T, H), lm_head_weight, rows, targets,
-                                           _chunk_rows(chunk_size, lm_head_weight.shape[0]))
+                                           _chunk_rows(chunk_size, lm_head_weight.shape[0], hidden.device))
     return _scatter_rows(picked, mask), mask
 
 

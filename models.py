@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import losses
-from utils import UserError
+from utils import UserError, on_rank_zero, reason
 
 
 class PolicyLogps(torch.nn.Module):
@@ -150,14 +150,21 @@ def load_model(path, cfg, mesh, device, trainable):
     from transformers import AutoConfig, AutoModelForCausalLM
     world, rank = mesh.size(), dist.get_rank()
     config = AutoConfig.from_pretrained(path)
-    try:
-        if world == 1 or rank == 0:
-            source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        with torch.device("meta"):
-            model = source if world == 1 else AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    except ValueError as e:
-        raise UserError(f"{path}: {type(config).__name__} has no causal-LM head that AutoModelForCausalLM can load "
-                        f"({e})")
+
+    def read():  # rank 0 (or a world of one) reads the weights; a file that cannot be read stops every rank
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except ValueError as e:
+            if "Unrecognized configuration class" in str(e):
+                raise UserError(f"{path}: {type(config).__name__} has no causal-LM head that AutoModelForCausalLM "
+                                f"can load ({e})") from None
+            raise UserError(f"{path}: the model could not be loaded ({reason(e)})") from None
+        except Exception as e:  # a damaged model.safetensors (SafetensorError), a weight of the wrong shape, ...
+            raise UserError(f"{path}: the model could not be loaded ({reason(e)}); is a weight file damaged or "
+                            "cut short?") from None
+    source = on_rank_zero(read, share=False)
+    with torch.device("meta"):
+        model = source if world == 1 else AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if cfg.activation_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -217,10 +224,14 @@ def nucleus_pick(logits, u, temperature, top_p):
     falls in the cumulative distribution of softmax(logits / temperature) cut to its nucleus (the most likely
     tokens, in order, until their mass reaches top_p; at least one) and renormalised. The nucleus is sought among
     the top 64, then 1024 tokens, and the whole vocabulary only for the rows that need it (a full sort costs 40
-    times a top-64 on a 49k vocabulary)."""
+    times a top-64 on a 49k vocabulary). With top_p = 1 there is no nucleus to find: the CDF is taken in vocabulary
+    order."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
+    if top_p >= 1:  # the whole distribution: its CDF in vocabulary order, no sort (an exact sample all the same)
+        cdf = logits.softmax(-1).cumsum(-1)
+        return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).clamp(max=logits.shape[1] - 1).squeeze(-1)
     log_z = logits.logsumexp(-1, keepdim=True)
     out = torch.empty(len(logits), dtype=torch.long, device=logits.device)
     todo = torch.arange(len(logits), device=logits.device)

@@ -60,6 +60,7 @@ class ScoreConfig:
     shard_size: int = arg(512, "pairs per shard file (the unit of resumption and of work split between ranks)")
     device: str = arg("auto", "auto | cpu | cuda")
     dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)")
     report: str = arg("", "write an HTML report here (of the first ratio pair)")
     report_pairs: int = arg(12, "pairs shown token by token in the report")
     seed: int = arg(0, "seed of the report's sample of pairs")
@@ -83,7 +84,7 @@ import models  # noqa: E402
 import report as html_report  # noqa: E402
 import sepo  # noqa: E402
 from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, log0, on_rank_zero,  # noqa: E402
-                   rank_zero_first, read_marker, run_in_group)
+                   rank_zero_first, read_marker, run_in_group, together)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +184,35 @@ def response_values(values, labels):
     return [v[m].tolist() for v, m in zip(values, mask)]
 
 
+def read_shard(cfg, b, tokenized):
+    """The lines of shard b, or None when it is damaged: unreadable, or not the rows of its block (count and row
+    ids), or a score list whose length is not its response's."""
+    end = min(len(tokenized), (b + 1) * cfg.shard_size)
+    try:
+        with open(block_path(cfg, b), encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        expected = tokenized.select(range(b * cfg.shard_size, end))
+        if [r["row"] for r in rows] != list(expected["row"]):
+            return None
+        for r, ex in zip(rows, expected):
+            for side in ("chosen", "rejected"):
+                n = sum(1 for label in ex[f"{side}_labels"] if label != losses.IGNORE_INDEX)
+                if not (r[f"{side}_n"] == len(r[f"{side}_scores"]) == n):
+                    return None
+        return rows
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_shards(cfg, tokenized):
+    """Rank 0, before scoring: a shard that is damaged (cut short, of another block, garbage) is removed with a
+    warning naming it, so that it is scored again."""
+    for b in range(math.ceil(len(tokenized) / cfg.shard_size)):
+        if os.path.exists(block_path(cfg, b)) and read_shard(cfg, b, tokenized) is None:
+            log0(f"warning: {block_path(cfg, b)} is damaged (not the scores of its block's pairs); scoring it again")
+            os.remove(block_path(cfg, b))
+
+
 def score_blocks(cfg, tokenized, pad_id, rank, world, device):
     """Score this rank's blocks of pairs; skip blocks already on disk. A block line: row, chosen_n, rejected_n,
     chosen_scores, rejected_scores (Eq. 24, or log pi(y_t) with --confpo)."""
@@ -252,8 +282,8 @@ def parse_ratios(text):
             rc, rl = (float(x) for x in part.split(":"))
         except ValueError:
             raise UserError(f"--ratios: expected chosen:rejected pairs such as 0.3:0.3, got {part!r}") from None
-        if not (0 <= rc <= 1 and 0 <= rl <= 1):
-            raise UserError(f"--ratios: ratios must lie in [0, 1], got {part!r}")
+        if not (0 < rc <= 1 and 0 < rl <= 1):  # 0 selects nothing: every pair's loss would be 0
+            raise UserError(f"--ratios: ratios must lie in (0, 1], got {part!r}")
         pairs.append((rc, rl))
     return pairs
 
@@ -310,8 +340,10 @@ def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None):
     report = html_report.new_report(report_name)
     written = set()
     for b in range(math.ceil(n_pairs / cfg.shard_size)):
-        with open(block_path(cfg, b), encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+        rows = read_shard(cfg, b, scored_ds)
+        if rows is None:
+            raise UserError(f"{block_path(cfg, b)} changed while it was merged (it is damaged); run the same command "
+                            "again to score it again")
         for name, pickers in files.items():
             for rec in block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos_ids, tally, name):
                 tmp[name].write(json.dumps(rec["out"]) + "\n")
@@ -442,7 +474,8 @@ def tokenizers(cfg):
 def main(argv=None):
     cfg, _ = parse_config(argv)
     check_config(cfg)
-    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device))
+    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device),
+                        timeout=cfg.dist_timeout)
 
 
 def run(cfg, rank, world, device):
@@ -474,13 +507,16 @@ def run(cfg, rank, world, device):
         dist.barrier()
         if rank == 0:
             os.makedirs(os.path.join(cfg.output_dir, "shards"), exist_ok=True)
-            for leftover in glob.glob(os.path.join(cfg.output_dir, "shards", "*.tmp*")):
-                os.remove(leftover)  # a block whose write was killed
-            atomic_write(manifest_path, json.dumps({**scored, "complete": False}, indent=2))
+            for leftover in glob.glob(os.path.join(cfg.output_dir, "shards", "*.tmp*")) + glob.glob(
+                    os.path.join(cfg.output_dir, "*.tmp[0-9]*")):
+                os.remove(leftover)  # a block or selection file whose write was killed
+            check_shards(cfg, tokenized)  # a damaged shard is scored again
+            if not (saved and saved.get("complete")):  # a complete manifest stays complete until the new one
+                atomic_write(manifest_path, json.dumps({**scored, "complete": False}, indent=2))
         dist.barrier()
         pad_id = score_tok.pad_token_id if score_tok.pad_token_id is not None else score_tok.eos_token_id
-        score_blocks(cfg, tokenized, pad_id, rank, world, device)
-        dist.barrier()
+        # ranks score on their own: a failure on one (a model that cannot load, a head check) ends them all
+        together(lambda: score_blocks(cfg, tokenized, pad_id, rank, world, device))
         if rank == 0:
             finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, scored, manifest_path)
         dist.barrier()

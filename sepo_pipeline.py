@@ -13,9 +13,11 @@ command continues after an interruption):
     Eq. 26     the policy on the selected tokens only                     policy/final       (train.py --method sepo)
 """
 
-import json
-import os
 import dataclasses
+import gc
+import json
+import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -55,6 +57,8 @@ class PipelineConfig:
     tiny_world: str = arg("tiny_world", "folder of the offline tiny world")
     cache_dir: str = arg("", "datasets cache folder")
     device: str = arg("auto", "auto | cpu | cuda")
+    dtype: str = arg("auto", "compute dtype of every stage: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
+    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)")
 
 
 
@@ -84,7 +88,7 @@ PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_
                      max_length=128, max_prompt_length=64)
 # Fields that may change when the same pipeline folder is run again (the others decide what its stages hold);
 # paths are compared by their contents
-PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world", "output_dir", "until"}
+PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world", "output_dir", "until", "dist_timeout"}
 PIPELINE_PATHS = ("data", "eval_data", "oracle_base", "policy")
 
 
@@ -100,12 +104,20 @@ def write_subset(cfg, out_path):
     return m
 
 
+def free_memory():
+    """Between stages: collect the last stage's modules (FSDP keeps reference cycles) and return cached GPU memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def stage_argv(cfg):
     """train.py's flags shared by every training stage of the pipeline."""
     return ["--cache_dir", cfg.cache_dir, "--seed", str(cfg.seed), "--max_length", str(cfg.max_length),
             "--max_prompt_length", str(cfg.max_prompt_length), "--global_batch_size", str(cfg.global_batch_size),
             "--micro_batch_size", str(cfg.micro_batch_size), "--max_steps", str(cfg.max_steps), "--device",
-            cfg.device, "--judge", "none"]
+            cfg.device, "--dtype", cfg.dtype, "--dist_timeout", str(cfg.dist_timeout), "--judge", "none",
+            "--save_final", "false"]  # a stage's result is its export: no optimizer state kept beside it
 
 
 def scoring_argv(cfg, oracle, ref, ratios, scores_dir):
@@ -113,7 +125,8 @@ def scoring_argv(cfg, oracle, ref, ratios, scores_dir):
     return ["--oracle", oracle, "--reference", ref, "--policy", cfg.policy, "--data", cfg.data, "--split", cfg.split,
             "--beta", str(cfg.beta), "--ratios", ",".join(f"{rc}:{rl}" for rc, rl in ratios), "--output_dir",
             scores_dir, "--max_length", str(cfg.max_length), "--max_prompt_length", str(cfg.max_prompt_length),
-            "--cache_dir", cfg.cache_dir, "--device", cfg.device, "--report", os.path.join(scores_dir, "report.html"),
+            "--cache_dir", cfg.cache_dir, "--device", cfg.device, "--dtype", cfg.dtype,
+            "--report", os.path.join(scores_dir, "report.html"),
             "--cross_tokenizer", str(cfg.cross_tokenizer)]
 
 
@@ -129,7 +142,7 @@ def main(argv=None):
     target data; train.py trains the policy with Eq. 26. Each stage is skipped when its output exists, and each
     training stage resumes from its own checkpoints: run the same command again after an interruption."""
     cfg, explicit = parse_config(argv)
-    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, explicit, rank))
+    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, explicit, rank), timeout=cfg.dist_timeout)
 
 
 def run(cfg, explicit, rank):
@@ -142,9 +155,15 @@ def run(cfg, explicit, rank):
         paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
         cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
         cfg.oracle_base = cfg.oracle_base or paths["llama-tiny"]
-        cfg.policy = cfg.policy or tiny.sft_model(cfg.tiny_world, paths, train.main, cfg.seed, cfg.cache_dir)
+        cfg.policy = cfg.policy or tiny.sft_model(cfg.tiny_world, paths, train.main, cfg.seed, cfg.cache_dir,
+                                                  cfg.device)
     if cfg.until not in ("oracle", "scores", "policy"):
         raise UserError(f"--until must be oracle, scores or policy, got {cfg.until!r}")
+    for name in ("chosen_ratio", "rejected_ratio"):  # before any training, not at the scoring stage
+        if not 0 < getattr(cfg, name) <= 1:
+            raise UserError(f"--{name} {getattr(cfg, name)}: must lie in (0, 1]")
+    if not (cfg.subset > 0 and math.isfinite(cfg.subset)):
+        raise UserError(f"--subset {cfg.subset}: a fraction in (0, 1] or a count above 1")
     if not (cfg.oracle_base and cfg.policy):
         raise UserError("sepo_pipeline.py needs --oracle_base and --policy (or neither, with no --data: the tiny "
                         "world)")
@@ -183,9 +202,10 @@ def stages(cfg, oracle_tokenizer, on_tiny_world, rank):
 
     def stage(name, args):
         final = os.path.join(out, name, "final")
-        if not os.path.exists(os.path.join(final, "config.json")):
+        if not on_rank_zero(lambda: os.path.exists(os.path.join(final, "config.json"))):  # rank 0 decides for all
             log0(f"\n== {name} ==")
             train.main(common + args + ["--output_dir", os.path.join(out, name)])  # later flags win
+            free_memory()  # the stage's FSDP modules and optimizer are garbage now: free them before the next
         return final
 
     held_out = ["--eval_data", cfg.eval_data] if cfg.eval_data else []  # the oracle's held-out loss and accuracy
@@ -199,9 +219,10 @@ def stages(cfg, oracle_tokenizer, on_tiny_world, rank):
         return oracle
     # Eq. 24-25: score every token of the target data, keep the top / bottom k% of each response
     scores_dir = os.path.join(out, "scores")
-    if not sepo.scoring_complete(scores_dir):
+    if not on_rank_zero(lambda: sepo.scoring_complete(scores_dir)):
         log0("\n== scores ==")
         score.main(scoring_argv(cfg, oracle, ref, [(cfg.chosen_ratio, cfg.rejected_ratio)], scores_dir))
+        free_memory()
     selections = os.path.join(scores_dir, sepo.selection_name(cfg.chosen_ratio, cfg.rejected_ratio))
     if cfg.until == "scores":
         return selections

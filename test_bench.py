@@ -66,7 +66,7 @@ def test_quick_run(world, tmp_path):
     result = json.loads(out.read_text())
 
     for item in ("machine", "1_step_time", "2_logps", "3_trl_throughput", "4_fsdp", "5_score", "6_real",
-                 "8_breakdown", "9_load", "select_tokens", "verdicts", "runtime_s"):
+                 "8_breakdown", "9_load", "10_generation", "select_tokens", "verdicts", "runtime_s"):
         assert item in result, item
     assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
     found = list(ratios(result))
@@ -118,6 +118,21 @@ def test_quick_run(world, tmp_path):
         assert len(ranks) == 2 and all(r["after"] >= r["before"] > 0 for r in ranks)
         assert abs(ranks[0]["shard"] - ranks[1]["shard"]) <= 0.1 * ranks[0]["shard"]
         assert 0.9 * load["model_bytes"] < ranks[0]["shard"] + ranks[1]["shard"] < 1.1 * load["model_bytes"]
+    # 10: generation, on every case the greedy answers of both sides were equal before anything was timed
+    gen = result["10_generation"]
+    assert {"tiny SFT, fp32", "SmolLM2-135M arch, fp32", "SmolLM2-135M arch, bf16"} <= set(gen)
+    assert all(g["greedy_equal"] and g["tokens_per_s"]["ours"] > 0 and g["tokens_per_s"]["hf"] > 0
+               for g in gen.values())
+    assert "rerun" not in json.dumps(result["4_fsdp"])  # the gloo abort is mended, not rerun (utils.end_group)
+
+
+def test_large_says_what_it_measures_and_needs_a_gpu(tmp_path):
+    """bench.py --large is a GPU run: without one it says what it would measure and stops (exit 1)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --large would run")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--large"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "measures item 2 on a GPU" in proc.stderr and "no GPU is visible" in proc.stderr
 
 
 def test_a_wrong_variant_cannot_win():

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 import experiments
+import losses
 import train
 import utils
 
@@ -302,13 +303,18 @@ def test_confpo_rand_does_not_depend_on_the_micro_batch_size(world, tmp_path):
 # 9. A non-finite loss
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_a_non_finite_loss_stops_before_the_step_or_is_skipped(world, tmp_path):
+def test_a_non_finite_loss_stops_before_the_step_or_is_skipped(world, tmp_path, monkeypatch):
     out = tmp_path / "huge_lr"  # step 1 is finite, its update sends the weights to overflow
     with pytest.raises(SystemExit, match=r"step 2: the loss or the gradient norm \(\w+\) is not finite; stopped before "
                                          r"the optimizer step\. The last checkpoint is .*step_00000001\. Lower --lr"):
         train.main(args(world, out, method="simpo", lr=1e30, max_steps=4, save_every=1))
-    skipped = tmp_path / "skipped"
-    train.main(args(world, skipped, method="simpo", beta="nan", max_steps=3, epochs=2, skip_nonfinite="true"))
+    skipped = tmp_path / "skipped"  # an objective whose every loss is NaN (a --beta nan is refused at parse time)
+
+    def nan_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask):
+        per_pair, metrics_ = losses.simpo_loss(chosen_logps, chosen_mask, rejected_logps, rejected_mask)
+        return per_pair * float("nan"), metrics_
+    monkeypatch.setitem(train.METHODS, "simpo", train.Method(nan_loss))
+    train.main(args(world, skipped, method="simpo", max_steps=3, epochs=2, skip_nonfinite="true"))
     assert [m["skipped_steps"] for m in metrics(skipped)] == [1, 2, 3]
     from transformers import AutoModelForCausalLM
     start = AutoModelForCausalLM.from_pretrained(world["llama-tiny"]).state_dict()
@@ -341,3 +347,170 @@ def test_quick_study_has_folders_of_its_own_and_results_are_keyed_by_configurati
     assert calls == [1]
     with pytest.raises(SystemExit, match="holds a result of another configuration"):
         experiments.cached(path, {"lr": 2}, lambda: {"r": 3})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults found by trying it (issue 22): nothing silently wrong, a folder never made unusable, every mistake one line
+# ---------------------------------------------------------------------------------------------------------------
+
+def cli_line(main, argv, capsys):
+    """A command run as the scripts run it (utils.cli): its exit code and its one error line."""
+    code = utils.cli(main, [str(a) for a in argv])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, lines
+    return code, lines[0]
+
+
+@pytest.mark.parametrize("flag,value,said", [("beta", "-1", "must be positive"), ("beta", "nan", "finite number"),
+                                             ("lr", "nan", "learning rate"), ("lr", "-1", "learning rate"),
+                                             ("micro_batch_size", "0", "at least 1"),
+                                             ("warmup_ratio", "1.5", "[0, 1]"), ("lambda_", "-0.1", "negative")])
+def test_a_number_out_of_its_range_is_one_line_before_anything_loads(world, tmp_path, capsys, flag, value, said):
+    """--beta -1 used to train the inverted objective with exit 0; --beta nan failed at step 1 advising a lower
+    lr; --lr nan, --lr -1 and --micro_batch_size 0 were tracebacks after everything had loaded."""
+    method = "cpo" if flag == "lambda_" else "simpo"
+    code, line = cli_line(train.main, args(world, tmp_path / "r", method=method, **{flag: value}), capsys)
+    assert code == 1 and line.startswith(f"error: --{flag} {value}") and said in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_damaged_model_an_output_dir_that_is_a_file_and_an_unwritable_folder(world, tmp_path, capsys,
+                                                                                monkeypatch):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(world["llama-tiny"], damaged)
+    with open(damaged / "model.safetensors", "r+b") as fh:
+        fh.truncate(200)
+    code, line = cli_line(train.main, args(world, tmp_path / "r", model=damaged), capsys)
+    assert code == 1 and f"{damaged}: the model could not be loaded" in line and "cut short" in line
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    code, line = cli_line(train.main, args(world, afile), capsys)
+    assert code == 1 and line == f"error: {afile} is a file, not a folder; choose another --output_dir"
+    assert afile.read_text() == "not a folder"
+
+    def refuse(*a, **kw):  # the tests run as root, which no permission stops: a read-only folder is mocked
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(os, "makedirs", refuse)
+    code, line = cli_line(train.main, args(world, tmp_path / "ro" / "run"), capsys)
+    assert code == 1 and line == f"error: cannot write in {tmp_path / 'ro' / 'run'} (Permission denied); choose " \
+                                 "another --output_dir"
+
+
+def test_a_kill_during_the_first_reference_pass_resumes(world, tmp_path):
+    """config.json was written only after the reference pass, so a rerun after a kill -9 in the first pass took
+    ref_logps/ for a stranger's files. Now the folder is known as a run before the pass, a killed pass resumes,
+    a damaged block is computed again (named), and the run ends as an uninterrupted one."""
+    out, full = tmp_path / "killed", tmp_path / "full"
+    argv = args(world, out, method="dpo", precompute_ref="true", data=world["train"], micro_batch_size=8,
+                global_batch_size=8, max_steps=2)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], env=ENV, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "ref_logps" / "train_000001.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    blocks = sorted((out / "ref_logps").glob("train_*.pt"))
+    assert 2 <= len(blocks) < 8 and (out / "config.json").exists()
+    with open(blocks[0], "r+b") as fh:  # and one block cut short
+        fh.truncate(100)
+    proc = command("train.py", argv, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"warning: {blocks[0]} is damaged; computing it again" in proc.stdout + proc.stderr
+    train.main(args(world, full, method="dpo", precompute_ref="true", data=world["train"], micro_batch_size=8,
+                    global_batch_size=8, max_steps=2))
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(full)]
+    assert all(torch.equal(params(out)[k], v) for k, v in params(full).items())
+
+
+def test_damaged_score_shards_are_scored_again_never_merged(world, tmp_path, capsys):
+    """A shard cut short, one holding another block's rows, and one of garbage gave exit 0, `complete: true` and
+    selections with rows missing or doubled (or a traceback). Each is named and scored again, the selections equal
+    an uninterrupted run's bytes, and a killed merge's temporary file goes."""
+    import score
+    out = tmp_path / "scores"
+    argv = ["--confpo", "--model", world["llama-tiny"], "--data", world["small"], "--output_dir", out, "--shard_size",
+            "4", "--cache_dir", world["cache"], "--device", "cpu"]
+    assert utils.cli(score.main, [str(a) for a in argv]) == 0
+    expected = (out / "confpo.jsonl").read_bytes()
+    shards = sorted((out / "shards").glob("block_*.jsonl"))
+    lines = shards[1].read_text().splitlines()
+    shards[1].write_text("\n".join(lines[:2]) + "\n")  # cut to half its rows
+    shards[2].write_text(shards[0].read_text())  # another block's rows
+    shards[3].write_text("garbage\n")
+    (out / f"confpo.jsonl.tmp{os.getpid() + 1}").write_text("left by a killed merge")
+    capsys.readouterr()
+    assert utils.cli(score.main, [str(a) for a in argv]) == 0
+    said = capsys.readouterr()
+    for shard in shards[1:]:
+        assert f"warning: {shard} is damaged (not the scores of its block's pairs); scoring it again" in said.out
+    assert (out / "confpo.jsonl").read_bytes() == expected
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_two_first_time_jobs_on_one_tiny_world_share_one_sft_build(tmp_path):
+    """tiny.trained() deleted the SFT run folder, the other job's lock included: two jobs trained the start side
+    by side, one died, the model's metrics held every line twice. Now the second job waits for the first."""
+    tw = tmp_path / "tw"
+    jobs = [subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), "--tiny_world", str(tw), "--output_dir",
+                              str(tmp_path / name), "--max_steps", "2", "--judge", "none", "--method", method,
+                              "--cache_dir", str(tmp_path / "cache")], env=ENV, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for name, method in (("a", "confpo"), ("b", "simpo"))]
+    for job in jobs:
+        _, err = job.communicate(timeout=600)
+        assert job.returncode == 0, err[-2000:]
+    lines = (tw / "models" / "llama-small-sft" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == len(set(lines)) and lines
+
+
+def test_sigterm_saves_at_the_step_boundary_and_the_rerun_ends_as_one_that_never_stopped(world, tmp_path):
+    """SIGTERM (a scheduler's preemption) ended a run with nothing printed. Now the step finishes, a checkpoint is
+    saved, one line says where, the lock is released, and the same command resumes to the same parameters; with
+    --save_on_signal false it stops at once, as Ctrl-C."""
+    out, full = tmp_path / "run", tmp_path / "full"
+    argv = args(world, out, max_steps=40, epochs=20)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], env=ENV, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
+    step = train.checkpoints(out)[-1]
+    assert line.startswith("error: stopped by SIGTERM after step ") and f"saved in {step}" in line
+    assert not (out / ".lock").exists()
+    proc = command("train.py", argv, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    train.main(args(world, full, max_steps=40, epochs=20))
+    assert all(torch.equal(params(out)[k], v) for k, v in params(full).items())
+    now = tmp_path / "at_once"
+    argv = args(world, now, max_steps=400, epochs=200, save_on_signal="false")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], env=ENV, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not ((now / "metrics.jsonl").exists() and len(metrics(now)) >= 1) and time.time() < deadline + 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode == 143 and line.startswith("error: terminated (SIGTERM) during step ")
+    assert "nothing new was saved" in line and not train.checkpoints(now)
+
+
+def test_missing_data_on_the_default_path_is_found_before_the_sft_start_is_built(tmp_path, capsys):
+    tw = tmp_path / "tw"
+    code, line = cli_line(train.main, ["--tiny_world", tw, "--data", tmp_path / "typo.jsonl", "--output_dir",
+                                       tmp_path / "r"], capsys)
+    assert code == 1 and line == f"error: {tmp_path / 'typo.jsonl'}: file does not exist"
+    assert not (tw / "models" / "llama-small-sft").exists()
+
+
+def test_help_says_which_defaults_the_tiny_world_changes():
+    import tiny
+    import re
+    text = train.__doc__.replace("\n", " ")
+    listed = dict(re.findall(r"(\w+) ([0-9.e-]+)[,( ]", text.split("these change", 1)[1]))
+    assert {k: float(v) for k, v in listed.items()} == {k: float(v) for k, v in tiny.TRAIN_DEFAULTS.items()}

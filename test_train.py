@@ -392,7 +392,8 @@ for trainable in (True, False):
     report[str(trainable)] = sharded
 if rank == 0:
     json.dump(report, open(f"{out}/report.json", "w"))
-dist.destroy_process_group()
+utils.end_group()
+utils.exit_now(0)  # no finalization: see utils.exit_now
 """
 
 

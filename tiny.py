@@ -11,6 +11,7 @@ The synthetic task: three kinds of pairs whose preference is decided by one key 
 """
 
 import argparse
+import fcntl
 import json
 import os
 import random
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils import log0  # noqa: E402
+from utils import log0, on_rank_zero  # noqa: E402
 
 WORLD_VERSION = 2  # bump when anything the tiny world writes changes, so old folders are rebuilt
 
@@ -395,30 +396,44 @@ def build_tiny_world(root="tiny_world", seed=0):
 def trained(root, name, flags, train_main):
     """root/models/<name>: the export of `train_main(flags)` (train.main, passed in: this module sits below
     train.py), trained once and then re-used, with the run's metrics.jsonl beside the weights. On every rank; rank 0
-    moves the export into place."""
+    decides whether it exists and moves the export into place. A second job that needs the same model while the
+    first builds it waits for it (an OS lock beside the folder), then uses it."""
     path = os.path.join(root, "models", name)
-    if not os.path.exists(os.path.join(path, "config.json")):
-        log0(f"building {path} once")
-        run = path + ".run"
-        if dist.get_rank() == 0:
-            shutil.rmtree(run, ignore_errors=True)
-        dist.barrier()
-        train_main([x for k, v in {**flags, "output_dir": run, "resume": False, "save_every": 0}.items()
-                    for x in (f"--{k}", str(v))])
-        if dist.get_rank() == 0:  # the run's metrics (held-out losses included) stay with the model
-            shutil.copy(os.path.join(run, "metrics.jsonl"), os.path.join(run, "final", "metrics.jsonl"))
-            os.replace(os.path.join(run, "final"), path)
-            shutil.rmtree(run, ignore_errors=True)
-        dist.barrier()
+    fd = None
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks while another job builds this model
+        except OSError:  # a filesystem without locks: no waiting, as before
+            pass
+    try:
+        if not on_rank_zero(lambda: os.path.exists(os.path.join(path, "config.json"))):
+            log0(f"building {path} once")
+            run = path + ".run"
+            if dist.get_rank() == 0:
+                shutil.rmtree(run, ignore_errors=True)
+            dist.barrier()
+            train_main([x for k, v in {**flags, "output_dir": run, "resume": False, "save_every": 0}.items()
+                        for x in (f"--{k}", str(v))])
+            if dist.get_rank() == 0:  # the run's metrics (held-out losses included) stay with the model
+                shutil.copy(os.path.join(run, "metrics.jsonl"), os.path.join(run, "final", "metrics.jsonl"))
+                os.replace(os.path.join(run, "final"), path)
+                shutil.rmtree(run, ignore_errors=True)
+            dist.barrier()
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
     return path
 
 
-def sft_model(root, paths, train_main, seed=42, cache_dir=""):
+def sft_model(root, paths, train_main, seed=42, cache_dir="", device="auto"):
     """llama-small fine-tuned on the chosen responses of the synthetic train set (SePO Eq. 23): the starting point
     of `python train.py` and `python sepo_pipeline.py` -> root/models/llama-small-sft."""
     return trained(root, "llama-small-sft", {**TRAIN_DEFAULTS, "lr": 1e-3, "epochs": 2, "method": "sft",
                                             "model": paths["llama-small"], "data": paths["train"],
-                                            "tiny_world": root, "cache_dir": cache_dir, "seed": seed}, train_main)
+                                            "tiny_world": root, "cache_dir": cache_dir, "seed": seed,
+                                            "device": device}, train_main)
 
 
 def model_of_size(root, paths, size, seed=0):

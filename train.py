@@ -10,10 +10,15 @@
 Top to bottom: the config (every field is a flag) and the method table; `train`: the checks, the set-up and the
 loop with its export; then what they call: data, one micro-step, metrics, checkpoints (torch.distributed.checkpoint,
 written to a temporary folder and renamed) and the Hugging Face export (models.py loads and shards the models).
-Each micro-step is one forward over chosen and rejected rows together; gradients are synchronised on the last
-micro-step of an optimizer step only. Without torchrun variables it runs as a world of one, through the same FSDP
-code path. A run owns its output folder (a lock), writes nothing there before every check has passed, and resumes
-from its newest intact checkpoint when the same command runs again.
+Each micro-step is one forward over chosen and rejected rows together. Under torchrun the model is sharded with
+FSDP2; without torchrun variables it runs as a world of one, which trains the model itself (FSDP would only add
+copies). A run owns its output folder (a lock), writes nothing there before every check has passed, saves a
+checkpoint and stops at the next step boundary on SIGTERM, and resumes from its newest intact checkpoint when the
+same command runs again.
+
+Defaults are the papers' (ConfPO App. D). Without --model (the tiny offline world) these change, where no flag or
+--config file sets them: global_batch_size 32, micro_batch_size 8, lr 3e-4, max_length 128, max_prompt_length 64,
+log_every 5, eval_every 20, eval_max_pairs 200, save_every 50 (tiny.TRAIN_DEFAULTS).
 """
 
 import dataclasses
@@ -101,9 +106,15 @@ class Config:
     activation_checkpointing: bool = arg(False, "recompute decoder layers in backward (saves memory)")
     logp_path: str = arg("auto", "chunked: log-probs from hidden states, never the full logits | logits | auto")
     chunk_size: int = arg(0, "response tokens per vocabulary block in the log-prob computation (0 = as many as "
-                             "fit in 32 MiB of float32 logits)")
+                             "fit in 32 MiB of float32 logits on a CPU, 512 MiB on a GPU)")
     disable_dropout: bool = arg(True, "set every dropout probability of policy and reference to 0 (as TRL)")
     hybrid_shard: bool = arg(False, "replicate across nodes, shard within a node (2-D mesh)")
+    accumulate_unsharded: bool = arg(False, "FSDP: keep gradients unsharded across micro-steps and reduce them once "
+                                            "per step (less communication, but a full fp32 gradient per GPU: 32 GB "
+                                            "at 8B); the default reduce-scatters every micro-step")
+    deterministic: bool = arg(False, "torch.use_deterministic_algorithms: the same bits on every run on a GPU too "
+                                     "(slower kernels; a CPU run is deterministic without it)")
+    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)")
     # bookkeeping
     log_every: int = arg(10, "steps between lines of metrics.jsonl")
     eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)")
@@ -118,6 +129,8 @@ class Config:
                              "auto (synthetic when training on the tiny world)")
     skip_nonfinite: bool = arg(False, "skip (and count) an optimizer step whose loss or gradient norm is not finite, "
                                       "instead of stopping the run there")
+    save_on_signal: bool = arg(True, "on SIGTERM (a scheduler's preemption): finish the step, save a checkpoint, "
+                                     "stop; a second SIGTERM stops at once (false: stop at once, as Ctrl-C)")
 
 
 # Fields that may differ when a run is resumed (everything else must match the run in output_dir). Paths are
@@ -127,7 +140,8 @@ class Config:
 RESUMABLE_FIELDS = {"judge", "halt_after", "log_every", "eval_every", "eval_max_pairs", "save_every", "keep_last",
                     "resume", "export", "num_proc", "cache_dir", "skip_bad_rows", "device", "hybrid_shard",
                     "activation_checkpointing", "chunk_size", "logp_path", "micro_batch_size", "skip_nonfinite",
-                    "output_dir", "tiny_world", "threads", "save_final"}
+                    "output_dir", "tiny_world", "threads", "save_final", "accumulate_unsharded", "deterministic",
+                    "dist_timeout", "save_on_signal"}
 PATH_FIELDS = ("model", "ref_model", "tokenizer", "data", "eval_data", "selections")  # compared by content
 HPARAMS = ["beta", "gamma", "tau", "label_smoothing", "lambda_", "lambda_w", "lambda_l", "delta", "alpha",
            "threshold", "strict", "normalize"]
@@ -154,7 +168,7 @@ import data  # noqa: E402
 import losses  # noqa: E402
 import sepo  # noqa: E402
 import tiny  # noqa: E402
-from models import check_source, load_model, make_mesh  # noqa: E402
+from models import check_source, compute_dtype, load_model, make_mesh  # noqa: E402
 from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, fsync_dir, log0,  # noqa: E402
                    on_rank_zero, rank_zero_first, read_marker, remove, run_in_group)
 
@@ -220,14 +234,47 @@ def resolve(cfg, explicit):
         if name == "normalize" and value not in ("selected", "response"):
             raise UserError(f"--normalize must be selected or response, got {value!r}")
         hparams[name] = value
+    check_ranges(cfg, hparams)
     return hparams
+
+
+def check_ranges(cfg, hparams):
+    """Every number in its range, before anything loads: a negative beta would train the inverted objective with
+    exit 0, a NaN would surface only at the first step, a zero micro-batch as a ZeroDivisionError."""
+    def need(ok, name, what):
+        if not ok:
+            raise UserError(f"--{name} {getattr(cfg, name, hparams.get(name))}: {what}")
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+    need(finite(cfg.lr) and cfg.lr > 0, "lr", "the learning rate must be a positive number")
+    for name in ("global_batch_size", "micro_batch_size", "epochs", "log_every", "eval_every", "max_length",
+                 "max_prompt_length", "dist_timeout"):
+        need(getattr(cfg, name) >= 1, name, "must be at least 1")
+    for name in ("save_every", "keep_last", "halt_after", "chunk_size", "threads", "eval_max_pairs"):
+        need(getattr(cfg, name) >= 0, name, "must not be negative")
+    for name in ("weight_decay", "grad_clip", "adam_eps"):
+        need(finite(getattr(cfg, name)) and getattr(cfg, name) >= 0, name, "must be a finite number >= 0")
+    need(cfg.adam_eps > 0, "adam_eps", "must be positive")
+    need(finite(cfg.warmup_ratio) and 0 <= cfg.warmup_ratio <= 1, "warmup_ratio", "must lie in [0, 1]")
+    for name in ("adam_beta1", "adam_beta2"):
+        need(finite(getattr(cfg, name)) and 0 <= getattr(cfg, name) < 1, name, "must lie in [0, 1)")
+    need(cfg.max_prompt_length < cfg.max_length, "max_prompt_length", f"must be below --max_length {cfg.max_length}")
+    for name, value in hparams.items():
+        if name in ("threshold", "strict", "normalize"):  # checked above
+            continue
+        need(finite(value), name, "must be a finite number")
+        if name in ("beta", "tau"):
+            need(value > 0, name, "must be positive (a negative beta trains the inverted objective)")
+        if name in ("lambda_", "lambda_w", "lambda_l", "delta"):
+            need(value >= 0, name, "must not be negative")
+        if name == "label_smoothing":
+            need(0 <= value < 0.5, name, "must lie in [0, 0.5)")
 
 
 def main(argv=None):
     cfg, explicit = parse_config(argv)
     hparams = resolve(cfg, explicit)
     return run_in_group(cfg.device, lambda rank, world, device: train(cfg, hparams, rank, world, device),
-                        cfg.threads)
+                        cfg.threads, cfg.dist_timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,12 +284,21 @@ def main(argv=None):
 def train(cfg, hparams, rank, world, device):
     method = METHODS[cfg.method]
     on_tiny_world = not cfg.model
+    if cfg.deterministic:  # cuBLAS needs a fixed workspace for deterministic results
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     if on_tiny_world:  # the offline tiny world (rank 0 builds it once), from an SFT model as in both papers
         paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
+        if cfg.data or cfg.eval_data:  # the user's data are checked before the SFT start is built (minutes)
+            sources = [(src, split) for src, split in ((cfg.data, cfg.split), (cfg.eval_data, cfg.eval_split or
+                                                                                cfg.split)) if src]
+            on_rank_zero(lambda: [data.load_preferences(src, split=split, form=cfg.form, cache_dir=cfg.cache_dir or
+                                                        None, skip_bad_rows=cfg.skip_bad_rows)
+                                  for src, split in sources], share=False)
         if not cfg.data:
             cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
         cfg.model = (paths["llama-small"] if method.chosen_only else
-                     tiny.sft_model(cfg.tiny_world, paths, main, cfg.seed, cfg.cache_dir))
+                     tiny.sft_model(cfg.tiny_world, paths, main, cfg.seed, cfg.cache_dir, cfg.device))
     if cfg.global_batch_size % (world * cfg.micro_batch_size):
         raise UserError(f"--global_batch_size {cfg.global_batch_size} is not a multiple of ranks x micro batch "
                         f"({world} x {cfg.micro_batch_size})")
@@ -260,7 +316,9 @@ def set_up(cfg, method, rank, world, device):
     np.random.seed(cfg.seed)
     saved = on_rank_zero(lambda: read_marker(cfg.output_dir, "config.json", "run"))
     fingerprints = on_rank_zero(lambda: {k: fingerprint(getattr(cfg, k)) for k in PATH_FIELDS})
-    found = checkpoints(cfg.output_dir)
+    # what the folder holds decides collectives: rank 0 looks, every rank follows (ranks on other nodes may see a
+    # shared filesystem late, and ranks that disagree hang in the next collective)
+    found = on_rank_zero(lambda: checkpoints(cfg.output_dir))
     check_same_run(cfg, saved, fingerprints, found)
     for flag, path in (("--model", cfg.model), ("--ref_model", cfg.ref_model), ("--tokenizer", cfg.tokenizer)):
         check_source(path, flag)
@@ -282,18 +340,13 @@ def set_up(cfg, method, rank, world, device):
     ref = load_model(cfg.ref_model or cfg.model, cfg, mesh, device, trainable=False) if method.reference else None
     log0(f"policy {cfg.model}: log-probs via the {policy.path} path; reference: "
          f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}")
-    refs = {}
-    if ref is not None and cfg.precompute_ref:  # one pass now; then no reference model during training
-        refs = {split: with_ref_logps(cfg, ref, pairs, split, tokenizer, fingerprints, device, rank, world)
-                for split, pairs in ds.items()}
-        ref = None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
     meter = Meter(device)
     step, skipped = 0, 0
-    if cfg.resume and finished_at(cfg.output_dir) == total:  # exported at its last step: nothing left to train
+    if cfg.resume and on_rank_zero(lambda: finished_at(cfg.output_dir)) == total:  # exported at its last step
         step = total
     elif found and cfg.resume:
         step, skipped = resume(found, policy, optimizer, scheduler, meter, rank)
@@ -310,6 +363,12 @@ def set_up(cfg, method, rank, world, device):
         trim_metrics(metrics_path, step)
         for leftover in glob.glob(os.path.join(cfg.output_dir, "checkpoints", "*.tmp")):
             shutil.rmtree(leftover, ignore_errors=True)  # a save that was killed before its rename
+    refs = {}
+    if ref is not None and cfg.precompute_ref and step < total:
+        # one pass of the reference, after config.json is written: a killed pass resumes in a folder known as ours
+        refs = {split: with_ref_logps(cfg, ref, pairs, split, tokenizer, fingerprints, device, rank, world)
+                for split, pairs in ds.items()}
+        ref = None  # no reference model during training
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return SimpleNamespace(tokenizer=tokenizer, pad_id=pad_id, ds=ds, refs=refs, policy=policy, ref=ref,
                            optimizer=optimizer, scheduler=scheduler, meter=meter, step=step, skipped=skipped,
@@ -357,6 +416,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
         log0(f"{cfg.output_dir}: this run had already finished; only what is missing is done again")
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
     t_last, halt_at = time.perf_counter(), step + cfg.halt_after if cfg.halt_after else None
+    utils.SIGTERM_STATE.update(defer=cfg.save_on_signal, pending=False)  # SIGTERM: save at the next step boundary
     try:
         while step < total:
             epoch = step // run.steps_per_epoch
@@ -372,7 +432,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                 count = torch.tensor(float(cfg.global_batch_size), device=device)
             not_finite = torch.zeros((), device=device)
             for i, batch in enumerate(batches):
-                if world > 1:  # FSDP: reduce the gradients on the last micro-step only
+                if world > 1 and cfg.accumulate_unsharded:  # FSDP: reduce on the last micro-step only
                     policy.set_requires_gradient_sync(i == len(batches) - 1)
                 per_pair, metrics = micro_step(method, policy, run.ref, batch, hparams, (cfg.seed, step))
                 (per_pair.sum() * world / count).backward()
@@ -411,19 +471,27 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                 log0(f"\nstep {step} eval: loss {line['loss']:.4f}" +
                      (f", reward accuracy {line['accuracy']:.3f}" if "accuracy" in line else ""))
             halting = halt_at is not None and step >= halt_at
-            if (cfg.save_every and step % cfg.save_every == 0) or (step == total and cfg.save_final) or halting:
+            signalled = cfg.save_on_signal and step < total and any_rank(utils.SIGTERM_STATE["pending"], device)
+            if (cfg.save_every and step % cfg.save_every == 0) or (step == total and cfg.save_final) or halting \
+                    or signalled:
                 save_checkpoint(cfg, run, step, rank)
+            if signalled:
+                bar.close()
+                raise UserError(f"stopped by SIGTERM after step {step}, saved in {checkpoints(cfg.output_dir)[-1]}; "
+                                "run the same command to resume there", code=143)
             if halting:
                 bar.close()
                 log0(f"halted after step {step} (--halt_after); run the same command again to continue")
                 return None
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted during step {step + 1}: nothing new was saved. {last_checkpoint(cfg)}; run the "
-                        "same command to resume", code=130) from None
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM without --save_on_signal (or a second one)
+        what = "terminated (SIGTERM)" if isinstance(e, utils.Terminated) else "interrupted"
+        raise UserError(f"{what} during step {step + 1}: nothing new was saved. {last_checkpoint(cfg)}; run the "
+                        "same command to resume", code=143 if isinstance(e, utils.Terminated) else 130) from None
     finally:
+        utils.SIGTERM_STATE.update(defer=False)
         bar.close()  # before any message: the bar's line ends first
     final = os.path.join(cfg.output_dir, "final")
-    if cfg.export and not os.path.exists(os.path.join(final, "config.json")):
+    if cfg.export and not on_rank_zero(lambda: os.path.exists(os.path.join(final, "config.json"))):
         export(cfg, policy, run.tokenizer, cfg.model, step, rank)
     judged = rank == 0 and any(line.get("split") == "generate" for line in read_metrics(run.metrics_path))
     if cfg.export and (cfg.judge == "synthetic" or (cfg.judge == "auto" and on_tiny_world)) and rank == 0 \
@@ -438,6 +506,14 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
              f"{after:.3f} after {cfg.method}")
     log0(f"done: {cfg.output_dir} (metrics.jsonl, checkpoints/, {'final/' if cfg.export else 'no export'})")
     return cfg.output_dir
+
+
+def any_rank(flag, device):
+    """Whether a flag is set on any rank (a signal reaches the ranks at different moments; they must stop at the
+    same step)."""
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
 
 
 def cosine_with_warmup(step, total, warmup):
@@ -465,8 +541,9 @@ def prepare_data(cfg, method, tokenizer, data_fingerprint=None):
         ds = data.load_preferences(source, split=split, form=cfg.form, skip_bad_rows=cfg.skip_bad_rows,
                                    num_proc=cfg.num_proc, cache_dir=cfg.cache_dir or None)
         ds, stats = data.tokenize_preferences(ds, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.num_proc)
-        log0(f"{source} [{split}]: {stats['kept']} pairs kept, {stats['dropped_empty']} dropped (empty response); "
-             f"of those kept, {stats['truncated_prompt']} have a truncated prompt and {stats['truncated_response']} a "
+        named = source if os.path.isfile(source) else f"{source} [{split}]"  # a file is one split by itself
+        log0(f"{named}: {stats['kept']} pairs kept, {stats['dropped_empty']} dropped (empty response); of those "
+             f"kept, {stats['truncated_prompt']} have a truncated prompt and {stats['truncated_response']} a "
              "truncated response")
         return ds
 
@@ -515,7 +592,9 @@ def with_ref_logps(cfg, ref, pairs, split, tokenizer, fingerprints, device, rank
     """The reference's per-token log-probs of every pair -> {pair index: (chosen (n_w,), rejected (n_l,))}, over
     its response tokens, computed once: block by block, every rank forwarding its share of a block's pairs
     through the sharded reference, rank 0 writing the block to output_dir/ref_logps/<split>_NNNNNN.pt (tensors
-    only) through a temporary file. A killed pass resumes at the first missing block."""
+    only) through a temporary file. A killed pass resumes at the first missing block; a damaged block (cut short,
+    of other pairs) is computed again. Rank 0 decides which blocks are missing, and every rank forwards as many
+    micro-batches as the others, an empty share of the last block included (FSDP's collectives must match)."""
     folder = os.path.join(cfg.output_dir, "ref_logps")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # what the blocks are the log-probs of (from set_up's fingerprints): blocks of anything else are cleared first
@@ -523,32 +602,42 @@ def with_ref_logps(cfg, ref, pairs, split, tokenizer, fingerprints, device, rank
     identity = {"reference": fingerprints["ref_model"] or fingerprints["model"], "data": source,
                 "split": cfg.eval_split or cfg.split if split == "eval" else cfg.split, "pairs": len(pairs),
                 "tokenizer": data.tokenizer_hash(tokenizer), "max_length": cfg.max_length,
-                "max_prompt_length": cfg.max_prompt_length, "dtype": cfg.dtype}
-    marker = os.path.join(folder, f"{split}.json")
-    if rank == 0:
-        os.makedirs(folder, exist_ok=True)
-        if os.path.exists(marker):
-            with open(marker) as fh:
-                if json.load(fh) != identity:
-                    for stale in glob.glob(os.path.join(folder, f"{split}_*.pt")):
-                        os.remove(stale)
-        atomic_write(marker, json.dumps(identity))
-    dist.barrier()
+                "max_prompt_length": cfg.max_prompt_length, "dtype": repr(compute_dtype(cfg.dtype, device))}
     paths = [os.path.join(folder, f"{split}_{b:06d}.pt") for b in range(math.ceil(len(pairs) / block))]
-    todo = [b for b, path in enumerate(paths) if not os.path.exists(path)]
+    blocks = lambda b: list(range(b * block, min(len(pairs), (b + 1) * block)))  # noqa: E731
+
+    def missing():  # rank 0: clear the blocks of anything else, check the others, name what is left to compute
+        os.makedirs(folder, exist_ok=True)
+        marker = os.path.join(folder, f"{split}.json")
+        if os.path.exists(marker) and read_json(marker) != identity:
+            for stale in glob.glob(os.path.join(folder, f"{split}_*.pt")):
+                os.remove(stale)
+        atomic_write(marker, json.dumps(identity))
+        todo = []
+        for b, path in enumerate(paths):
+            if os.path.exists(path) and ref_block(path, blocks(b)) is None:
+                log0(f"warning: {path} is damaged; computing it again")
+                os.remove(path)
+            if not os.path.exists(path):
+                todo.append(b)
+        return todo
+    todo = on_rank_zero(missing)
     for b in tqdm(todo, desc=f"reference log-probs ({split})", disable=rank != 0 or not todo, dynamic_ncols=True):
-        idx = list(range(b * block, min(len(pairs), (b + 1) * block)))
+        idx = blocks(b)
         mine = idx[rank::world]
-        mine += mine[-1:] * (math.ceil(len(idx) / world) - len(mine))  # every rank the same forwards (FSDP)
+        # every rank the same forwards (FSDP): a short share repeats a pair, an empty one forwards the block's first
+        work = (mine or idx[:1]) * math.ceil(len(idx) / world)
+        work = work[:math.ceil(len(idx) / world)]
         rows = {}
-        for s in range(0, len(mine), cfg.micro_batch_size):
-            chunk = mine[s:s + cfg.micro_batch_size]
+        for s in range(0, len(work), cfg.micro_batch_size):
+            chunk = work[s:s + cfg.micro_batch_size]
             batch = collate(pairs, chunk, pad_id, Method(None), device)
             with torch.no_grad():
                 logps, mask = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   labels=batch["labels"])
-            for j, i in enumerate(chunk):  # per pair: its response tokens' log-probs, chosen then rejected
-                rows[i] = (logps[j][mask[j]].cpu(), logps[len(chunk) + j][mask[len(chunk) + j]].cpu())
+            for j, i in enumerate(chunk):  # per pair of this rank's share: its response tokens' log-probs
+                if i in mine:
+                    rows[i] = (logps[j][mask[j]].cpu(), logps[len(chunk) + j][mask[len(chunk) + j]].cpu())
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         if rank == 0:
@@ -558,10 +647,32 @@ def with_ref_logps(cfg, ref, pairs, split, tokenizer, fingerprints, device, rank
             os.replace(paths[b] + ".tmp", paths[b])
         dist.barrier()
     values = {}
-    for path in paths:
-        saved = torch.load(path, weights_only=True)  # tensors only: loading runs no code
+    for b, path in enumerate(paths):
+        saved = ref_block(path, blocks(b))
+        if saved is None:
+            raise UserError(f"{path} is damaged (changed after it was checked); run the same command again")
         values.update(zip(saved["index"].tolist(), zip(saved["chosen"], saved["rejected"])))
     return values
+
+
+def ref_block(path, expected):
+    """A reference block as written (tensors only: loading runs no code), or None when it cannot be read or holds
+    other pairs than `expected`."""
+    try:
+        saved = torch.load(path, weights_only=True)
+        if saved["index"].tolist() != expected or not len(saved["chosen"]) == len(saved["rejected"]) == len(expected):
+            return None
+        return saved
+    except Exception:  # cut short, garbage, another format: any error of the reader
+        return None
+
+
+def read_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
 
 
 def batch_order(n_pairs, cfg, epoch):
@@ -817,13 +928,14 @@ def load_checkpoint(path, policy, optimizer, scheduler, meter, rank):
 
 
 def rng_state():
-    """Python's, NumPy's, torch's (and CUDA's) generator states as tensors and numbers."""
+    """Python's, NumPy's, torch's (and this rank's GPU's) generator states as tensors and numbers. Only this rank's
+    device: a resume with another number of visible GPUs (CUDA_VISIBLE_DEVICES) still reads it."""
     version, mt, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": torch.tensor(mt, dtype=torch.int64), "python_version": version, "python_gauss": gauss,
             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss),
             "numpy_gauss": float(cached), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.zeros(0, dtype=torch.uint8)}
 
 
 def set_rng_state(s):
@@ -831,8 +943,12 @@ def set_rng_state(s):
     np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_has_gauss"],
                          s["numpy_gauss"]))
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    cuda = s["cuda"]
+    if isinstance(cuda, (list, tuple)):  # checkpoints before this version saved every visible GPU's state
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and len(cuda) > \
+            torch.cuda.current_device() else torch.zeros(0, dtype=torch.uint8)
+    if len(cuda) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def read_metrics(path):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -49,18 +50,27 @@ class UserError(SystemExit):
 
 def cli(main, argv=None):
     """Run a script's `main(argv)` as a command: user errors end in one line on stderr and a non-zero exit code
-    (1; 2 for bad flags; 130 for Ctrl-C), other errors in their traceback. `--debug` (or DEBUG=1) shows the
-    traceback of user errors too."""
+    (1; 2 for bad flags; 130 for Ctrl-C; 143 for SIGTERM), other errors in their traceback. `--debug` (or DEBUG=1)
+    shows the traceback of user errors too. From the command line (argv None), a process that made a process group
+    leaves through exit_now."""
+    code = _cli(main, argv)
+    if argv is None and GROUP_MADE[0]:
+        exit_now(code)
+    return code
+
+
+def _cli(main, argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    signal.signal(signal.SIGTERM, on_sigterm)  # a scheduler's preemption is a Ctrl-C with its own exit code
     try:
         return 0 if main(argv) is not False else 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        say("interrupted")
-        return 130
+        say("terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted")
+        return 143 if isinstance(e, Terminated) else 130
     except BaseException as e:  # noqa: B036 (SystemExit included: UserError is one)
         if isinstance(e, SystemExit) and not getattr(e, "user_error", False):
             raise  # --help, or a plain exit
@@ -73,6 +83,25 @@ def cli(main, argv=None):
                 json.dump({"message": {"message": f"error: {error}", "extraInfo": {
                     "py_callstack": f"error: {error}", "timestamp": str(int(time.time()))}}}, fh)
         return getattr(error, "exit_code", 1)
+
+
+GROUP_MADE = [False]  # set by init_distributed: this process has had gloo or nccl worker threads
+
+
+def exit_now(code):
+    """End the process without the interpreter's finalization, once what was written is flushed. A gloo worker
+    thread drops its last reference to a finished collective some time after the waiting rank has moved on; when
+    the collective held tensors made in Python (an all_gather_object's, FSDP's all-gathers), dropping them takes
+    the GIL, and a thread that waits for the GIL while the interpreter finalizes is unwound by CPython, which in
+    the work's C++ destructor is std::terminate: "terminate called without an active exception", SIGABRT (seen in
+    a core dump: c10d::AsyncAllgatherWork::~AsyncAllgatherWork in ProcessGroupGloo::runLoop, about one 2-rank job
+    in fifteen, and one in twenty-three with a barrier before the end; pytorch/pytorch#179291 describes it). A
+    process that does not finalize has no such moment."""
+    import logging
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def reason(e):
@@ -102,6 +131,22 @@ def load_callable(spec, flag):
     if not callable(fn):
         raise UserError(f"{flag} {spec}: {where} has no function {name}")
     return fn
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers send on preemption: handled as Ctrl-C (exit code 143 instead of 130)."""
+
+
+# train.py sets `defer` during its steps: SIGTERM then only sets `pending`, and the run saves a checkpoint at the
+# next step boundary before it stops (--save_on_signal); a second SIGTERM stops at once.
+SIGTERM_STATE = {"defer": False, "pending": False}
+
+
+def on_sigterm(signum, frame):
+    if SIGTERM_STATE["defer"] and not SIGTERM_STATE["pending"]:
+        SIGTERM_STATE["pending"] = True
+        return
+    raise Terminated()
 
 
 def check_flags(parse):
@@ -246,10 +291,15 @@ def _literal(t):
 # Processes
 # ---------------------------------------------------------------------------------------------------------------
 
-def init_distributed(device="auto", threads=0):
+DIST_TIMEOUT = 120  # minutes; nccl's default of 10 is shorter than what rank 0 may do alone while others wait
+
+
+def init_distributed(device="auto", threads=0, timeout=DIST_TIMEOUT):
     """Process group from torchrun's environment, or a world of one; an existing group is reused. CPU threads:
     `threads` if given, else those the process may use, divided among the ranks on this node (cpu_threads).
-    Returns (rank, world, device)."""
+    timeout: minutes a collective waits for the slowest rank (a hub download, tokenization, an export or a merge on
+    rank 0 alone). Returns (rank, world, device)."""
+    import datetime
     import torch
     import torch.distributed as dist
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -257,12 +307,14 @@ def init_distributed(device="auto", threads=0):
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     torch.set_num_threads(cpu_threads(threads))
+    GROUP_MADE[0] = True
     if "RANK" in os.environ:  # torchrun
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout))
     else:  # plain `python`: a world of one
-        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(minutes=timeout))
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
@@ -279,17 +331,29 @@ def cpu_threads(threads=0):
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def run_in_group(device, fn, threads=0):
+def run_in_group(device, fn, threads=0, timeout=DIST_TIMEOUT):
     """fn(rank, world, device) inside a process group, destroyed afterwards unless a caller already had one (the
     SePO pipeline runs several stages in one group)."""
     import torch.distributed as dist
     owner = not dist.is_initialized()
-    rank, world, dev = init_distributed(device, threads)
+    rank, world, dev = init_distributed(device, threads, timeout)
     try:
-        return fn(rank, world, dev)
-    finally:
+        result = fn(rank, world, dev)
         if owner:
+            end_group()
+        return result
+    finally:
+        if owner and dist.is_initialized():  # after an error: no collective may follow, only the teardown
             dist.destroy_process_group()
+
+
+def end_group():
+    """The process group's end after a barrier: no rank tears down while another is still in a collective. (The
+    abort at exit that a barrier alone does not prevent is exit_now's.)"""
+    import torch.distributed as dist
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def log0(*args):
@@ -298,9 +362,10 @@ def log0(*args):
         print(*args, flush=True)
 
 
-def on_rank_zero(fn):
+def on_rank_zero(fn, share=True):
     """fn() on rank 0, its result (or its user error) sent to every rank: a mistake rank 0 finds stops all ranks
-    together, with one message, instead of leaving the others waiting in a collective."""
+    together, with one message, instead of leaving the others waiting in a collective. share=False sends the error
+    alone (the other ranks get None)."""
     import torch.distributed as dist
     result, error = None, None
     if dist.get_rank() == 0:
@@ -310,14 +375,14 @@ def on_rank_zero(fn):
             if as_user_error(e) is None:
                 raise
             error = e
-    box = [result, None if error is None else str(as_user_error(error))]
+    box = [result if share else None, None if error is None else str(as_user_error(error))]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     if error is not None:
         raise error
     if box[1] is not None:
         raise UserError(box[1])
-    return box[0]
+    return result if dist.get_rank() == 0 else box[0]
 
 
 def together(fn):
@@ -344,9 +409,10 @@ def together(fn):
 
 def rank_zero_first(fn):
     """Run fn on rank 0, then on the other ranks: rank 0 fills the datasets cache, the others read it. A user error
-    on rank 0 stops every rank."""
+    on rank 0 stops every rank. Only the error is broadcast: a Dataset pickles as paths into rank 0's cache, which
+    a node with a cache of its own does not have."""
     import torch.distributed as dist
-    result = on_rank_zero(fn)
+    result = on_rank_zero(fn, share=False)
     if dist.get_world_size() > 1:
         result = result if dist.get_rank() == 0 else fn()
         dist.barrier()
@@ -452,11 +518,17 @@ class FolderLock:
         return self
 
     def _acquire(self):
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            return f"{self.folder} is a file, not a folder; choose another --output_dir"
         self.created = not os.path.exists(self.folder)
-        os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, LOCK)
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:  # a read-only or foreign-owned place, a path through a file
+                self._undo_create()
+                return f"cannot write in {self.folder} ({e.strerror}); choose another --output_dir"
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -465,6 +537,12 @@ class FolderLock:
                 self._undo_create()
                 return (f"{self.folder} is in use by another run ({holder or 'holder unknown'}); wait for it to end, "
                         f"or stop it, or choose another --output_dir")
+            except OSError as e:  # Lustre without flock (ENOSYS), NFS without a lock daemon (ENOLCK), ...
+                if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                print(f"warning: {self.folder}: this filesystem cannot lock files ({e.strerror}): the folder is not "
+                      "locked, so make sure no other job writes in it", file=sys.stderr, flush=True)
+                break
             if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break  # the file we locked is still the lock file (a releasing run may have just deleted it)
             os.close(fd)
