@@ -160,13 +160,10 @@ def _locate_bad_json(path, builder):
         rows = json.loads(text)
         rows = rows if isinstance(rows, list) else [rows]
     except json.JSONDecodeError:
-        rows = []
-        for i, line in enumerate(l for l in text.splitlines() if l.strip()):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                return DataError(f"{path} row {i}: invalid JSON: {e}")
+        rows = _json_lines(path)  # one row per line: the first bad one, in file order, is named
     for i, row in enumerate(rows):
+        if isinstance(row, _BadLine):
+            return DataError(f"{path} row {i}: {row.reason}")
         if not isinstance(row, dict):
             return DataError(f"{path} row {i}, field '<row>': expected a JSON object with prompt, chosen and "
                              f"rejected, got {type(row).__name__} {json.dumps(row)[:80]}")

@@ -125,12 +125,14 @@ def position_ids(attention_mask):
 
 
 @torch.no_grad()
-def sequence_kl(model, sft, sequences, answer_mask, pad_id, batch_size=50):
-    """Per answer: sum over its tokens t of KL(pi(.|x, y<t) || pi_sft(.|x, y<t)), from full distributions."""
+def sequence_kl(model, sft, sequences, answer_mask, pad_id, batch_size=50, attention_mask=None):
+    """Per answer: sum over its tokens t of KL(pi(.|x, y<t) || pi_sft(.|x, y<t)), from full distributions.
+    attention_mask: the real tokens of the left-padded sequences (default: those that are not pad_id, which is
+    right only where the pad token appears nowhere in a prompt)."""
     out = []
     for i in range(0, len(sequences), batch_size):
         ids, answer = sequences[i:i + batch_size], answer_mask[i:i + batch_size]
-        attention = (ids != pad_id) | answer
+        attention = ((ids != pad_id) if attention_mask is None else attention_mask[i:i + batch_size].bool()) | answer
         kw = dict(input_ids=ids, attention_mask=attention.long(), position_ids=position_ids(attention))
         logp = torch.log_softmax(model(**kw).logits[:, :-1].float(), -1)  # position t predicts token t + 1
         logq = torch.log_softmax(sft(**kw).logits[:, :-1].float(), -1)

@@ -24,7 +24,8 @@ whatever the batch, the block, the number of ranks or a resume (up to float roun
 changes).
 """
 
-import importlib
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -71,6 +72,7 @@ class OnPolicyConfig:
     dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32, of the policy and the reward model")
     device: str = arg("auto", "auto | cpu | cuda")
     threads: int = arg(0, "CPU threads per process (0 = as train.py)")
+    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)")
     cache_dir: str = arg("", "datasets cache folder ('' = Hugging Face's default)")
     tiny_world: str = arg("tiny_world", "folder of the offline tiny world, built on first use")
 
@@ -108,10 +110,15 @@ def is_callable_spec(spec):
     return ":" in spec and spec.rsplit(":", 1)[1].isidentifier()
 
 
-def callable_file(spec):
-    """The source file of a callable spec, for the fingerprint of what scored the samples."""
-    where = spec.rsplit(":", 1)[0]
-    return where if where.endswith(".py") else getattr(importlib.import_module(where), "__file__", "") or ""
+def callable_fingerprint(spec):
+    """What scored the samples, for a callable: the function's own source (an edit elsewhere in its module does not
+    count), else its module's file."""
+    fn = utils.load_callable(spec, "--reward")
+    try:
+        text = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return fingerprint(getattr(inspect.getmodule(fn), "__file__", "") or "")
+    return hashlib.sha256(f"{fn.__module__}.{fn.__qualname__}\n{text}".encode()).hexdigest()[:32]
 
 
 def check_reward_model(path, flag="--reward"):
@@ -339,15 +346,13 @@ def check_config(cfg):
 
 def identity(cfg, tokenizer, dtype):
     """What decides the blocks' contents, by content (not by path); the pairing settings are apart."""
-    reward = fingerprint(callable_file(cfg.reward)) + ":" + cfg.reward.rsplit(":", 1)[1] if is_callable_spec(
-        cfg.reward) else fingerprint(cfg.reward)
+    reward = callable_fingerprint(cfg.reward) if is_callable_spec(cfg.reward) else fingerprint(cfg.reward)
     return {"policy": fingerprint(cfg.model), "tokenizer": data.tokenizer_hash(tokenizer),
             "prompts": fingerprint(cfg.prompts), "split": cfg.split, "form": cfg.form,
             "skip_bad_rows": cfg.skip_bad_rows, "max_prompts": cfg.max_prompts,
             "max_prompt_length": cfg.max_prompt_length, "num_samples": cfg.num_samples,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-            "seed": cfg.seed, "reward": reward, "dtype": repr(dtype), "batch_size": cfg.batch_size,
-            "block_size": cfg.block_size}
+            "seed": cfg.seed, "reward": reward, "dtype": repr(dtype), "block_size": cfg.block_size}
 
 
 def main(argv=None):
@@ -360,7 +365,8 @@ def main(argv=None):
     check_config(cfg)
     if not cfg.output_dir:
         raise UserError("onpolicy.py needs --output_dir")
-    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device), cfg.threads)
+    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device), cfg.threads,
+                        cfg.dist_timeout)
 
 
 def run(cfg, rank, world, device):
@@ -368,7 +374,7 @@ def run(cfg, rank, world, device):
     if not cfg.model:  # the tiny world (rank 0 builds it once) and its SFT model
         paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
         cfg.prompts = cfg.prompts or paths["train"]
-        cfg.model = tiny.sft_model(cfg.tiny_world, paths, train.main, cache_dir=cfg.cache_dir)
+        cfg.model = tiny.sft_model(cfg.tiny_world, paths, train.main, cache_dir=cfg.cache_dir, device=cfg.device)
     if not cfg.prompts:
         raise UserError("onpolicy.py needs --prompts")
     models.check_source(cfg.model, "--model")

@@ -218,6 +218,29 @@ def test_skip_bad_rows_counts_and_prints(tmp_path, capsys):
         load_preferences([{**GOOD, "chosen": 3}], skip_bad_rows=True)
 
 
+@pytest.mark.parametrize("text", [b"Hel\xff\xfelo", b"\xff"])
+def test_skip_bad_rows_skips_invalid_utf8_and_a_cut_off_last_line(tmp_path, capsys, text):
+    """--skip_bad_rows used to stop at invalid UTF-8 and at a last line cut off by a kill, which the README says it
+    skips; both are now bad rows like any other, counted and named."""
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "Hi?", "chosen": "' + text + b'", "rejected": "x"}\n'
+                     + json.dumps(GOOD).encode() + b'\n{"prompt": "Hi?", "chosen": "a", "rej')
+    ds = load_preferences(str(path), cache_dir=str(tmp_path / "c"), skip_bad_rows=True)
+    assert list(ds["row"]) == [0, 2]
+    printed = capsys.readouterr().out
+    assert "skipped 2 bad rows of 4" in printed and "row 1, field 'chosen'" in printed and "UTF-8" in printed
+    assert "row 3, field '<row>': invalid JSON" in printed
+    with pytest.raises(DataError, match=r"bytes\.jsonl row 1, field 'chosen': invalid UTF-8"):
+        load_preferences(str(path), cache_dir=str(tmp_path / "c2"))  # without the flag: the first bad row, named
+
+
+def test_an_empty_file_says_so(tmp_path):
+    for text in ("", "\n  \n"):
+        (tmp_path / "empty.jsonl").write_text(text)
+        with pytest.raises(DataError, match=r"empty\.jsonl: the file is empty$"):
+            load_preferences(str(tmp_path / "empty.jsonl"), cache_dir=str(tmp_path / "c"))
+
+
 def test_chosen_equal_rejected_warns():
     with pytest.warns(UserWarning, match="2 pairs have chosen == rejected"):
         ds = load_preferences([GOOD, {**GOOD, "rejected": "Hello."}, {**GOOD, "rejected": "Hello."}])

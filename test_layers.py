@@ -20,6 +20,7 @@ LAYERS = {
     "score": 3, "onpolicy": 3,  # SePO's scores; on-policy pairs (sampled by the policy, scored by a reward)
     "sepo_pipeline": 4,
     "experiments": 5, "bench": 5,  # studies and measurements on top
+    "real_study": 6,  # the real model's study: shares experiments.py's evaluation helpers
 }
 ONLY = {"losses": set(), "data": set(), "confpo": {"losses"}, "sepo": {"losses"}}
 

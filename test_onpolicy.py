@@ -90,7 +90,7 @@ def slow_nucleus(logits, u, temperature, top_p):
     out = []
     for row, x in zip(logits.float(), u.tolist()):
         p = torch.softmax(row / temperature, -1)
-        order = sorted(range(len(p)), key=lambda i: -float(p[i]))
+        order = sorted(range(len(p)), key=lambda i: -float(p[i])) if top_p < 1 else list(range(len(p)))
         kept, mass = [], 0.0
         for i in order:
             if mass >= top_p:

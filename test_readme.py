@@ -64,8 +64,8 @@ def readme_commands():
             for part in line.split("&"):  # `python a.py & python b.py & wait`
                 tokens = shlex.split(part)
                 scripts = [i for i, t in enumerate(tokens) if t.endswith(".py") and not t.startswith("-")]
-                if not scripts or tokens[0] not in ("python", "torchrun"):
-                    continue
+                if not scripts or tokens[0] not in ("python", "torchrun") or tokens[1:2] == ["-m"]:
+                    continue  # `python -m pytest ...` runs a module, not one of the scripts
                 argv = tokens[scripts[0] + 1:]
                 while argv and argv[-1] == "...":  # "and the rest of the flags"
                     argv.pop()
@@ -79,6 +79,8 @@ def test_every_readme_command_parses_with_the_real_flags():
     import bench
     import data
     import experiments
+    import onpolicy
+    import real_study
     import score
     import sepo_pipeline
     import tiny
@@ -86,7 +88,8 @@ def test_every_readme_command_parses_with_the_real_flags():
     parse = {"train.py": lambda a: train.resolve(*train.parse_config(a)), "score.py": score.parse_config,
              "sepo_pipeline.py": sepo_pipeline.parse_config, "experiments.py": experiments.parse_config,
              "data.py": data.command_line().parse_args, "tiny.py": tiny.command_line().parse_args,
-             "bench.py": bench.command_line().parse_args}
+             "bench.py": bench.command_line().parse_args, "onpolicy.py": onpolicy.parse_config,
+             "real_study.py": real_study.parse_config}
     commands = readme_commands()
     assert len(commands) >= 15 and {script for script, _ in commands} >= set(parse) - {"tiny.py"}
     for script, argv in commands:
