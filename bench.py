@@ -1074,7 +1074,7 @@ def bench_generation(ctx, quick, repeats, extra_model=""):
     EOS. Before timing, greedy answers of both sides must be equal."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     K, batch = 5, 8
-    prompts = [r["prompt"] for r in data.load_preferences(ctx["paths"]["test"])][:16 if quick else 48]
+    prompts = [r["prompt"] for r in data.load_preferences(ctx["paths"]["test"])][:8 if quick else 48]
     with quiet():
         sft = tiny.sft_model(ctx["paths"]["data"].rsplit(os.sep, 1)[0], ctx["paths"], train.main,
                              cache_dir=ctx["cfg"].cache_dir)
@@ -1087,7 +1087,7 @@ def bench_generation(ctx, quick, repeats, extra_model=""):
                       for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))})
     out = {}
     for name, (path, dtype, new_tokens) in cases.items():
-        new_tokens = min(new_tokens, 16) if quick else new_tokens
+        new_tokens = min(new_tokens, 8) if quick else new_tokens
         tok = AutoTokenizer.from_pretrained(path, padding_side="left")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
         eos = models.eos_token_ids(model, tok)

