@@ -73,38 +73,40 @@ if __name__ == "__main__":  # answer --help and a mistyped flag now, before the 
 # ---------------------------------------------------------------------------------------------------------------
 # Each category is a pattern with two slots; the first slot's items are split between the prompt sets, so that no
 # subject (nor its head noun) appears in two of them.
-CATEGORIES = {
-    "film": ("a {} film set in {}", ["romantic comedy", "horror", "documentary", "science-fiction", "war", "crime",
-                                     "animated", "musical", "period", "spy", "western", "sports", "disaster",
-                                     "fantasy", "mystery", "coming-of-age"],
-             ["Paris", "Tokyo", "a small village", "space", "New York", "the desert", "a submarine", "a high school",
-              "Victorian London", "a hospital", "the Arctic", "a small island"]),
-    "meal": ("{} at {}", ["ramen", "pizza", "tacos", "sushi", "a burger", "pancakes", "curry", "a salad",
-                          "fried chicken", "dumplings", "pasta", "a steak", "a sandwich", "soup", "a kebab",
-                          "fish and chips"],
-             ["a food truck", "a hotel buffet", "an airport cafe", "a family diner", "a fancy restaurant",
-              "a school cafeteria", "a roadside stand", "a train dining car", "a beach bar", "a night market",
-              "a motorway service station", "a friend's house"]),
-    "place": ("{} in {}", ["a weekend", "a museum visit", "a boat tour", "a stay at a budget hotel", "a walking tour",
-                           "a day at the zoo", "a shopping trip", "a visit to the old town", "a night out",
-                           "a day at the beach", "a bus ride", "a hike", "a visit to the botanical garden",
-                           "a stay at a campsite", "a ride on the metro", "a day at the theme park"],
-              ["Rome", "Berlin", "a seaside town", "the mountains", "Chicago", "a rainy city", "Bangkok", "Lisbon",
-               "a quiet suburb", "Mexico City", "a ski resort", "Cairo"]),
-    "product": ("{} from {}", ["a smartphone", "a laptop", "a vacuum cleaner", "an electric kettle",
-                               "running shoes", "a backpack", "an office chair", "a wireless headset", "a smartwatch",
-                               "a coffee maker", "a bicycle", "a tent", "a winter jacket", "a desk lamp",
-                               "a blender", "a suitcase"],
-                ["a budget brand", "a premium brand", "a second-hand shop", "an online marketplace",
-                 "a supermarket", "a start-up", "a well-known brand", "a discount store", "a street market",
-                 "a big department store", "a small local maker", "an airport shop"]),
-    "event": ("{} {}", ["a wedding", "a music festival", "a job interview", "a marathon", "a birthday party",
-                        "a rock concert", "a conference", "a book club meeting", "a football match",
-                        "a school reunion", "a theatre play", "a cooking class", "a yoga retreat", "a chess tournament",
-                        "a charity gala", "a parade"],
-              ["in the rain", "in a small town", "on a Sunday morning", "at night", "in winter", "in a big city",
-               "in a park", "on a boat", "in an old barn", "during a heatwave", "on a weekday", "at a hotel"]),
+CATEGORIES = {  # name: (pattern, first-slot items separated by '; ', second-slot items)
+    "film": ("a {} film set in {}",
+             "romantic comedy; horror; documentary; science-fiction; war; crime; animated; musical; period; "
+             "spy; western; sports; disaster; fantasy; mystery; coming-of-age",
+             "Paris; Tokyo; a small village; space; New York; the desert; a submarine; a high school; "
+             "Victorian London; a hospital; the Arctic; a small island"),
+    "meal": ("{} at {}",
+             "ramen; pizza; tacos; sushi; a burger; pancakes; curry; a salad; fried chicken; dumplings; pasta; "
+             "a steak; a sandwich; soup; a kebab; fish and chips",
+             "a food truck; a hotel buffet; an airport cafe; a family diner; a fancy restaurant; "
+             "a school cafeteria; a roadside stand; a train dining car; a beach bar; a night market; "
+             "a motorway service station; a friend's house"),
+    "place": ("{} in {}",
+             "a weekend; a museum visit; a boat tour; a stay at a budget hotel; a walking tour; "
+             "a day at the zoo; a shopping trip; a visit to the old town; a night out; a day at the beach; "
+             "a bus ride; a hike; a visit to the botanical garden; a stay at a campsite; a ride on the metro; "
+             "a day at the theme park",
+             "Rome; Berlin; a seaside town; the mountains; Chicago; a rainy city; Bangkok; Lisbon; "
+             "a quiet suburb; Mexico City; a ski resort; Cairo"),
+    "product": ("{} from {}",
+             "a smartphone; a laptop; a vacuum cleaner; an electric kettle; running shoes; a backpack; "
+             "an office chair; a wireless headset; a smartwatch; a coffee maker; a bicycle; a tent; "
+             "a winter jacket; a desk lamp; a blender; a suitcase",
+             "a budget brand; a premium brand; a second-hand shop; an online marketplace; a supermarket; "
+             "a start-up; a well-known brand; a discount store; a street market; a big department store; "
+             "a small local maker; an airport shop"),
+    "event": ("{} {}",
+             "a wedding; a music festival; a job interview; a marathon; a birthday party; a rock concert; "
+             "a conference; a book club meeting; a football match; a school reunion; a theatre play; "
+             "a cooking class; a yoga retreat; a chess tournament; a charity gala; a parade",
+             "in the rain; in a small town; on a Sunday morning; at night; in winter; in a big city; in a park; "
+             "on a boat; in an old barn; during a heatwave; on a weekday; at a hotel"),
 }
+CATEGORIES = {k: (p, a.split("; "), b.split("; ")) for k, (p, a, b) in CATEGORIES.items()}
 TEMPLATES = ["In one sentence, what do you think of {}?", "Give your opinion of {} in one or two sentences.",
              "What is your impression of {}? Answer in one sentence.", "Write a one-sentence review of {}.",
              "Describe your experience of {} in a sentence or two.", "How would you rate {}? Say it in one sentence."]
@@ -215,8 +217,8 @@ def write_prompts(folder, sizes, seed=0):
 # Two settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
 # are their defaults (DPO beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta
 # 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo": the frontier runs past the best reward.
-SETTINGS = {m: {"lo": {"lr": lr}, "hi": {"lr": 3 * lr}} for m, lr in
-            {"dpo": 1e-5, "simpo": 1e-5, "confpo": 1e-5, "confpo_rand": 1e-5, "confpo_dpo": 1e-5, "sepo": 1e-5}.items()}
+SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3e-5}} for m in ("dpo", "simpo", "confpo", "confpo_rand",
+                                                                      "confpo_dpo", "sepo")}
 QUICK_SETTINGS = {m: {"lo": {"lr": 1e-4}, "hi": {"lr": 3e-4}} for m in SETTINGS}
 ORACLE = dict(subset=0.5, chosen_ratio=0.3, rejected_ratio=0.3, dpo_beta=0.1, sft_lr=1e-5, dpo_lr=1e-5)
 SAMPLE_SEED = 1234  # the evaluation's draws: the same for every model (paired)
