@@ -103,18 +103,25 @@ def test_torchrun_reports_a_user_error_once_and_no_rank_is_left_hanging(world, t
     assert not (tmp_path / "r").exists()
 
 
+def signalled(argv, cwd, ready, sig):
+    """train.py with argv, sent `sig` once ready() holds -> (its exit code, its one error line)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], env=ENV, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [x for x in stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, stderr[-2000:]
+    return proc.returncode, lines[0]
+
+
 def test_ctrl_c_saves_nothing_new_and_says_how_to_resume(world, tmp_path):
     out = tmp_path / "run"
     argv = args(world, out, max_steps=400, epochs=200, save_every=2, keep_last=0)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], env=ENV, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "step_00000004").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-2000:]
-    (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
+    code, line = signalled(argv, tmp_path, lambda: (out / "checkpoints" / "step_00000004").exists(), signal.SIGINT)
+    assert code == 130
     newest = train.checkpoints(out)[-1]
     assert line.startswith("error: interrupted during step ") and "nothing new was saved" in line
     assert f"The last checkpoint is {newest}; run the same command to resume" in line
@@ -471,15 +478,9 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_ends_as_one_that_never
     --save_on_signal false it stops at once, as Ctrl-C."""
     out, full = tmp_path / "run", tmp_path / "full"
     argv = args(world, out, max_steps=40, epochs=20)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], env=ENV, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-2000:]
-    (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
+    code, line = signalled(argv, tmp_path, lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2,
+                           signal.SIGTERM)
+    assert code == 143
     step = train.checkpoints(out)[-1]
     assert line.startswith("error: stopped by SIGTERM after step ") and f"saved in {step}" in line
     assert not (out / ".lock").exists()
@@ -489,14 +490,9 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_ends_as_one_that_never
     assert all(torch.equal(params(out)[k], v) for k, v in params(full).items())
     now = tmp_path / "at_once"
     argv = args(world, now, max_steps=400, epochs=200, save_on_signal="false")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *argv], env=ENV, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not ((now / "metrics.jsonl").exists() and len(metrics(now)) >= 1) and time.time() < deadline + 120:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    (line,) = [x for x in stderr.splitlines() if x.startswith("error:")]
-    assert proc.returncode == 143 and line.startswith("error: terminated (SIGTERM) during step ")
+    code, line = signalled(argv, tmp_path, lambda: (now / "metrics.jsonl").exists() and len(metrics(now)) >= 1,
+                           signal.SIGTERM)
+    assert code == 143 and line.startswith("error: terminated (SIGTERM) during step ")
     assert "nothing new was saved" in line and not train.checkpoints(now)
 
 
