@@ -24,6 +24,7 @@ whatever the batch, the block, the number of ranks or a resume (up to float roun
 changes).
 """
 
+import glob
 import hashlib
 import inspect
 import json
@@ -245,22 +246,36 @@ def sample_blocks(cfg, todo, prompts, prompt_ids, tokenizer, scores, model, rank
 # Pairs: the best against the worst of each prompt's samples
 # ---------------------------------------------------------------------------------------------------------------
 
-def read_block(cfg, b, expected_rows):
-    """The samples of block b, checked against the prompts it must hold (row ids and K each)."""
-    path = block_path(cfg, b)
+def block_rows(cfg, prompts, b):
+    return [prompts[i]["row"] for i in range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))]
+
+
+def read_block(cfg, prompts, b):
+    """The samples of block b, or None when it is damaged: unreadable, or not K samples of each of its prompts."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(block_path(cfg, b), encoding="utf-8") as fh:
             lines = [json.loads(line) for line in fh if line.strip()]
-        rows = [(line["row"], line["sample"]) for line in lines]
         for line in lines:
             line["score"] = float(line["score"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}); delete it and run the same command again: "
-                        "that block is sampled again") from None
-    if rows != [(r, k) for r in expected_rows for k in range(cfg.num_samples)]:
-        raise UserError(f"{path} does not hold the samples of its prompts (rows {expected_rows[0]}-"
-                        f"{expected_rows[-1]}, {cfg.num_samples} each); delete it and run the same command again")
-    return lines
+            assert isinstance(line["response"], str) and isinstance(line["ended"], bool)
+        if [(line["row"], line["sample"]) for line in lines] == [(r, k) for r in block_rows(cfg, prompts, b)
+                                                                  for k in range(cfg.num_samples)]:
+            return lines
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        pass
+    return None
+
+
+def check_blocks(cfg, prompts):
+    """Rank 0, before sampling: a damaged block (cut short, of other prompts, garbage) is removed with a warning
+    naming it, so that it is sampled again."""
+    for leftover in glob.glob(os.path.join(cfg.output_dir, "blocks", "*.tmp*")) + glob.glob(
+            os.path.join(cfg.output_dir, "*.jsonl.tmp*")):
+        os.remove(leftover)  # a write that was killed
+    for b in range(math.ceil(len(prompts) / cfg.block_size)):
+        if os.path.exists(block_path(cfg, b)) and read_block(cfg, prompts, b) is None:
+            log0(f"warning: {block_path(cfg, b)} is damaged (not the samples of its prompts); sampling it again")
+            os.remove(block_path(cfg, b))
 
 
 def choose_pair(samples, min_gap, keep_unfinished):
@@ -289,7 +304,10 @@ def merge(cfg, prompts, conversational):
     dropped, all_, pairs = {}, [], []
     for b in range(math.ceil(len(prompts) / cfg.block_size)):
         idx = range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))
-        lines = read_block(cfg, b, [prompts[i]["row"] for i in idx])
+        lines = read_block(cfg, prompts, b)
+        if lines is None:
+            raise UserError(f"{block_path(cfg, b)} changed while it was merged (it is damaged); run the same command "
+                            "again to sample it again")
         for j, i in enumerate(idx):
             prompt, samples = prompts[i]["prompt"], lines[j * cfg.num_samples:(j + 1) * cfg.num_samples]
             for s in samples:
@@ -413,6 +431,7 @@ def run(cfg, rank, world, device):
             log0(f"{cfg.output_dir}: already complete")
         else:
             n_blocks = math.ceil(len(prompts) / cfg.block_size)
+            on_rank_zero(lambda: check_blocks(cfg, prompts), share=False)
             todo = [b for b in range(rank, n_blocks, world) if not os.path.exists(block_path(cfg, b))]
             # every model loads before anything is written: a failed start leaves the folder as it found it
             loaded = together(lambda: load_models(cfg, device, dtype) if todo else None)

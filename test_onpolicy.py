@@ -258,6 +258,17 @@ def test_kill_then_resume_gives_the_same_bytes(world, policy, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     onpolicy.main(base(world, policy, full, max_prompts=80, block_size=4, batch_size=1))
     assert outputs(full) == outputs(killed)
+    # a block cut short and another holding garbage are named and sampled again (other pairing settings: a merge)
+    blocks = sorted(os.listdir(os.path.join(killed, "blocks")))
+    path1, path2 = (os.path.join(killed, "blocks", blocks[i]) for i in (1, 2))
+    lines = open(path1).read().splitlines()
+    open(path1, "w").write("\n".join(lines[:3]) + "\n")
+    open(path2, "w").write("garbage\n")
+    proc = command(base(world, policy, killed, max_prompts=80, block_size=4, batch_size=1, min_gap=0.25), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for path in (path1, path2):
+        assert f"warning: {path} is damaged (not the samples of its prompts); sampling it again" in proc.stdout
+    assert outputs(full)["samples.jsonl"] == outputs(killed)["samples.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
