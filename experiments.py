@@ -52,7 +52,14 @@ class ExperimentConfig:
     figures: str = arg("docs/experiments", "where results.json, results.md and the SVG plots go (one folder per "
                                            "regime)")
     tiny_world: str = arg("tiny_world", "folder of the offline tiny world (tokenizers, data)")
-    regimes: str = arg("minimal,independent", "synthetic regimes: minimal, independent")
+    protocols: str = arg("base,instruct", "the papers' protocols, in the headroom world: base (SFT on an instruction "
+                                          "set of mixed quality, then off-policy pairs) and instruct (pairs sampled "
+                                          "from that start by onpolicy.py, judged, best against worst)")
+    regimes: str = arg("", "the first study's regimes, also: minimal, independent (their results are in "
+                           "docs/experiments/minimal and independent)")
+    protocol_max_new_tokens: int = arg(96, "answer length limit of the protocols' evaluation and sampling (most "
+                                           "of the start's answers end within it)")
+    threads: int = arg(0, "CPU threads of this process and its runs (0 = every core; 1 when two studies share 2)")
     seeds: str = arg("0,1,2", "seeds of the comparison: data order, ConfPO-rand's draws, the oracle's data share")
     methods: str = arg("dpo,ipo,simpo,confpo,confpo_rand,confpo_dpo,sepo", "the methods compared")
     lrs: str = arg("3e-5,1e-4,3e-4", "the learning rates of the sweep, for every method")
@@ -85,6 +92,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 
 import data  # noqa: E402
 import losses  # noqa: E402
+import onpolicy  # noqa: E402
 import score  # noqa: E402
 import sepo  # noqa: E402
 import sepo_pipeline  # noqa: E402
@@ -94,6 +102,7 @@ from utils import UserError, atomic_write, log0, run_in_group  # noqa: E402
 
 # --quick: a smoke run, in folders of its own (never over the committed results in docs/experiments)
 QUICK = dict(seeds="0", lrs="3e-4", ratios="0.1,0.3", shares="0.25,0.5", oracle_sizes="micro,tiny", curve_every=1,
+             protocol_max_new_tokens=32,
              eval_prompts=16, output_dir="runs/experiments-quick", figures="runs/experiments-quick/figures")
 QUICK_PAIRS = {"train": 128, "valid": 16, "test": 16}
 DEFAULT_SHARE, DEFAULT_SIZE = 0.5, "tiny"
@@ -165,14 +174,42 @@ def evaluate(model, ctx, split, sample_seed=1234):
     """reward (greedy answers), KL from the SFT model (sampled answers), accuracy and margin (held-out pairs), and
     chosen_logp: the mean token log-prob of held-out chosen answers, on the split (valid or test)."""
     tok, device, prompts = ctx["tokenizer"], ctx["device"], ctx["prompts"][split]
-    reward = tiny.greedy_synthetic_reward(model, tok, prompts, device, ctx["max_new_tokens"])
+    greedy = judged(tok, prompts, *tiny.generate_answers(model, tok, prompts, device, ctx["max_new_tokens"]))
     torch.manual_seed(sample_seed)
     seqs, answer = tiny.generate_answers(model, tok, prompts, device, ctx["max_new_tokens"], sample=True)
     kl = sequence_kl(model, ctx["sft"], seqs, answer, tok.pad_token_id)
     chosen, rejected = preference(model, ctx["batches"][split])
     margin = chosen - rejected
-    return {"reward": reward, "kl": float(kl.mean()), "accuracy": float((margin > 0).float().mean()),
-            "margin": float(margin.mean()), "chosen_logp": float(chosen.mean())}
+    return {"reward": greedy["reward"], "kl": float(kl.mean()), "accuracy": float((margin > 0).float().mean()),
+            "margin": float(margin.mean()), "chosen_logp": float(chosen.mean()), "reward_by_task": greedy["by_task"],
+            "ended": greedy["ended"]}
+
+
+def judged(tok, prompts, sequences, answer_mask):
+    """The judge's verdict on generated answers: mean reward, mean per task, the share that ended with an EOS, and
+    every reward."""
+    answers = tiny.answer_texts(tok, sequences, answer_mask)
+    rewards = [tiny.synthetic_reward(p, a) for p, a in zip(prompts, answers)]
+    tasks = [tiny.task_of(p) for p in prompts]
+    ends = [bool(m.any()) and int(s[m][-1]) == tok.eos_token_id for s, m in zip(sequences, answer_mask)]
+    return {"reward": statistics.fmean(rewards), "rewards": rewards, "ended": statistics.fmean(ends),
+            "by_task": {t: statistics.fmean(r for r, u in zip(rewards, tasks) if u == t) for t in sorted(set(tasks))}}
+
+
+def headroom(ctx, split="test", n=4, seed=4321):
+    """What the start can reach: its greedy reward, the mean reward of its answers sampled at temperature 1, and
+    best-of-n (per prompt the best of n samples), per task too."""
+    tok, device, prompts, model = ctx["tokenizer"], ctx["device"], ctx["prompts"][split], ctx["sft"]
+    greedy = judged(tok, prompts, *tiny.generate_answers(model, tok, prompts, device, ctx["max_new_tokens"]))
+    torch.manual_seed(seed)
+    draws = [judged(tok, prompts, *tiny.generate_answers(model, tok, prompts, device, ctx["max_new_tokens"],
+                                                         sample=True)) for _ in range(n)]
+    best = [max(d["rewards"][i] for d in draws) for i in range(len(prompts))]
+    tasks = [tiny.task_of(p) for p in prompts]
+    return {"greedy": greedy["reward"], "greedy_by_task": greedy["by_task"], "greedy_ended": greedy["ended"],
+            "sampled": statistics.fmean(d["reward"] for d in draws), f"best_of_{n}": statistics.fmean(best),
+            f"best_of_{n}_by_task": {t: statistics.fmean(b for b, u in zip(best, tasks) if u == t)
+                                     for t in sorted(set(tasks))}}
 
 
 @torch.no_grad()
@@ -223,7 +260,7 @@ def essential(argv):
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--cache_dir", "--device"):
+        elif a in ("--cache_dir", "--device", "--threads"):
             skip = True
         else:
             keep.append(a)
@@ -409,13 +446,13 @@ def analysis_context(ctx, path):
 # Setting up: the starting points, the data of a regime, the evaluation sets
 # ---------------------------------------------------------------------------------------------------------------
 
-def starting_points(cfg, paths):
-    """The pretrained models of every size (policy and oracles), built once in --output_dir/models, and their
-    held-out losses before and after pretraining."""
-    sizes = sorted({*cfg.oracle_sizes.split(","), "small"}, key=list(tiny.MODEL_SIZES).index)
+def starting_points(cfg, paths, regimes=("minimal", "independent"), sizes=None):
+    """The pretrained models of every size asked for (policy and oracles; the sizes of --oracle_sizes by default),
+    built once in --output_dir/models, and their held-out losses before and after pretraining."""
+    sizes = sorted({*(sizes or cfg.oracle_sizes.split(",")), "small"}, key=list(tiny.MODEL_SIZES).index)
     steps = {"max_steps": 2} if cfg.quick else {}
     pretrained = {size: tiny.pretrained_model(cfg.output_dir, paths, size, train.main, epochs=cfg.pretrain_epochs,
-                                              cache_dir=cfg.cache_dir, **steps) for size in sizes}
+                                              cache_dir=cfg.cache_dir, regimes=regimes, **steps) for size in sizes}
     return pretrained, {size: held_out_loss(path) for size, path in pretrained.items()}
 
 
@@ -433,20 +470,64 @@ def head_lines(src, dst, n):
     return dst
 
 
-def setup(cfg, regime, paths, pretrained, device):
-    """Everything a regime's runs share: its data, the SFT model (pretrained small, SFT on the chosen answers),
-    the evaluation sets of valid and test, the base flags of every run."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = os.path.join(cfg.output_dir, regime)
+def split_files(cfg, folder, paths, regime):
+    """The train / valid / test pairs of a regime (--quick: their first lines, copied into folder)."""
     split_data = {s: paths[f"{s}_{regime}"] for s in ("train", "valid", "test")}
     if cfg.quick:
         split_data = {s: head_lines(p, os.path.join(folder, f"{s}.jsonl"), QUICK_PAIRS[s]) for s, p in split_data.items()}
+    return split_data
+
+
+def sft_start(cfg, name, data_path, eval_path, pretrained):
+    """The small pretrained llama after SFT on data_path (2 epochs), built once: a study's start."""
+    return tiny.trained(cfg.output_dir, name, {
+        **tiny.TRAIN_DEFAULTS, "method": "sft", "model": pretrained["small"], "data": data_path,
+        "eval_data": eval_path, "eval_every": 10**9, "epochs": 2, "tiny_world": cfg.tiny_world,
+        "cache_dir": cfg.cache_dir, "seed": 42, "judge": "none", "threads": cfg.threads,
+        **({"max_steps": 2} if cfg.quick else {})}, train.main)
+
+
+def setup(cfg, regime, paths, pretrained, device):
+    """Everything a regime's runs share: its data, the SFT model (pretrained small, SFT on the chosen answers)."""
+    folder = os.path.join(cfg.output_dir, regime)
+    split_data = split_files(cfg, folder, paths, regime)
+    sft_path = sft_start(cfg, f"llama-small-pt-sft-{regime}", split_data["train"], split_data["test"], pretrained)
+    return contexts_of(cfg, regime, folder, split_data, sft_path, pretrained, device, cfg.max_new_tokens)
+
+
+def setup_protocol(cfg, protocol, paths, pretrained, device):
+    """A protocol of the papers in the headroom world. The start, for both: the small llama pretrained on the
+    world's language, then SFT on an instruction set of its own, of mixed quality (tiny.write_instructions).
+    base: preference training on the world's off-policy pairs. instruct: on pairs the start wrote (onpolicy.py:
+    4 samples per training prompt at temperature 1, judged, best against worst)."""
+    folder = os.path.join(cfg.output_dir, protocol)
+    split_data = split_files(cfg, folder, paths, "headroom")
+    instructions = paths["instructions_train"] if not cfg.quick else head_lines(
+        paths["instructions_train"], os.path.join(cfg.output_dir, "instructions-quick.jsonl"), QUICK_PAIRS["train"])
+    sft_path = sft_start(cfg, "llama-small-pt-headroom-sft-mixed", instructions, split_data["test"], pretrained)
+    if protocol == "instruct":
+        out = os.path.join(folder, "onpolicy")
+        prompts = split_data["train"] if not cfg.quick else head_lines(  # --quick: an untrained start ties often
+            paths["train_headroom"], os.path.join(folder, "prompts-quick.jsonl"), 4 * QUICK_PAIRS["train"])
+        onpolicy.main(["--model", sft_path, "--prompts", prompts, "--reward", "tiny:synthetic_reward",
+                       "--key_spans", "tiny:synthetic_key_spans", "--num_samples", "4", "--temperature", "1.0",
+                       "--top_p", "1.0", "--max_new_tokens", str(cfg.protocol_max_new_tokens), "--max_prompt_length",
+                       str(tiny.TRAIN_DEFAULTS["max_prompt_length"]), "--batch_size", "32", "--block_size", "512",
+                       "--output_dir", out, "--cache_dir", cfg.cache_dir, "--device", cfg.device, "--threads",
+                       str(cfg.threads)] + (["--keep_unfinished"] if cfg.quick else []))  # --quick: an untrained start
+        split_data["train"] = os.path.join(out, "pairs.jsonl")
+        with open(os.path.join(out, "manifest.json")) as fh:
+            kept = json.load(fh)["summary"]["pairs"]
+        if kept < 2 * int(tiny.TRAIN_DEFAULTS["global_batch_size"]):  # SePO's oracle trains on half of them
+            raise UserError(f"{out}: {kept} on-policy pairs, fewer than two batches: the start's samples tie")
+    return contexts_of(cfg, protocol, folder, split_data, sft_path, pretrained, device, cfg.protocol_max_new_tokens)
+
+
+def contexts_of(cfg, name, folder, split_data, sft_path, pretrained, device, max_new_tokens):
+    """What every run of a regime or protocol shares: the evaluation sets of valid and test, the start's
+    evaluation, the base flags of every run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     steps = ["--max_steps", "2"] if cfg.quick else ["--max_steps", "-1"]
-    sft_path = tiny.trained(cfg.output_dir, f"llama-small-pt-sft-{regime}", {
-        **tiny.TRAIN_DEFAULTS, "method": "sft", "model": pretrained["small"], "data": split_data["train"],
-        "eval_data": split_data["test"], "eval_every": 10**9, "epochs": 2, "tiny_world": cfg.tiny_world,
-        "cache_dir": cfg.cache_dir, "seed": 42, "judge": "none", **({"max_steps": 2} if cfg.quick else {})},
-        train.main)
     tokenizer = AutoTokenizer.from_pretrained(sft_path, padding_side="left")
     tokenized, batches, prompts = {}, {}, {}
     for s in ("train", "valid", "test"):
@@ -457,16 +538,17 @@ def setup(cfg, regime, paths, pretrained, device):
         held = tokenized[s].select(range(min(200, len(tokenized[s]))))
         batches[s] = [{k: v.to(device) for k, v in data.collate_pairs([held[j] for j in range(i, min(i + 50, len(
             held)))], tokenizer.pad_token_id).items()} for i in range(0, len(held), 50)]
-    ctx = dict(dir=folder, regime=regime, tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir, device=device,
+    ctx = dict(dir=folder, regime=name, tiny_world=cfg.tiny_world, cache_dir=cfg.cache_dir, device=device,
                device_flag=cfg.device, sft_path=sft_path, data=split_data, pretrained=pretrained, ratio=cfg.ratio,
                ratios=[float(k) for k in cfg.ratios.split(",")], curve_every=cfg.curve_every, max_steps=int(steps[1]),
                tokenizer=tokenizer, prompts=prompts, batches=batches, tokenized_train=tokenized["train"],
-               max_new_tokens=cfg.max_new_tokens,
-               eval_key={"prompts": cfg.eval_prompts, "max_new_tokens": cfg.max_new_tokens, "sft": sft_path,
-                         "data": split_data})
+               max_new_tokens=max_new_tokens, threads=cfg.threads, sepo_studies=name in tiny.REGIMES and name !=
+               "headroom", eval_key={"prompts": cfg.eval_prompts, "max_new_tokens": max_new_tokens, "sft": sft_path,
+                                     "data": split_data})
     ctx["train_argv"] = (["--model", sft_path, "--data", split_data["train"], "--eval_data", split_data["test"],
                           "--eval_every", str(10**9), "--log_every", "1" if cfg.quick else "5"] + SHAPE + BATCH +
-                         ["--judge", "none", "--cache_dir", cfg.cache_dir, "--device", cfg.device] + steps)
+                         ["--judge", "none", "--cache_dir", cfg.cache_dir, "--device", cfg.device] + steps +
+                         (["--threads", str(cfg.threads)] if cfg.threads else []))
     ctx["sft"] = AutoModelForCausalLM.from_pretrained(sft_path).to(device).eval()
     ctx["sft_eval"] = {s: evaluate(ctx["sft"], ctx, s) for s in ("valid", "test")}
     ctx["sft_loss"] = held_out_loss(sft_path)
@@ -498,6 +580,12 @@ def study_regime(cfg, ctx):
             log0(f"\n==== {ctx['regime']}: seed {seed}, {method} at lr {res['best_lr'][method]:g} ====")
             r[method] = method_run(ctx, method, seed, res["best_lr"][method], "test", curve=True)
         if "sepo" not in methods:
+            continue
+        if not ctx["sepo_studies"]:  # the protocols: SePO at its default oracle and k only
+            res["stages"].setdefault("oracles", {})[seed] = {f"{DEFAULT_SIZE}_{DEFAULT_SHARE:g}": oracle_report(
+                ctx, seed)}
+            res["anatomy"][f"sepo_seed{seed}"] = {f"k{ctx['ratio']:g}": anatomy(ctx, selections(ctx, seed,
+                                                                                             ctx["ratio"]))}
             continue
         log0(f"\n==== {ctx['regime']}: seed {seed}, SePO's studies at lr {lr_sepo:g} ====")
         r["sepo_anchor"] = sepo_run(ctx, seed, lr_sepo, "test", anchor=cfg.anchor, curve=True)
@@ -681,7 +769,7 @@ def plot_regime(cfg, regime, res, summary, d):
         files["confpo_selected"] = write_svg(os.path.join(d, "confpo_selected.svg"), [
             {"title": "ConfPO: share of response tokens selected", "xlabel": "step", "ylabel": "selected tokens",
              "series": sel}], width=520)
-    if "sepo" in methods:
+    if "sepo" in methods and "sepo_anchor" in summary:  # SePO's studies (the first study's regimes)
         files.update(plot_sepo(cfg, res, summary, d))
     return files
 
@@ -734,7 +822,27 @@ def regime_markdown(cfg, regime, res, summary, pairs):
     """The tables of one regime (results.md)."""
     runs, stages = res["runs"], res["stages"]
     n = len(runs)
-    out = [f"## Regime: {regime}", "", f"Mean ± standard deviation over {n} seed(s), test split.", "",
+    kind = "Regime" if regime in ("minimal", "independent") else "Protocol"
+    out = [f"## {kind}: {regime}", "", f"Mean ± standard deviation over {n} seed(s), test split.", ""]
+    if "headroom" in stages:  # what the start can reach, before any preference training
+        h = stages["headroom"]
+        tasks = sorted(h["greedy_by_task"])
+        out += ["The start's headroom (test prompts; best of 4: per prompt the best of 4 answers sampled at "
+                "temperature 1):", "", "| | all | " + " | ".join(tasks) + " |",
+                "| --- |" + " --- |" * (len(tasks) + 1),
+                f"| greedy | {h['greedy']:.3f} | " + " | ".join(f"{h['greedy_by_task'][t]:.3f}" for t in tasks) + " |",
+                f"| best of 4 | {h['best_of_4']:.3f} | " + " | ".join(f"{h['best_of_4_by_task'][t]:.3f}"
+                                                                    for t in tasks) + " |",
+                "", f"Sampled answers' mean reward {h['sampled']:.3f}; {h['greedy_ended']:.0%} of the greedy answers "
+                "end within the evaluation's length limit.", ""]
+        names = [m for m in ["sft"] + cfg.methods.split(",") if all(m in runs[s] for s in runs)]
+        by_task = {m: {t: statistics.fmean(runs[s][m]["final"]["reward_by_task"][t] for s in runs) for t in tasks}
+                   for m in names}
+        out += ["Greedy reward per task, mean of seeds:", "", "| method | " + " | ".join(tasks) + " |",
+                "| --- |" + " --- |" * len(tasks)]
+        out += [f"| {m} | " + " | ".join(f"{v[t]:.3f}" for t in tasks) + " |" for m, v in by_task.items()]
+        out.append("")
+    out += [
            "Starting points (held-out token loss, nats):", "",
            "| model | before | after |", "| --- | --- | --- |"]
     for size, loss in stages["pretrain"].items():
@@ -841,14 +949,33 @@ def study(cfg, world, device):
     t0 = time.time()
     if world > 1:
         raise UserError("experiments.py runs in one process (its runs are tiny); start it with python, not torchrun")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     paths = tiny.build_tiny_world(cfg.tiny_world)
-    pretrained, pretrain_loss = starting_points(cfg, paths)
-    contexts = {regime: setup(cfg, regime, paths, pretrained, device) for regime in cfg.regimes.split(",")}
+    contexts, losses_of = {}, {}
+    protocols, regimes = [x for x in cfg.protocols.split(",") if x], [x for x in cfg.regimes.split(",") if x]
+    if protocols:  # the headroom world: models pretrained on its language, the default oracle's size and the policy
+        pretrained, losses_of["protocols"] = starting_points(cfg, paths, ("headroom",), [DEFAULT_SIZE])
+        for protocol in protocols:
+            contexts[protocol] = setup_protocol(cfg, protocol, paths, pretrained, device)
+            contexts[protocol]["headroom"] = headroom(contexts[protocol])
+            contexts[protocol]["pretrain_loss"] = losses_of["protocols"]
+    if regimes:
+        pretrained, pretrain_loss = starting_points(cfg, paths)
+        for regime in regimes:
+            contexts[regime] = setup(cfg, regime, paths, pretrained, device)
+            contexts[regime]["pretrain_loss"] = pretrain_loss
+    for name, ctx in contexts.items():
+        log0(f"{name}: the start's test reward {ctx['sft_eval']['test']['reward']:.3f} "
+             f"{ctx['sft_eval']['test']['reward_by_task']}, {ctx['sft_eval']['test']['ended']:.0%} of its answers end"
+             + (f"; best of 4 samples {ctx['headroom']['best_of_4']:.3f}" if "headroom" in ctx else ""))
     if cfg.setup_only:
         return True
     for regime, ctx in contexts.items():
         res = study_regime(cfg, ctx)
-        res["stages"]["pretrain"] = pretrain_loss
+        res["stages"]["pretrain"] = ctx["pretrain_loss"]
+        if "headroom" in ctx:
+            res["stages"]["headroom"] = ctx["headroom"]
         summary = summarize(res["runs"])
         pairs = {}
         for name in summary:

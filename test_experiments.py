@@ -21,9 +21,21 @@ def test_quick_study_writes_every_output_and_reruns_from_its_results(world, tmp_
     SFT, sweep, comparison with curves, SePO's k / share / size / anchor, selections' anatomy) and every output."""
     args = ["--quick", "--output_dir", str(tmp_path / "runs"), "--figures", str(tmp_path / "fig"), "--tiny_world",
             os.path.dirname(world["data"]), "--cache_dir", world["cache"], "--methods", "dpo,simpo,confpo,sepo",
-            "--lrs", "1e-4,3e-4"]
+            "--lrs", "1e-4,3e-4", "--regimes", "independent", "--protocols", "instruct"]
     assert experiments.main(args)
-    for regime in ("minimal", "independent"):
+    # the protocol: the headroom world's start, its headroom measured, pairs it wrote, SePO at its default only
+    results = json.loads((tmp_path / "fig" / "instruct" / "results.json").read_text())
+    room = results["stages"]["headroom"]
+    assert 0 <= room["greedy"] <= 1 and room["best_of_4"] >= room["sampled"] - 1e-9
+    assert set(room["greedy_by_task"]) <= {"sum", "forbidden_word", "polarity"}
+    assert sorted(results["summary"]) == ["confpo", "dpo", "sepo", "sft", "simpo"]
+    assert [p["step"] for p in results["runs"]["0"]["dpo"]["curve"]] == [0, 1, 2]
+    assert results["config"]["protocol_max_new_tokens"] == 32 and "paired" in results and "dpo-sft" in results["paired"]
+    table = (tmp_path / "fig" / "instruct" / "results.md").read_text()
+    assert "## Protocol: instruct" in table and "| best of 4 |" in table and "Greedy reward per task" in table
+    pairs = tmp_path / "runs" / "instruct" / "onpolicy" / "pairs.jsonl"
+    assert pairs.exists() and json.loads(pairs.read_text().splitlines()[0])["chosen_key_spans"] is not None
+    for regime in ("independent",):
         fig = tmp_path / "fig" / regime
         results = json.loads((fig / "results.json").read_text())
         summary, runs = results["summary"], results["runs"]["0"]

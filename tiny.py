@@ -154,16 +154,16 @@ def _keyed(rng, templates, field, value, keys):
     return [(template.replace(field, value), k) for template, k in zip(rng.sample(templates, len(keys)), keys)]
 
 
-def independent_pair(rng):
+def independent_pair(rng, low=10, high=89, errors=(-10, -2, -1, 1, 2, 10)):
     """One pair of the independent regime: the same prompts and keys as synthetic_pair, but chosen and rejected
     are drawn each on its own. The sum's key is the whole stated number (the last number of the answer); the
     forbidden word's keys are the words that describe the topic (chosen) or the forbidden word itself (rejected);
-    a review's keys are its words of polarity."""
+    a review's keys are its words of polarity. Sums of numbers in [low, high], a wrong one off by one of errors."""
     task = rng.choice(["sum", "forbidden_word", "polarity"])
     if task == "sum":
-        a, b = rng.randint(10, 89), rng.randint(10, 89)
+        a, b = rng.randint(low, high), rng.randint(low, high)
         prompt = rng.choice(SUM_PROMPTS).format(a=a, b=b)
-        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        wrong = a + b + rng.choice(list(errors))
         sides = [[(rng.choice(SUM_SENTENCES).replace("{a}", str(a)).replace("{b}", str(b)), str(k))] for k in
                  (a + b, wrong)]
     elif task == "forbidden_word":
@@ -183,7 +183,13 @@ def independent_pair(rng):
             "rejected_key_spans": rs}
 
 
-REGIMES = {"minimal": synthetic_pair, "independent": independent_pair}
+def headroom_pair(rng):
+    """One pair of the headroom world (issue 20's miniature): the independent regime with sums of one-digit
+    numbers, wrong by one or two: 64 facts that a small model can learn, where two-digit sums were beyond it."""
+    return independent_pair(rng, 2, 9, (-2, -1, 1, 2))
+
+
+REGIMES = {"minimal": synthetic_pair, "independent": independent_pair, "headroom": headroom_pair}
 
 
 def synthetic_reward(prompt, response):
@@ -205,6 +211,13 @@ def synthetic_reward(prompt, response):
     a, b = (int(x) for x in re.findall(r"\d+", prompt)[:2])
     numbers = [int(x) for x in re.findall(r"\d+", response)]
     return 1.0 if numbers[-1:] == [a + b] else 0.5 if a + b in numbers else 0.0
+
+
+def task_of(prompt):
+    """The synthetic task a prompt belongs to: forbidden_word, polarity or sum."""
+    if re.search(r'the word "([^"]+)"', prompt):
+        return "forbidden_word"
+    return "polarity" if re.search(r"\b(positive|negative)\b", prompt) else "sum"
 
 
 def synthetic_key_spans(prompt, response):
@@ -250,13 +263,13 @@ def write_synthetic_task(out_dir, n_train=2000, n_test=200, seed=0, regime="mini
     return paths
 
 
-def write_pretraining_corpus(out_dir, n_pairs=10000, seed=0):
-    """A corpus for pretraining the tiny models on the task's language: pairs of both regimes from streams of
+def write_pretraining_corpus(out_dir, n_pairs=10000, seed=0, regimes=("minimal", "independent")):
+    """A corpus for pretraining the tiny models on the task's language: pairs of the regimes from streams of
     their own (not the train, valid or test pairs), each response once as the text to learn (`chosen`, good or
     bad alike, as uncurated text is) and the other beside it (`rejected`, which train.py --method sft ignores)."""
     os.makedirs(out_dir, exist_ok=True)
     rows = []
-    for k, regime in enumerate(REGIMES):
+    for k, regime in enumerate(regimes):
         for pair in synthetic_pairs(n_pairs // 2, seed + 7_000_001 * (k + 1), regime):
             rows.append({"prompt": pair["prompt"], "chosen": pair["chosen"], "rejected": pair["rejected"]})
             rows.append({"prompt": pair["prompt"], "chosen": pair["rejected"], "rejected": pair["chosen"]})
@@ -266,6 +279,23 @@ def write_pretraining_corpus(out_dir, n_pairs=10000, seed=0):
     _write_jsonl(paths["train"], rows[held:])
     _write_jsonl(paths["test"], rows[:held])
     return paths
+
+
+def write_instructions(out_dir, n=2000, seed=0, good=0.5):
+    """An instruction set for SFT, apart from the preference pairs (a stream of its own), of mixed quality as
+    instruction data is: each prompt's answer is the good one of a headroom pair with probability `good`, else the
+    bad one (`chosen` is the answer to learn; `rejected` the other, which train.py --method sft ignores). A start
+    fine-tuned on it answers well about half the time, and can be taught by preferences which half."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = random.Random(seed + 9_000_011)
+    rows = []
+    for pair in synthetic_pairs(n, seed + 5_000_003, "headroom"):
+        keep = rng.random() < good
+        rows.append({"prompt": pair["prompt"], "chosen": pair["chosen"] if keep else pair["rejected"],
+                     "rejected": pair["rejected"] if keep else pair["chosen"], "good": keep})
+    path = os.path.join(out_dir, "train.jsonl")
+    _write_jsonl(path, rows)
+    return {"train": path}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,6 +406,10 @@ def build_tiny_world(root="tiny_world", seed=0):
     p["data_independent"] = os.path.join(root, "data_independent")
     _build_piece(p["data_independent"], seed, lambda d: write_synthetic_task(d, seed=seed, regime="independent",
                                                                               n_valid=200))
+    p["data_headroom"], p["instructions"] = os.path.join(root, "data_headroom"), os.path.join(root, "instructions")
+    _build_piece(p["data_headroom"], seed, lambda d: write_synthetic_task(d, seed=seed + 3_000_009,
+                                                                           regime="headroom", n_valid=200))
+    _build_piece(p["instructions"], seed, lambda d: write_instructions(d, seed=seed))
     _build_piece(p["tokenizer"], seed, lambda d: build_tokenizer(d, "bpe", seed=seed))
     _build_piece(p["tokenizer_char"], seed, lambda d: build_tokenizer(d, "char", seed=seed))
     for name, family, size in [("llama-tiny", "llama", "tiny"), ("llama-small", "llama", "small"),
@@ -386,6 +420,8 @@ def build_tiny_world(root="tiny_world", seed=0):
     for split in ("train", "valid", "test"):
         p[f"{split}_minimal"] = os.path.join(p["data"], f"{split}.jsonl")
         p[f"{split}_independent"] = os.path.join(p["data_independent"], f"{split}.jsonl")
+        p[f"{split}_headroom"] = os.path.join(p["data_headroom"], f"{split}.jsonl")
+    p["instructions_train"] = os.path.join(p["instructions"], "train.jsonl")
     return p
 
 
@@ -444,13 +480,16 @@ def model_of_size(root, paths, size, seed=0):
     return path
 
 
-def pretrained_model(root, paths, size, train_main, epochs=2, lr=1e-3, seed=0, cache_dir="", max_steps=-1):
+def pretrained_model(root, paths, size, train_main, epochs=2, lr=1e-3, seed=0, cache_dir="", max_steps=-1,
+                     regimes=("minimal", "independent")):
     """A llama of `size` that knows the task's language before any preference training: next-token training on
-    a corpus of both regimes' prompts and responses, good and bad alike (write_pretraining_corpus), from random
-    weights -> root/models/llama-<size>-pt; its held-out loss is the last eval line of its metrics.jsonl."""
-    corpus = os.path.join(root, "pretrain")
-    _build_piece(corpus, seed, lambda d: write_pretraining_corpus(d, seed=seed))
-    return trained(root, f"llama-{size}-pt", {
+    a corpus of the regimes' prompts and responses, good and bad alike (write_pretraining_corpus), from random
+    weights -> root/models/llama-<size>-pt (-<regime> for other regimes than the two of the first study); its
+    held-out loss is the last eval line of its metrics.jsonl."""
+    suffix = "" if tuple(regimes) == ("minimal", "independent") else "-" + "-".join(regimes)
+    corpus = os.path.join(root, "pretrain" + suffix)
+    _build_piece(corpus, seed, lambda d: write_pretraining_corpus(d, seed=seed, regimes=regimes))
+    return trained(root, f"llama-{size}-pt{suffix}", {
         **TRAIN_DEFAULTS, "method": "sft", "model": model_of_size(root, paths, size, seed),
         "data": os.path.join(corpus, "train.jsonl"), "eval_data": os.path.join(corpus, "test.jsonl"),
         "eval_every": 10**9, "eval_max_pairs": 0, "lr": lr, "epochs": epochs, "max_steps": max_steps,
