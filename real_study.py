@@ -217,7 +217,7 @@ def write_prompts(folder, sizes, seed=0):
 # Two settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
 # are their defaults (DPO beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta
 # 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo": the frontier runs past the best reward.
-SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3e-5}} for m in ("dpo", "simpo", "confpo", "confpo_rand",
+SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3 * 1e-5}} for m in ("dpo", "simpo", "confpo", "confpo_rand",
                                                                       "confpo_dpo", "sepo")}
 QUICK_SETTINGS = {m: {"lo": {"lr": 1e-4}, "hi": {"lr": 3e-4}} for m in SETTINGS}
 ORACLE = dict(subset=0.5, chosen_ratio=0.3, rejected_ratio=0.3, dpo_beta=0.1, sft_lr=1e-5, dpo_lr=1e-5)
