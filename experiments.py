@@ -1,17 +1,25 @@
 """The papers' findings in miniature, on the tiny world's synthetic task (tiny.py), where the tokens that decide a
-preference and the reward of any generated answer are known, in two regimes:
+preference and the reward of any generated answer are known.
 
+The papers' two protocols (the default), in the headroom world (one-digit sums, a review's polarity, a forbidden
+word; models pretrained on its language; the start is llama-small after SFT on an instruction set of mixed quality,
+apart from the pairs, so that it has something left to learn):
+  base         preference training on off-policy pairs (written by the world's generator);
+  instruct     on pairs the start wrote: onpolicy.py, 4 samples per prompt at temperature 1, judged, best against
+               worst (ConfPO's Instruct rows, SimPO's recipe).
+The first study's regimes (--regimes), the SFT start trained on the chosen answers of the pairs themselves:
   minimal      chosen and rejected share every word but the key (a minimal pair), as the task was first built;
   independent  two answers written each on its own (openers, fillers, order, length), several sentences long, the
                preference still decided by known key content: built like real preference data.
 
-    python experiments.py                          # both regimes, 3 seeds: about two hours on 2 CPU cores
-    python experiments.py --regimes minimal & python experiments.py --regimes independent & wait  # a core each
-    python experiments.py                          # then: finds every finished run, writes docs/experiments
+    python experiments.py --threads 1              # both protocols, 3 seeds, into docs/experiments/{base,instruct}
+    python experiments.py --tables_only            # their tables and plots again, from the results files alone
+    python experiments.py --protocols "" --regimes minimal & python experiments.py --protocols "" \
+        --regimes independent & wait               # the first study's regimes, a core each
     python experiments.py --quick                  # every stage and output on a sliver, in runs/experiments-quick
 
 Starting points that know the language: llama micro / tiny / small pretrained from random weights on a corpus of
-both regimes (tiny.pretrained_model); the policy is small, SFT-trained on the regime's chosen answers; the SePO
+the world (tiny.pretrained_model); the policy is small, SFT-trained as above; the SePO
 oracles start from the pretrained models of their size (SFT, then DPO, on a share of the data: sepo_pipeline.py).
 
 Per regime:
@@ -20,7 +28,7 @@ Per regime:
   2. comparison: DPO, IPO, SimPO, ConfPO, ConfPO-rand, ConfPO_DPO and SePO over --seeds (the same data order per
      seed for every method: paired), evaluated on the test split, with curves every --curve_every steps.
   3. SePO: its k, its oracle's data share and size (weak-to-strong), and a remedy, an NLL anchor on the chosen
-     response (sepo_loss's lambda_ = --anchor), all at SePO's lr.
+     response (sepo_loss's lambda_ = --anchor), all at SePO's lr (the regimes; the protocols: SePO's default only).
   4. selections against the planted keys (precision, recall), the share of selected tokens that are neutral words
      selected on one side only, and SePO's selected rejected tokens over training, beside the same words in
      held-out chosen answers.
@@ -39,7 +47,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from xml.sax.saxutils import escape
 
 import utils
@@ -76,6 +84,8 @@ class ExperimentConfig:
     quick: bool = arg(False, "a smoke run: 1 seed, 1 lr, 2 steps per stage, 128 training pairs, 16 held-out pairs, "
                              "in folders of its own")
     setup_only: bool = arg(False, "build the starting points (pretrained models, SFT models), then stop")
+    tables_only: bool = arg(False, "no runs: write results.md and the plots again from each results.json in "
+                                   "--figures (after a change to the tables, or without the runs folder)")
     cache_dir: str = arg("", "datasets cache folder")
     device: str = arg("auto", "auto | cpu | cuda")
 
@@ -645,6 +655,26 @@ def paired(runs, name, base, metric):
     return {"diffs": diffs, "mean": mean, "ci95": [mean - half, mean + half], "verdict": verdict}
 
 
+# The papers' orderings between two methods (a, b: "a beats b"), besides every method against SimPO and the start
+CLAIMS = [("confpo", "confpo_rand", "ConfPO beats random selection (ConfPO Table 2)"),
+          ("confpo_dpo", "dpo", "ConfPO_DPO beats DPO (ConfPO Table 4)"),
+          ("sepo", "dpo", "SePO beats DPO (SePO Tables 1-2)")]
+
+
+def pairs_of(runs, summary):
+    """The paired comparisons: "name-sft" (reward), "name" against SimPO (reward and accuracy), "a-b" of CLAIMS."""
+    pairs = {}
+    for name in summary:
+        if name != "sft":
+            pairs[f"{name}-sft"] = paired(runs, name, "sft", "reward")
+        if name not in ("sft", "simpo") and "simpo" in summary:
+            pairs[name] = {m: paired(runs, name, "simpo", m) for m in ("reward", "accuracy")}
+    for a, b, _ in CLAIMS:
+        if a in summary and b in summary:
+            pairs[f"{a}-{b}"] = paired(runs, a, b, "reward")
+    return pairs
+
+
 def mean_curve(runs, name, key):
     """The mean over seeds of a run's curve: [(step, mean of key)] on the steps every seed has."""
     curves = [{p["step"]: p[key] for p in runs[s][name]["curve"] if key in p} for s in runs if name in runs[s]]
@@ -867,16 +897,23 @@ def regime_markdown(cfg, regime, res, summary, pairs):
         cells = [(f"**{v['reward']:.3f}** ({v['kl']:.1f})" if float(lr) == res["best_lr"][method] else
                   f"{v['reward']:.3f} ({v['kl']:.1f})") for lr, v in sweep.items()]
         out.append(f"| {method} | " + " | ".join(cells) + " |")
-    out += ["", "| method | lr | reward (greedy) | KL from SFT | accuracy | margin | chosen log-prob | reward - SimPO, "
-                "per seed | accuracy - SimPO, per seed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["", "| method | lr | reward (greedy) | KL from SFT | accuracy | margin | chosen log-prob | reward - SFT, "
+                "per seed | reward - SimPO, per seed | accuracy - SimPO, per seed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in ["sft"] + cfg.methods.split(",") + (["sepo_anchor"] if "sepo_anchor" in summary else []):
         s = summary[m]
         lr = res["best_lr"].get(m, res["best_lr"].get("sepo") if m == "sepo_anchor" else None)
-        vs = [pairs.get(m, {}).get(k) for k in ("reward", "accuracy")]
+        vs = [pairs.get(f"{m}-sft")] + [pairs.get(m, {}).get(k) for k in ("reward", "accuracy")]
         cells = ["–" if v is None else f"{v['mean']:+.3f} [{', '.join(f'{d:+.3f}' for d in v['diffs'])}] "
                  f"{v['verdict']}" for v in vs]
         out.append(f"| {m} | {'–' if lr is None else f'{lr:g}'} | {fmt(s['reward'])} | {fmt(s['kl'], 1)} | "
-                   f"{fmt(s['accuracy'])} | {fmt(s['margin'])} | {fmt(s['chosen_logp'])} | {cells[0]} | {cells[1]} |")
+                   f"{fmt(s['accuracy'])} | {fmt(s['margin'])} | {fmt(s['chosen_logp'])} | " + " | ".join(cells) + " |")
+    claims = [(text, pairs[f"{a}-{b}"]) for a, b, text in CLAIMS if f"{a}-{b}" in pairs]
+    if claims:
+        out += ["", "The papers' other orderings (reward of greedy answers, paired by seed):", "",
+                "| claim | difference per seed | mean | verdict |", "| --- | --- | --- | --- |"]
+        out += [f"| {text} | {', '.join(f'{d:+.3f}' for d in v['diffs'])} | {v['mean']:+.3f} | {v['verdict']} |"
+                for text, v in claims]
     names = [n for n in summary if n.startswith("sepo_") and n != "sepo_anchor"]
     if names:
         out += ["", "| SePO run | reward (greedy) | accuracy | KL from SFT | reward - SFT, per seed |",
@@ -951,9 +988,20 @@ def study(cfg, world, device):
         raise UserError("experiments.py runs in one process (its runs are tiny); start it with python, not torchrun")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    protocols, regimes = [x for x in cfg.protocols.split(",") if x], [x for x in cfg.regimes.split(",") if x]
+    if cfg.tables_only:
+        for name in protocols + regimes:
+            path = os.path.join(cfg.figures, name, "results.json")
+            if not os.path.exists(path):
+                raise UserError(f"{path} does not exist: --tables_only writes the tables of a finished study")
+            with open(path) as fh:
+                saved = json.load(fh)
+            was = ExperimentConfig(**{k: v for k, v in saved["config"].items() if hasattr(cfg, k)})
+            res = {k: saved[k] for k in ("stages", "sweep", "best_lr", "runs", "anatomy", "sft_valid")}
+            write_outputs(replace(was, figures=cfg.figures), name, res, saved["minutes_so_far"], saved["config"])
+        return True
     paths = tiny.build_tiny_world(cfg.tiny_world)
     contexts, losses_of = {}, {}
-    protocols, regimes = [x for x in cfg.protocols.split(",") if x], [x for x in cfg.regimes.split(",") if x]
     if protocols:  # the headroom world: models pretrained on its language, the default oracle's size and the policy
         pretrained, losses_of["protocols"] = starting_points(cfg, paths, ("headroom",), [DEFAULT_SIZE])
         for protocol in protocols:
@@ -976,25 +1024,25 @@ def study(cfg, world, device):
         res["stages"]["pretrain"] = ctx["pretrain_loss"]
         if "headroom" in ctx:
             res["stages"]["headroom"] = ctx["headroom"]
-        summary = summarize(res["runs"])
-        pairs = {}
-        for name in summary:
-            if name != "sft":
-                pairs[f"{name}-sft"] = paired(res["runs"], name, "sft", "reward")
-            if name not in ("sft", "simpo") and "simpo" in summary:
-                pairs[name] = {m: paired(res["runs"], name, "simpo", m) for m in ("reward", "accuracy")}
-        d = os.path.join(cfg.figures, regime)
-        os.makedirs(d, exist_ok=True)
-        files = plot_regime(cfg, regime, res, summary, d)
-        atomic_write(os.path.join(d, "results.json"), json.dumps(
-            {"config": asdict(cfg), "minutes_so_far": (time.time() - t0) / 60, "summary": summary, "paired": pairs,
-             **res}, indent=1))
-        table = regime_markdown(cfg, regime, res, summary, pairs)
-        atomic_write(os.path.join(d, "results.md"), table)
-        print(table)
-        print("wrote " + ", ".join(sorted(files.values())) + f" and results.json / results.md in {d}")
+        write_outputs(cfg, regime, res, (time.time() - t0) / 60)
     print(f"the study took {(time.time() - t0) / 60:.1f} minutes in this invocation")
     return True
+
+
+def write_outputs(cfg, regime, res, minutes, config=None):
+    """A regime's results.json (its runs, their summary and paired comparisons, the study's config or the one it
+    was run with), results.md and plots."""
+    summary = summarize(res["runs"])
+    pairs = pairs_of(res["runs"], summary)
+    d = os.path.join(cfg.figures, regime)
+    os.makedirs(d, exist_ok=True)
+    files = plot_regime(cfg, regime, res, summary, d)
+    atomic_write(os.path.join(d, "results.json"), json.dumps(
+        {"config": config or asdict(cfg), "minutes_so_far": minutes, "summary": summary, "paired": pairs, **res}, indent=1))
+    table = regime_markdown(cfg, regime, res, summary, pairs)
+    atomic_write(os.path.join(d, "results.md"), table)
+    print(table)
+    print("wrote " + ", ".join(sorted(files.values())) + f" and results.json / results.md in {d}")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,13 @@ def test_quick_study_writes_every_output_and_reruns_from_its_results(world, tmp_
     assert experiments.main(args)
     assert json.loads((tmp_path / "fig" / "independent" / "results.json").read_text())["summary"] == summary
     assert os.path.getmtime(evaluation) == mtime
+    # --tables_only writes the same tables and plots from the results files alone, without the runs folder
+    written = {p: p.read_bytes() for p in (tmp_path / "fig").rglob("*") if p.suffix in (".md", ".svg")}
+    for p in written:
+        p.unlink()
+    os.rename(tmp_path / "runs", tmp_path / "gone")
+    assert experiments.main(args + ["--tables_only"])
+    assert {p: p.read_bytes() for p in written} == written
 
 
 def slow_sequence_kl(model, sft, sequences, answer_mask, pad_id):

@@ -94,3 +94,25 @@ def test_every_readme_command_parses_with_the_real_flags():
     assert len(commands) >= 15 and {script for script, _ in commands} >= set(parse) - {"tiny.py"}
     for script, argv in commands:
         parse[script](argv)  # raises (SystemExit) on a flag the script does not have
+
+
+def section(heading):
+    """The README's text from a heading to the next heading of the same or a higher level."""
+    text = readme()
+    level = heading.split(" ")[0]
+    body = text.split(heading + "\n", 1)[1]
+    stops = [m.start() for m in re.finditer(r"^#{1,%d} " % len(level), body, flags=re.M)]
+    return body[:stops[0]] if stops else body
+
+
+def unquoted(text, sources):
+    """The decimal numbers of text that no source holds (each as a whole number there, not inside another)."""
+    joined = "\n".join(open(os.path.join(HERE, p), encoding="utf-8").read() for p in sources)
+    return [n for n in re.findall(r"(?<![\w.])[+-]?\d+\.\d+", text)
+            if not re.search(r"(?<![\d.])" + re.escape(n) + r"(?![\d])", joined)]
+
+
+def test_protocol_numbers_come_from_their_results_files():
+    text = section("### The papers' protocols, in a world with headroom")
+    assert len(re.findall(r"\d+\.\d+", text)) > 100
+    assert unquoted(text, ["docs/experiments/base/results.md", "docs/experiments/instruct/results.md"]) == []
