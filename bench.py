@@ -82,6 +82,8 @@ def command_line():
                         "10: generation)")
     parser.add_argument("--generation_model", "--generation-model", default="", help="item 10 also on this model "
                         "(e.g. runs/real/assets/smollm2-135m-instruct, made by real_study.py)")
+    parser.add_argument("--generation_prompts", "--generation-prompts", type=int, default=48, help="item 10's "
+                        "prompts (batches of 8, 5 samples each)")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown (for the README)")
     parser.add_argument("--table", default="", help="only print the table of an existing bench.json, run nothing")
     return parser
@@ -1066,7 +1068,7 @@ def bench_load(ctx, quick):
 # Item 10: generation, onpolicy.py's sampler against a loop of model.generate(num_return_sequences=K)
 # ---------------------------------------------------------------------------------------------------------------
 
-def bench_generation(ctx, quick, repeats, extra_model=""):
+def bench_generation(ctx, quick, repeats, extra_model="", n_prompts=48):
     """K = 5 samples per prompt (temperature 0.8, top-p 0.95), batches of 8 prompts, on the tiny world's SFT model
     (trained: its answers end at different lengths) and SmolLM2-135M's architecture (random weights: no answer
     ends, every row runs to max_new_tokens), fp32, and bf16 on the real architecture; with extra_model, also that
@@ -1074,7 +1076,7 @@ def bench_generation(ctx, quick, repeats, extra_model=""):
     EOS. Before timing, greedy answers of both sides must be equal."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     K, batch = 5, 8
-    prompts = [r["prompt"] for r in data.load_preferences(ctx["paths"]["test"])][:8 if quick else 48]
+    prompts = [r["prompt"] for r in data.load_preferences(ctx["paths"]["test"])][:8 if quick else n_prompts]
     with quiet():
         sft = tiny.sft_model(ctx["paths"]["data"].rsplit(os.sep, 1)[0], ctx["paths"], train.main,
                              cache_dir=ctx["cfg"].cache_dir)
@@ -1374,7 +1376,8 @@ def main(argv=None):
         if "10" in items:
             t0 = time.perf_counter()
             results["10_generation"] = bench_generation(ctx, q, repeats=1 if q else 3,
-                                                        extra_model=args.generation_model)
+                                                        extra_model=args.generation_model,
+                                                        n_prompts=args.generation_prompts)
             timing["10"] = time.perf_counter() - t0
             print(f"  item 10 done ({timing['10']:.0f} s)", flush=True)
         if "select" in items:

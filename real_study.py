@@ -55,6 +55,8 @@ class RealStudyConfig:
                              "with avx512_bf16 several times faster than fp32)")
     quick: bool = arg(False, "every stage on the tiny world (its SFT model, prompts and judge), 2 steps a run")
     tiny_world: str = arg("tiny_world", "folder of the tiny world (--quick)")
+    collect: bool = arg(False, "run nothing: the results of the evaluations already in --figures (of other "
+                               "processes or sessions too), marked complete or not")
     cache_dir: str = arg("", "datasets cache folder")
     device: str = arg("auto", "auto | cpu | cuda")
 
@@ -279,11 +281,9 @@ def run(ctx, method, setting, seed, curve):
     every = max(1, ctx.steps // ctx.cfg.points) if curve else 0
     argv = ctx.train_argv + ["--method", method, "--seed", str(seed), "--save_every", str(every), "--keep_last", "0",
                              "--output_dir", out] + flags
-    if method == "sepo":
-        argv += ["--selections", oracle_selections(ctx, seed)]
 
     def go():
-        train.main(argv)
+        train.main(argv + (["--selections", oracle_selections(ctx, seed)] if method == "sepo" else []))
         holder = AutoModelForCausalLM.from_pretrained(ctx.start, dtype=torch.float32)
         points = []
         for path in [p for p in train.checkpoints(out) if int(os.path.basename(p).split("_")[1]) < ctx.steps]:
@@ -302,8 +302,8 @@ def run(ctx, method, setting, seed, curve):
     paths = {"--model", "--data", "--output_dir", "--selections", "--cache_dir", "--device"}  # in ctx.key by content
     flags_key = [a for i, a in enumerate(argv) if a not in paths and (i == 0 or argv[i - 1] not in paths)]
     key = {**ctx.key, "train": flags_key, "curve": curve, "oracle": ORACLE if method == "sepo" else None}
-    return experiments.cached(os.path.join(ctx.cfg.figures, "evaluations", f"{os.path.basename(os.path.dirname(out))}"
-                                           f"_{os.path.basename(out)}.json"), key, go)
+    return ctx.fetch(os.path.join(ctx.cfg.figures, "evaluations", f"{os.path.basename(os.path.dirname(out))}"
+                                  f"_{os.path.basename(out)}.json"), key, go)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,12 +325,12 @@ def selection_stats(ctx, seeds):
                         "256", "--max_prompt_length", "128", "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
                         "--cache_dir", ctx.cfg.cache_dir])
         return experiments.anatomy(actx, os.path.join(out, "confpo.jsonl"))
-    out = {"confpo": experiments.cached(os.path.join(folder, "selection_confpo.json"), ctx.key, confpo)}
+    out = {"confpo": ctx.fetch(os.path.join(folder, "selection_confpo.json"), ctx.key, confpo)}
     for seed in seeds:
-        out[f"sepo_seed{seed}"] = experiments.cached(
+        out[f"sepo_seed{seed}"] = ctx.fetch(
             os.path.join(folder, f"selection_sepo_seed{seed}.json"), {**ctx.key, "seed": seed, "oracle": ORACLE},
             lambda: experiments.anatomy(actx, oracle_selections(ctx, seed), seed))
-    return out
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def claim(name, paper, runs, a, b, metric, expect="higher"):
@@ -378,12 +378,18 @@ def study(cfg, world, device):
     seeds, methods = [int(s) for s in cfg.seeds.split(",")], cfg.methods.split(",")
     ctx = setup(cfg, device)
     log0(f"{ctx.n_pairs} pairs, {ctx.steps} steps of {cfg.global_batch_size} per run")
+    # --collect: nothing is run; what is in the evaluations folder (of any process or session) is reported
+    ctx.fetch = (lambda path, key, fn: experiments.cached(path, key, fn) if os.path.exists(path) else None) \
+        if cfg.collect else experiments.cached
     result = {"start": experiments.cached(os.path.join(cfg.figures, "evaluations", "start.json"), ctx.key, lambda: dict(
         zip(("point", "answers"), evaluate(ctx, ctx.start_model, "test", cfg.test_prompts, True, 0)),
         valid=evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0])), "runs": [], "selection": {}}
-    comparison = {}
+    comparison, missing = {}, 0
     for method in methods:  # the frontier: both settings on seed 0; the comparison setting by validation reward
         done = {s: run(ctx, method, s, 0, curve=True) for s in ctx.settings[method]}
+        if None in done.values():  # --collect, before this method's frontier is done
+            missing += 1 + len(seeds[1:])
+            continue
         comparison[method] = max(done, key=lambda s: done[s]["valid"]["reward_sampled"])
         for s, r in done.items():
             result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]}, "seed": 0,
@@ -391,14 +397,17 @@ def study(cfg, world, device):
         log0(f"{method}: comparison setting {comparison[method]} (validation reward "
              f"{done[comparison[method]]['valid']['reward_sampled']:.3f})")
     report(cfg, ctx, result, seeds, methods, t0, complete=False)
-    for method in methods:  # the comparison's other seeds, a method at a time; the results so far after each run
+    for method in comparison:  # the comparison's other seeds, a method at a time; the results so far after each run
         s = comparison[method]
         for seed in seeds[1:]:
-            result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]}, "seed": seed,
-                                   "comparison": True, **run(ctx, method, s, seed, curve=False)})
-            report(cfg, ctx, result, seeds, methods, t0, complete=False)
+            r = run(ctx, method, s, seed, curve=False)
+            missing += r is None
+            if r is not None:
+                result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]},
+                                       "seed": seed, "comparison": True, **r})
+                report(cfg, ctx, result, seeds, methods, t0, complete=False)
     result["selection"] = selection_stats(ctx, seeds)
-    report(cfg, ctx, result, seeds, methods, t0, complete=True)
+    report(cfg, ctx, result, seeds, methods, t0, complete=not missing and len(result["selection"]) == 1 + len(seeds))
     return True
 
 

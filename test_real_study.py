@@ -4,6 +4,7 @@ as stand-ins for SmolLM2, the sentiment prompts and VADER), and results.json in 
 import json
 import math
 import os
+import shutil
 import xml.etree.ElementTree as ET
 
 import real_study
@@ -63,6 +64,16 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
     assert real_study.main(args)
     assert os.path.getmtime(evaluation) == mtime
     assert json.loads((tmp_path / "fig" / "results.json").read_text())["summary"] == results["summary"]
+    # --collect runs nothing: without one run's evaluation, the results so far, marked incomplete
+    (tmp_path / "fig" / "evaluations" / "sepo_lr0.0003_seed1.json").unlink(missing_ok=True)
+    (tmp_path / "fig" / "evaluations" / "sepo_lr0.0001_seed1.json").unlink(missing_ok=True)
+    shutil.rmtree(tmp_path / "runs" / "runs" / "sepo")
+    assert real_study.main(args + ["--collect"])
+    partial = json.loads((tmp_path / "fig" / "results.json").read_text())
+    assert partial["complete"] is False and partial["seeds_run"]["sepo"] == [0]
+    assert partial["seeds_run"]["dpo"] == [0, 1] and partial["summary"]["dpo"] == results["summary"]["dpo"]
+    assert not (tmp_path / "runs" / "runs" / "sepo").exists()  # nothing trained
+    assert "Results so far" in (tmp_path / "fig" / "results.md").read_text()
 
 
 def test_prompts_share_no_subject_between_the_sets_and_never_name_a_polarity():
