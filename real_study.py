@@ -476,21 +476,25 @@ def markdown(result, methods):
     start, pairs = result["start"]["point"], result["pairs"]
     out = [f"# {result['config']['model'] or 'SmolLM2-135M-Instruct'}, on-policy pairs, every method", "",
            f"Start (test, {start['prompts']} prompts): sampled reward {start['reward_sampled']:.3f}, greedy "
-           f"{start['reward_greedy']:.3f}, distinct-2 {start['distinct2']:.3f}, length {start['length']:.1f} tokens.",
+           f"{start['reward_greedy']:.3f}, distinct-2 {start['distinct2']:.3f}, length {start['length']:.1f} tokens; "
+           f"validation ({result['start']['valid']['prompts']} prompts) sampled reward "
+           f"{result['start']['valid']['reward_sampled']:.3f}.",
            "", f"Pairs: {pairs['pairs']} of {pairs['prompts']} prompts ({pairs['dropped']}); mean sample reward "
                f"{pairs['mean_score']:.3f}, chosen {pairs['mean_chosen_score']:.3f}, rejected "
                f"{pairs['mean_rejected_score']:.3f}; {pairs['cut_by_max_new_tokens']:.1%} of samples cut.", "",
-           "## Every run's points (seed 0: both settings; test prompts)", "",
+           f"## Every run's points (seed 0: both settings; test prompts: {result['config']['curve_prompts']} during "
+           f"training, sampled answers only, {start['prompts']} at the end)", "",
            "| method | lr | comparison | step | reward sampled | reward greedy | KL | distinct-2 | start log-prob | "
-           "length |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "length | validation reward (the choice) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     num = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in result["runs"]:
         if r["seed"] == 0:
             for p in r["points"]:
+                valid = num(r["valid"]["reward_sampled"]) if p is r["points"][-1] and r.get("valid") else ""
                 out.append(f"| {r['method']} | {r['setting']['lr']:g} | {'yes' if r['comparison'] else ''} | "
                            f"{p['step']} | {num(p['reward_sampled'])} | {num(p['reward_greedy'])} | "
                            f"{num(p['kl'], 2)} | {num(p['distinct2'])} | {num(p['start_logp'])} | "
-                           f"{num(p['length'], 1)} |")
+                           f"{num(p['length'], 1)} | {valid} |")
     seeds = sorted({r["seed"] for r in result["runs"]})
     if not result["complete"]:
         out += ["", "**Results so far** (the study is still running): seeds run per method " + ", ".join(
