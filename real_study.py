@@ -499,12 +499,13 @@ def markdown(result, methods):
     if not result["complete"]:
         out += ["", "**Results so far** (the study is still running): seeds run per method " + ", ".join(
             f"{m} {v}" for m, v in result["seeds_run"].items()) + "."]
-    out += ["", f"## The comparison (mean ± sd over seeds {seeds}, test prompts)", "",
-            "| method | reward sampled | reward greedy | KL | distinct-2 | start log-prob | length |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += ["", f"## The comparison (mean ± sd over the seeds each method has run of {seeds}, test prompts)", "",
+            "| method | seeds | reward sampled | reward greedy | KL | distinct-2 | start log-prob | length |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in ["start"] + methods:
         v = result["summary"][m]
-        out.append(f"| {m} | {fmt(v['reward_sampled'])} | {fmt(v['reward_greedy'])} | {fmt(v['kl'], 2)} | "
+        out.append(f"| {m} | {len(result['seeds_run'].get(m, seeds))} | {fmt(v['reward_sampled'])} | "
+                   f"{fmt(v['reward_greedy'])} | {fmt(v['kl'], 2)} | "
                    f"{fmt(v['distinct2'])} | {fmt(v['start_logp'])} | {fmt(v['length'], 1)} |")
     out += ["", "## The claims (paired by seed: the same sign on every seed, or a 95% t-interval excluding 0)", "",
             "| paper | claim | metric | difference per seed | mean | sd | verdict | holds | gain >= 0.1 and > 3 sd |",

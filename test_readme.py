@@ -116,3 +116,9 @@ def test_protocol_numbers_come_from_their_results_files():
     text = section("### The papers' protocols, in a world with headroom")
     assert len(re.findall(r"\d+\.\d+", text)) > 100
     assert unquoted(text, ["docs/experiments/base/results.md", "docs/experiments/instruct/results.md"]) == []
+
+
+def test_real_study_numbers_come_from_its_results_file():
+    text = section("### What it shows")
+    assert len(re.findall(r"\d+\.\d+", text)) > 50
+    assert unquoted(text, ["docs/real/results.md"]) == []
