@@ -482,6 +482,8 @@ def markdown(result, methods):
            "", f"Pairs: {pairs['pairs']} of {pairs['prompts']} prompts ({pairs['dropped']}); mean sample reward "
                f"{pairs['mean_score']:.3f}, chosen {pairs['mean_chosen_score']:.3f}, rejected "
                f"{pairs['mean_rejected_score']:.3f}; {pairs['cut_by_max_new_tokens']:.1%} of samples cut.", "",
+           "SePO's oracle (sepo_pipeline.py, from the start): " + ", ".join(f"{k} {v:g}" for k, v in ORACLE.items())
+           + ".", "",
            f"## Every run's points (seed 0: both settings; test prompts: {result['config']['curve_prompts']} during "
            f"training, sampled answers only, {start['prompts']} at the end)", "",
            "| method | lr | comparison | step | reward sampled | reward greedy | KL | distinct-2 | start log-prob | "
