@@ -1038,7 +1038,8 @@ def write_outputs(cfg, regime, res, minutes, config=None):
     os.makedirs(d, exist_ok=True)
     files = plot_regime(cfg, regime, res, summary, d)
     atomic_write(os.path.join(d, "results.json"), json.dumps(
-        {"config": config or asdict(cfg), "minutes_so_far": minutes, "summary": summary, "paired": pairs, **res}, indent=1))
+        {"config": config or asdict(cfg), "minutes_so_far": minutes, "summary": summary, "paired": pairs, **res},
+        indent=1))
     table = regime_markdown(cfg, regime, res, summary, pairs)
     atomic_write(os.path.join(d, "results.md"), table)
     print(table)

@@ -55,8 +55,8 @@ class RealStudyConfig:
                              "with avx512_bf16 several times faster than fp32)")
     quick: bool = arg(False, "every stage on the tiny world (its SFT model, prompts and judge), 2 steps a run")
     tiny_world: str = arg("tiny_world", "folder of the tiny world (--quick)")
-    collect: bool = arg(False, "run nothing: the results of the evaluations already in --figures (of other "
-                               "processes or sessions too), marked complete or not")
+    collect: bool = arg(False, "train nothing: report the evaluations already in --figures (of other processes "
+                               "or sessions too), marked complete or not")
     cache_dir: str = arg("", "datasets cache folder")
     device: str = arg("auto", "auto | cpu | cuda")
 
@@ -106,7 +106,8 @@ def vader_key_spans(prompt, response):
 # ---------------------------------------------------------------------------------------------------------------
 # Two settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
 # are their defaults (DPO beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta
-# 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo": the frontier runs past the best reward.
+# 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo", meant to run past the best reward (on
+# SmolLM2 it did not: the reward flattens at 3e-5 without turning down; README).
 SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3 * 1e-5}} for m in ("dpo", "simpo", "confpo", "confpo_rand",
                                                                       "confpo_dpo", "sepo")}
 QUICK_SETTINGS = {m: {"lo": {"lr": 1e-4}, "hi": {"lr": 3e-4}} for m in SETTINGS}
