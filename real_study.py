@@ -385,11 +385,10 @@ def study(cfg, world, device):
     result = {"start": experiments.cached(os.path.join(cfg.figures, "evaluations", "start.json"), ctx.key, lambda: dict(
         zip(("point", "answers"), evaluate(ctx, ctx.start_model, "test", cfg.test_prompts, True, 0)),
         valid=evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0])), "runs": [], "selection": {}}
-    comparison, missing = {}, 0
+    comparison = {}
     for method in methods:  # the frontier: both settings on seed 0; the comparison setting by validation reward
         done = {s: run(ctx, method, s, 0, curve=True) for s in ctx.settings[method]}
         if None in done.values():  # --collect, before this method's frontier is done
-            missing += 1 + len(seeds[1:])
             continue
         comparison[method] = max(done, key=lambda s: done[s]["valid"]["reward_sampled"])
         for s, r in done.items():
@@ -397,22 +396,21 @@ def study(cfg, world, device):
                                    "comparison": s == comparison[method], **r})
         log0(f"{method}: comparison setting {comparison[method]} (validation reward "
              f"{done[comparison[method]]['valid']['reward_sampled']:.3f})")
-    report(cfg, ctx, result, seeds, methods, t0, complete=False)
+    report(cfg, ctx, result, seeds, methods, t0)
     for method in comparison:  # the comparison's other seeds, a method at a time; the results so far after each run
         s = comparison[method]
         for seed in seeds[1:]:
             r = run(ctx, method, s, seed, curve=False)
-            missing += r is None
             if r is not None:
                 result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]},
                                        "seed": seed, "comparison": True, **r})
-                report(cfg, ctx, result, seeds, methods, t0, complete=False)
+                report(cfg, ctx, result, seeds, methods, t0)
     result["selection"] = selection_stats(ctx, seeds)
-    report(cfg, ctx, result, seeds, methods, t0, complete=not missing and len(result["selection"]) == 1 + len(seeds))
+    report(cfg, ctx, result, seeds, methods, t0)
     return True
 
 
-def report(cfg, ctx, result, seeds, methods, t0, complete):
+def report(cfg, ctx, result, seeds, methods, t0):
     """results.json, results.md and the plot from the runs so far: a method's summary over the seeds it has run,
     each claim over the seeds both of its methods have ("complete": false until every run and selection is in)."""
     by_seed = {seed: {"start": {"final": result["start"]["point"]}} for seed in seeds}
@@ -423,9 +421,11 @@ def report(cfg, ctx, result, seeds, methods, t0, complete):
     result["summary"] = {m: {k: experiments.mean_std([by_seed[s][m]["final"][k] for s in seeds if m in by_seed[s]])
                              for k in ("reward_sampled", "reward_greedy", "kl", "distinct2", "start_logp", "length")}
                          for m in ["start"] + methods}
+    seeds_run = {m: sorted(s for s in seeds if m in by_seed[s]) for m in methods}
+    complete = all(v == sorted(seeds) for v in seeds_run.values()) and len(result["selection"]) == 1 + len(seeds)
     result.update(pairs=json.load(open(os.path.join(cfg.figures, "pairs", "manifest.json")))["summary"],
                   config=asdict(cfg), settings=ctx.settings, minutes=(time.time() - t0) / 60, complete=complete,
-                  seeds_run={m: sorted(s for s in seeds if m in by_seed[s]) for m in methods})
+                  seeds_run=seeds_run)
     os.makedirs(cfg.figures, exist_ok=True)
     atomic_write(os.path.join(cfg.figures, "results.json"), json.dumps(result, indent=1))
     files = plot(result, methods, cfg.figures)
