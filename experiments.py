@@ -434,6 +434,16 @@ def anatomy(ctx, path, seed=0):
     return out
 
 
+def end_selected(tokenized, path):
+    """The share of responses whose last token, the end of turn that training appends, is selected, per side. A
+    selective loss trains the end of turn only where it is selected: a selection that keeps it in rejected answers
+    more often than in chosen ones pushes the probability of stopping down more often than up."""
+    rows = {r["row"]: r for r in map(json.loads, open(path))}
+    return {side: statistics.fmean(len(data.response_part(ex, side, "input_ids")) - 1
+                                   in set(rows[ex["row"]][f"{side}_selected"]) for ex in tokenized)
+            for side in ("chosen", "rejected")}
+
+
 def analysis_context(ctx, path):
     """The batches token_analysis reads for a selection: the first 256 training pairs with their selections, the
     types of the non-key tokens selected on their rejected side, and the held-out pairs."""

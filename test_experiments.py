@@ -155,3 +155,15 @@ def test_ticks_cover_the_range_with_round_even_steps(lo, hi):
     assert max(steps) - min(steps) < 1e-9 * max(1.0, abs(hi))
     mantissa = steps[0] / 10 ** math.floor(math.log10(steps[0]))
     assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5, 10))
+
+
+def test_end_selected_is_the_share_of_answers_whose_last_response_token_is_selected(tmp_path):
+    tokenized = [{"row": r, "chosen_input_ids": [5, 6, 7, 2], "chosen_labels": [-100, 6, 7, 2],
+                  "rejected_input_ids": [5, 8, 2], "rejected_labels": [-100, 8, 2]} for r in (0, 1)]
+    path = tmp_path / "selection.jsonl"  # response positions: chosen 0..2 (2 the end of turn), rejected 0..1
+    path.write_text('{"row": 0, "chosen_selected": [2], "rejected_selected": [0]}\n'
+                    '{"row": 1, "chosen_selected": [0, 1], "rejected_selected": [1]}\n')
+    assert experiments.end_selected(tokenized, str(path)) == {"chosen": 0.5, "rejected": 0.5}
+    path.write_text('{"row": 0, "chosen_selected": [0], "rejected_selected": [0, 1]}\n'
+                    '{"row": 1, "chosen_selected": [1], "rejected_selected": [1]}\n')
+    assert experiments.end_selected(tokenized, str(path)) == {"chosen": 0.0, "rejected": 1.0}
