@@ -104,13 +104,16 @@ def vader_key_spans(prompt, response):
 # ---------------------------------------------------------------------------------------------------------------
 # The study: settings, runs, evaluations
 # ---------------------------------------------------------------------------------------------------------------
-# Two settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
+# Three settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
 # are their defaults (DPO beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta
-# 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo", meant to run past the best reward (on
-# SmolLM2 it did not: the reward flattens at 3e-5 without turning down; README).
-SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3 * 1e-5}} for m in ("dpo", "simpo", "confpo", "confpo_rand",
-                                                                      "confpo_dpo", "sepo")}
-QUICK_SETTINGS = {m: {"lo": {"lr": 1e-4}, "hi": {"lr": 3e-4}} for m in SETTINGS}
+# 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo", meant to run past the best reward; on
+# SmolLM2 it did not (the reward flattens at 3e-5 without turning down), so "top" (ten times "lo") was added, on seed 0
+# only, after the comparison had been chosen among CANDIDATES and run on every seed: it takes the frontier further
+# and shows its own validation reward, but is not a candidate (choosing again would mean 2 more seeds per method).
+SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3 * 1e-5}, "top": {"lr": 1e-4}}
+            for m in ("dpo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo")}
+QUICK_SETTINGS = {m: {"lo": {"lr": 1e-4}, "hi": {"lr": 3e-4}, "top": {"lr": 1e-3}} for m in SETTINGS}
+CANDIDATES = ("lo", "hi")  # the settings the comparison setting is chosen among, by validation reward
 ORACLE = dict(subset=0.5, chosen_ratio=0.3, rejected_ratio=0.3, dpo_beta=0.1, sft_lr=1e-5, dpo_lr=1e-5)
 SAMPLE_SEED = 1234  # the evaluation's draws: the same for every model (paired)
 
@@ -314,10 +317,15 @@ def run(ctx, method, setting, seed, curve):
 def selection_stats(ctx, seeds):
     """Key-token precision and recall (key: a word with a non-zero valence) of ConfPO's selection under the start
     model and of SePO's oracle selection per seed, each beside a random selection of the same sizes
-    (experiments.anatomy); each kept beside the evaluations."""
+    (experiments.anatomy); each kept beside the evaluations. The end of turn's selection (experiments.end_selected)
+    is measured on ConfPO's and on seed 0's oracle only: it was added after the oracles of seeds 1-2 were deleted,
+    and rebuilding them costs 25 minutes each."""
     folder = os.path.join(ctx.cfg.figures, "evaluations")
-    pairs = data.load_preferences(ctx.pairs, cache_dir=ctx.cfg.cache_dir or None)
-    actx = {"tokenized_train": data.tokenize_preferences(pairs, ctx.tok, 256, 128)[0]}
+    actx = {"tokenized_train": tokenized_pairs(ctx)}
+
+    def stats(path, seed=0):
+        out = experiments.anatomy(actx, path, seed)
+        return out if seed else {**out, "end_selected": experiments.end_selected(actx["tokenized_train"], path)}
 
     def confpo():
         out = os.path.join(ctx.dir, "confpo_selection")
@@ -325,13 +333,29 @@ def selection_stats(ctx, seeds):
             score.main(["--confpo", "--model", ctx.start, "--data", ctx.pairs, "--output_dir", out, "--max_length",
                         "256", "--max_prompt_length", "128", "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
                         "--cache_dir", ctx.cfg.cache_dir])
-        return experiments.anatomy(actx, os.path.join(out, "confpo.jsonl"))
-    out = {"confpo": ctx.fetch(os.path.join(folder, "selection_confpo.json"), ctx.key, confpo)}
+        return stats(os.path.join(out, "confpo.jsonl"))
+    key = lambda seed: {**ctx.key, **({} if seed else {"end_selected": True})}  # noqa: E731
+    out = {"confpo": ctx.fetch(os.path.join(folder, "selection_confpo.json"), key(0), confpo)}
     for seed in seeds:
-        out[f"sepo_seed{seed}"] = ctx.fetch(
-            os.path.join(folder, f"selection_sepo_seed{seed}.json"), {**ctx.key, "seed": seed, "oracle": ORACLE},
-            lambda: experiments.anatomy(actx, oracle_selections(ctx, seed), seed))
+        out[f"sepo_seed{seed}"] = ctx.fetch(os.path.join(folder, f"selection_sepo_seed{seed}.json"),
+                                            {**key(seed), "seed": seed, "oracle": ORACLE},
+                                            lambda: stats(oracle_selections(ctx, seed), seed))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def tokenized_pairs(ctx):
+    """The training pairs as train.py tokenizes them (once per process)."""
+    if getattr(ctx, "tokenized", None) is None:
+        pairs = data.load_preferences(ctx.pairs, cache_dir=ctx.cfg.cache_dir or None)
+        ctx.tokenized = data.tokenize_preferences(pairs, ctx.tok, 256, 128)[0]
+    return ctx.tokenized
+
+
+def pair_lengths(ctx):
+    """Mean response tokens of the chosen and the rejected answers of the training pairs (the end of turn
+    included)."""
+    return {side: statistics.fmean(len(data.response_part(ex, side, "input_ids")) for ex in tokenized_pairs(ctx))
+            for side in ("chosen", "rejected")}
 
 
 def claim(name, paper, runs, a, b, metric, expect="higher"):
@@ -386,12 +410,12 @@ def study(cfg, world, device):
         zip(("point", "answers"), evaluate(ctx, ctx.start_model, "test", cfg.test_prompts, True, 0)),
         valid=evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0])), "runs": [], "selection": {}}
     comparison = {}
-    for method in methods:  # the frontier: both settings on seed 0; the comparison setting by validation reward
+    for method in methods:  # the frontier: every setting on seed 0; the comparison setting by validation reward
         done = {s: run(ctx, method, s, 0, curve=True) for s in ctx.settings[method]}
-        if None in done.values():  # --collect, before this method's frontier is done
+        if None in (done[s] for s in CANDIDATES):  # --collect, before this method's candidates are done
             continue
-        comparison[method] = max(done, key=lambda s: done[s]["valid"]["reward_sampled"])
-        for s, r in done.items():
+        comparison[method] = max(CANDIDATES, key=lambda s: done[s]["valid"]["reward_sampled"])
+        for s, r in ((s, r) for s, r in done.items() if r is not None):
             result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]}, "seed": 0,
                                    "comparison": s == comparison[method], **r})
         log0(f"{method}: comparison setting {comparison[method]} (validation reward "
@@ -405,7 +429,7 @@ def study(cfg, world, device):
                 result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]},
                                        "seed": seed, "comparison": True, **r})
                 report(cfg, ctx, result, seeds, methods, t0)
-    result["selection"] = selection_stats(ctx, seeds)
+    result["selection"], result["pair_lengths"] = selection_stats(ctx, seeds), pair_lengths(ctx)
     report(cfg, ctx, result, seeds, methods, t0)
     return True
 
@@ -468,10 +492,6 @@ def plot(result, methods, folder):
     return [experiments.write_svg(os.path.join(folder, "frontier.svg"), panels, width=520, height=360)]
 
 
-def fmt(pair, digits=3):
-    return "–" if pair[0] is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
-
-
 def markdown(result, methods):
     """results.md: the start, the pairs, every run's points, the comparison, the claims, the selections."""
     start, pairs = result["start"]["point"], result["pairs"]
@@ -482,11 +502,20 @@ def markdown(result, methods):
            f"{result['start']['valid']['reward_sampled']:.3f}.",
            "", f"Pairs: {pairs['pairs']} of {pairs['prompts']} prompts ({pairs['dropped']}); mean sample reward "
                f"{pairs['mean_score']:.3f}, chosen {pairs['mean_chosen_score']:.3f}, rejected "
-               f"{pairs['mean_rejected_score']:.3f}; {pairs['cut_by_max_new_tokens']:.1%} of samples cut.", "",
+               f"{pairs['mean_rejected_score']:.3f}; {pairs['cut_by_max_new_tokens']:.1%} of samples cut" + (
+               "" if "pair_lengths" not in result else "; the training pairs' chosen answers "
+               f"{result['pair_lengths']['chosen']:.1f} tokens long, rejected {result['pair_lengths']['rejected']:.1f}")
+           + ".", "",
            "SePO's oracle (sepo_pipeline.py, from the start): " + ", ".join(f"{k} {v:g}" for k, v in ORACLE.items())
            + ".", "",
-           f"## Every run's points (seed 0: both settings; test prompts: {result['config']['curve_prompts']} during "
+           f"## Every run's points (seed 0: every setting; test prompts: {result['config']['curve_prompts']} during "
            f"training, sampled answers only, {start['prompts']} at the end)", "",
+           "Each method's comparison setting is the one of " + " and ".join(
+               f"{s} (lr {v['lr']:g})" for s, v in next(iter(result['settings'].values())).items() if s in CANDIDATES)
+           + " with the higher validation reward; " + ", ".join(
+               f"{s} (lr {v['lr']:g})" for s, v in next(iter(result['settings'].values())).items()
+               if s not in CANDIDATES) + " was run after the comparison, to take the frontier further, and is not "
+           "a candidate.", "",
            "| method | lr | comparison | step | reward sampled | reward greedy | KL | distinct-2 | start log-prob | "
            "length | validation reward (the choice) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     num = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -507,9 +536,9 @@ def markdown(result, methods):
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in ["start"] + methods:
         v = result["summary"][m]
-        out.append(f"| {m} | {len(result['seeds_run'].get(m, seeds))} | {fmt(v['reward_sampled'])} | "
-                   f"{fmt(v['reward_greedy'])} | {fmt(v['kl'], 2)} | "
-                   f"{fmt(v['distinct2'])} | {fmt(v['start_logp'])} | {fmt(v['length'], 1)} |")
+        cells = [experiments.fmt(v[k], d) for k, d in (("reward_sampled", 3), ("reward_greedy", 3), ("kl", 2),
+                                                       ("distinct2", 3), ("start_logp", 3), ("length", 1))]
+        out.append(f"| {m} | {len(result['seeds_run'].get(m, seeds))} | " + " | ".join(cells) + " |")
     out += ["", "## The claims (paired by seed: the same sign on every seed, or a 95% t-interval excluding 0)", "",
             "| paper | claim | metric | difference per seed | mean | sd | verdict | holds | gain >= 0.1 and > 3 sd |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -523,13 +552,15 @@ def markdown(result, methods):
             out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {c['selection']:.3f} against "
                        f"{c['random']:.3f} | {c['ratio']:.2f}x | | | | |")
     out += ["", "## Selections against the key tokens (words with a VADER valence)", "",
-            "| selection | side | selected | precision | recall | random: precision | random: recall |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            "| selection | side | selected | precision | recall | random: precision | random: recall | end of turn "
+            "selected |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for k, a in result["selection"].items():
         for side in ("chosen", "rejected"):
             x, r = a["selection"][side], a["random"][side]
             out.append(f"| {k} | {side} | {x['selected_fraction']:.3f} | {x['precision']:.3f} | {x['recall']:.3f} | "
-                       f"{r['precision']:.3f} | {r['recall']:.3f} |")
+                       f"{r['precision']:.3f} | {r['recall']:.3f} | {num(a.get('end_selected', {}).get(side))} |")
+    out += ["", "End of turn selected: the share of answers whose last token, the end of turn, is in the selection "
+                "(a random selection takes it about as often as the selected share)."]
     shares = [r for r in result["runs"] if r["method"] in ("confpo", "confpo_dpo") and r["comparison"]
               and r["selected"]]
     if shares:
