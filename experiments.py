@@ -160,6 +160,39 @@ def sequence_kl(model, sft, sequences, answer_mask, pad_id, batch_size=50, atten
     return torch.cat(out)
 
 
+def left_padded(answers, pad):
+    """[(prompt ids, answer ids, ended)] -> left-padded prompt + answer ids (N, T), their attention mask and the
+    answer mask (True on answer tokens)."""
+    T = max(len(p) + len(a) for p, a, _ in answers)
+    ids = torch.full((len(answers), T), pad)
+    attention = torch.zeros(len(answers), T, dtype=torch.bool)
+    answer = torch.zeros(len(answers), T, dtype=torch.bool)
+    for i, (p, a, _) in enumerate(answers):
+        ids[i, T - len(p) - len(a):] = torch.tensor(p + a)
+        attention[i, T - len(p) - len(a):] = True
+        answer[i, T - len(a):] = True
+    return ids, attention, answer
+
+
+@torch.no_grad()
+def mean_token_logp(model, answers, pad, device, batch_size=32):
+    """A model's mean token log-prob of answers [(prompt ids, answer ids, ended)]: the mean over answers of each
+    one's mean."""
+    out = []
+    for i in range(0, len(answers), batch_size):
+        ids, attention, answer = (x.to(device) for x in left_padded(answers[i:i + batch_size], pad))
+        logits = model(input_ids=ids, attention_mask=attention.long(), position_ids=position_ids(attention)).logits
+        logps, mask = losses.token_logps(logits, torch.where(answer, ids, losses.IGNORE_INDEX))
+        out += losses.masked_mean(logps, mask).tolist()
+    return statistics.fmean(out)
+
+
+def distinct2(strings):
+    """Distinct-2: unique word bigrams over all bigrams of the answers."""
+    grams = [tuple(w[i:i + 2]) for s in strings for w in [s.lower().split()] for i in range(len(w) - 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 @torch.no_grad()
 def token_logps(model, batch):
     """Per-token log-probs and response mask of a collated batch (chosen rows, then rejected rows)."""
@@ -432,16 +465,6 @@ def anatomy(ctx, path, seed=0):
         result["rejected"].update(key_selected=at_key / max(with_key, 1), after_key_selected=after_key / max(with_key, 1))
         out[kind] = result
     return out
-
-
-def end_selected(tokenized, path):
-    """The share of responses whose last token, the end of turn that training appends, is selected, per side. A
-    selective loss trains the end of turn only where it is selected: a selection that keeps it in rejected answers
-    more often than in chosen ones pushes the probability of stopping down more often than up."""
-    rows = {r["row"]: r for r in map(json.loads, open(path))}
-    return {side: statistics.fmean(len(data.response_part(ex, side, "input_ids")) - 1
-                                   in set(rows[ex["row"]][f"{side}_selected"]) for ex in tokenized)
-            for side in ("chosen", "rejected")}
 
 
 def analysis_context(ctx, path):

@@ -104,16 +104,13 @@ def vader_key_spans(prompt, response):
 # ---------------------------------------------------------------------------------------------------------------
 # The study: settings, runs, evaluations
 # ---------------------------------------------------------------------------------------------------------------
-# Three settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
+# Two settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
 # are their defaults (DPO beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta
-# 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo", meant to run past the best reward; on
-# SmolLM2 it did not (the reward flattens at 3e-5 without turning down), so "top" (ten times "lo") was added, on seed 0
-# only, after the comparison had been chosen among CANDIDATES and run on every seed: it takes the frontier further
-# and shows its own validation reward, but is not a candidate (choosing again would mean 2 more seeds per method).
-SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3 * 1e-5}, "top": {"lr": 1e-4}}
-            for m in ("dpo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo")}
-QUICK_SETTINGS = {m: {"lo": {"lr": 1e-4}, "hi": {"lr": 3e-4}, "top": {"lr": 1e-3}} for m in SETTINGS}
-CANDIDATES = ("lo", "hi")  # the settings the comparison setting is chosen among, by validation reward
+# 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo", meant to run past the best reward (on
+# SmolLM2 it did not: the reward flattens at 3e-5 without turning down; README).
+SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3 * 1e-5}} for m in ("dpo", "simpo", "confpo", "confpo_rand",
+                                                                      "confpo_dpo", "sepo")}
+QUICK_SETTINGS = {m: {"lo": {"lr": 1e-4}, "hi": {"lr": 3e-4}} for m in SETTINGS}
 ORACLE = dict(subset=0.5, chosen_ratio=0.3, rejected_ratio=0.3, dpo_beta=0.1, sft_lr=1e-5, dpo_lr=1e-5)
 SAMPLE_SEED = 1234  # the evaluation's draws: the same for every model (paired)
 
@@ -122,7 +119,6 @@ from types import SimpleNamespace  # noqa: E402
 
 import data  # noqa: E402
 import experiments  # noqa: E402
-import losses  # noqa: E402
 import models  # noqa: E402
 import onpolicy  # noqa: E402
 import real_task  # noqa: E402
@@ -204,54 +200,23 @@ def texts(ctx, answers):
     return [ctx.tok.decode(a[:-1] if ended else a, skip_special_tokens=True).strip() for _, a, ended in answers]
 
 
-def padded(answers, pad):
-    """Left-padded prompt + answer ids (N, T), their attention mask and the answer mask (True on answer tokens)."""
-    T = max(len(p) + len(a) for p, a, _ in answers)
-    ids = torch.full((len(answers), T), pad)
-    attention = torch.zeros(len(answers), T, dtype=torch.bool)
-    answer = torch.zeros(len(answers), T, dtype=torch.bool)
-    for i, (p, a, _) in enumerate(answers):
-        ids[i, T - len(p) - len(a):] = torch.tensor(p + a)
-        attention[i, T - len(p) - len(a):] = True
-        answer[i, T - len(a):] = True
-    return ids, attention, answer
-
-
-def distinct2(strings):
-    """Distinct-2: unique word bigrams over all bigrams of the answers."""
-    grams = [tuple(w[i:i + 2]) for s in strings for w in [s.lower().split()] for i in range(len(w) - 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
-
-@torch.no_grad()
-def start_logp(ctx, answers):
-    """The start model's mean token log-prob of answers (mean over answers of each one's mean)."""
-    out = []
-    for i in range(0, len(answers), 32):
-        ids, attention, answer = (x.to(ctx.device) for x in padded(answers[i:i + 32], ctx.pad))
-        positions = (attention.long().cumsum(-1) - 1).clamp(min=0)
-        logits = ctx.start_model(input_ids=ids, attention_mask=attention.long(), position_ids=positions).logits
-        logps, mask = losses.token_logps(logits, torch.where(answer, ids, losses.IGNORE_INDEX))
-        out += losses.masked_mean(logps, mask).tolist()
-    return statistics.fmean(out)
-
-
 def evaluate(ctx, model, split, n, greedy, step):
     """A POINT on the first n prompts of a split (and with greedy, the answers as text)."""
     t0 = time.time()
     prompts = ctx.prompts[split][:n]
     sampled = generate(ctx, model, prompts, 1.0)
     said = texts(ctx, sampled)
-    ids, attention, answer = (x.to(ctx.device) for x in padded(sampled, ctx.pad))
+    ids, attention, answer = (x.to(ctx.device) for x in experiments.left_padded(sampled, ctx.pad))
     kl = experiments.sequence_kl(model, ctx.start_model, ids, answer, ctx.pad, batch_size=32,
                                  attention_mask=attention)
     point = {"step": step, "reward_sampled": statistics.fmean(ctx.scores(prompts, said)), "reward_greedy": None,
-             "kl": float(kl.mean()), "distinct2": distinct2(said), "start_logp": None,
+             "kl": float(kl.mean()), "distinct2": experiments.distinct2(said), "start_logp": None,
              "length": statistics.fmean(len(a) for _, a, _ in sampled), "prompts": n}
     if greedy:
         best = generate(ctx, model, prompts, 0)
         plain = texts(ctx, best)
-        point.update(reward_greedy=statistics.fmean(ctx.scores(prompts, plain)), start_logp=start_logp(ctx, best))
+        point.update(reward_greedy=statistics.fmean(ctx.scores(prompts, plain)),
+                     start_logp=experiments.mean_token_logp(ctx.start_model, best, ctx.pad, ctx.device))
     log0(f"  {split} step {step}: sampled reward {point['reward_sampled']:.3f}, KL {point['kl']:.2f} "
          f"({n} prompts{', greedy too' if greedy else ''}, {time.time() - t0:.0f} s)")
     return point, [{"prompt": p, "greedy": g, "sampled": s} for p, g, s in zip(prompts, plain, said)] if greedy \
@@ -317,15 +282,9 @@ def run(ctx, method, setting, seed, curve):
 def selection_stats(ctx, seeds):
     """Key-token precision and recall (key: a word with a non-zero valence) of ConfPO's selection under the start
     model and of SePO's oracle selection per seed, each beside a random selection of the same sizes
-    (experiments.anatomy); each kept beside the evaluations. The end of turn's selection (experiments.end_selected)
-    is measured on ConfPO's and on seed 0's oracle only: it was added after the oracles of seeds 1-2 were deleted,
-    and rebuilding them costs 25 minutes each."""
+    (experiments.anatomy); each kept beside the evaluations."""
     folder = os.path.join(ctx.cfg.figures, "evaluations")
     actx = {"tokenized_train": tokenized_pairs(ctx)}
-
-    def stats(path, seed=0):
-        out = experiments.anatomy(actx, path, seed)
-        return out if seed else {**out, "end_selected": experiments.end_selected(actx["tokenized_train"], path)}
 
     def confpo():
         out = os.path.join(ctx.dir, "confpo_selection")
@@ -333,13 +292,12 @@ def selection_stats(ctx, seeds):
             score.main(["--confpo", "--model", ctx.start, "--data", ctx.pairs, "--output_dir", out, "--max_length",
                         "256", "--max_prompt_length", "128", "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
                         "--cache_dir", ctx.cfg.cache_dir])
-        return stats(os.path.join(out, "confpo.jsonl"))
-    key = lambda seed: {**ctx.key, **({} if seed else {"end_selected": True})}  # noqa: E731
-    out = {"confpo": ctx.fetch(os.path.join(folder, "selection_confpo.json"), key(0), confpo)}
+        return experiments.anatomy(actx, os.path.join(out, "confpo.jsonl"))
+    out = {"confpo": ctx.fetch(os.path.join(folder, "selection_confpo.json"), ctx.key, confpo)}
     for seed in seeds:
-        out[f"sepo_seed{seed}"] = ctx.fetch(os.path.join(folder, f"selection_sepo_seed{seed}.json"),
-                                            {**key(seed), "seed": seed, "oracle": ORACLE},
-                                            lambda: stats(oracle_selections(ctx, seed), seed))
+        out[f"sepo_seed{seed}"] = ctx.fetch(
+            os.path.join(folder, f"selection_sepo_seed{seed}.json"), {**ctx.key, "seed": seed, "oracle": ORACLE},
+            lambda: experiments.anatomy(actx, oracle_selections(ctx, seed), seed))
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -410,12 +368,12 @@ def study(cfg, world, device):
         zip(("point", "answers"), evaluate(ctx, ctx.start_model, "test", cfg.test_prompts, True, 0)),
         valid=evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0])), "runs": [], "selection": {}}
     comparison = {}
-    for method in methods:  # the frontier: every setting on seed 0; the comparison setting by validation reward
+    for method in methods:  # the frontier: both settings on seed 0; the comparison setting by validation reward
         done = {s: run(ctx, method, s, 0, curve=True) for s in ctx.settings[method]}
-        if None in (done[s] for s in CANDIDATES):  # --collect, before this method's candidates are done
+        if None in done.values():  # --collect, before this method's frontier is done
             continue
-        comparison[method] = max(CANDIDATES, key=lambda s: done[s]["valid"]["reward_sampled"])
-        for s, r in ((s, r) for s, r in done.items() if r is not None):
+        comparison[method] = max(done, key=lambda s: done[s]["valid"]["reward_sampled"])
+        for s, r in done.items():
             result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]}, "seed": 0,
                                    "comparison": s == comparison[method], **r})
         log0(f"{method}: comparison setting {comparison[method]} (validation reward "
@@ -508,14 +466,8 @@ def markdown(result, methods):
            + ".", "",
            "SePO's oracle (sepo_pipeline.py, from the start): " + ", ".join(f"{k} {v:g}" for k, v in ORACLE.items())
            + ".", "",
-           f"## Every run's points (seed 0: every setting; test prompts: {result['config']['curve_prompts']} during "
+           f"## Every run's points (seed 0: both settings; test prompts: {result['config']['curve_prompts']} during "
            f"training, sampled answers only, {start['prompts']} at the end)", "",
-           "Each method's comparison setting is the one of " + " and ".join(
-               f"{s} (lr {v['lr']:g})" for s, v in next(iter(result['settings'].values())).items() if s in CANDIDATES)
-           + " with the higher validation reward; " + ", ".join(
-               f"{s} (lr {v['lr']:g})" for s, v in next(iter(result['settings'].values())).items()
-               if s not in CANDIDATES) + " was run after the comparison, to take the frontier further, and is not "
-           "a candidate.", "",
            "| method | lr | comparison | step | reward sampled | reward greedy | KL | distinct-2 | start log-prob | "
            "length | validation reward (the choice) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     num = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -552,15 +504,13 @@ def markdown(result, methods):
             out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {c['selection']:.3f} against "
                        f"{c['random']:.3f} | {c['ratio']:.2f}x | | | | |")
     out += ["", "## Selections against the key tokens (words with a VADER valence)", "",
-            "| selection | side | selected | precision | recall | random: precision | random: recall | end of turn "
-            "selected |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| selection | side | selected | precision | recall | random: precision | random: recall |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for k, a in result["selection"].items():
         for side in ("chosen", "rejected"):
             x, r = a["selection"][side], a["random"][side]
             out.append(f"| {k} | {side} | {x['selected_fraction']:.3f} | {x['precision']:.3f} | {x['recall']:.3f} | "
-                       f"{r['precision']:.3f} | {r['recall']:.3f} | {num(a.get('end_selected', {}).get(side))} |")
-    out += ["", "End of turn selected: the share of answers whose last token, the end of turn, is in the selection "
-                "(a random selection takes it about as often as the selected share)."]
+                       f"{r['precision']:.3f} | {r['recall']:.3f} |")
     shares = [r for r in result["runs"] if r["method"] in ("confpo", "confpo_dpo") and r["comparison"]
               and r["selected"]]
     if shares:

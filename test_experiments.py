@@ -157,13 +157,16 @@ def test_ticks_cover_the_range_with_round_even_steps(lo, hi):
     assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5, 10))
 
 
-def test_end_selected_is_the_share_of_answers_whose_last_response_token_is_selected(tmp_path):
-    tokenized = [{"row": r, "chosen_input_ids": [5, 6, 7, 2], "chosen_labels": [-100, 6, 7, 2],
-                  "rejected_input_ids": [5, 8, 2], "rejected_labels": [-100, 8, 2]} for r in (0, 1)]
-    path = tmp_path / "selection.jsonl"  # response positions: chosen 0..2 (2 the end of turn), rejected 0..1
-    path.write_text('{"row": 0, "chosen_selected": [2], "rejected_selected": [0]}\n'
-                    '{"row": 1, "chosen_selected": [0, 1], "rejected_selected": [1]}\n')
-    assert experiments.end_selected(tokenized, str(path)) == {"chosen": 0.5, "rejected": 0.5}
-    path.write_text('{"row": 0, "chosen_selected": [0], "rejected_selected": [0, 1]}\n'
-                    '{"row": 1, "chosen_selected": [1], "rejected_selected": [1]}\n')
-    assert experiments.end_selected(tokenized, str(path)) == {"chosen": 0.0, "rejected": 1.0}
+def test_mean_token_logp_of_left_padded_answers_matches_each_answer_alone(world):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(world["llama-tiny"]).eval()
+    answers = [([5, 9, 11], [7, 8, 2], True), ([6], [10, 12, 13, 14], False), ([4, 4, 5, 6, 7], [3], True)]
+    ids, attention, answer = experiments.left_padded(answers, pad=0)
+    assert ids.shape == (3, 6) and attention.sum(-1).tolist() == [6, 5, 6] and answer.sum(-1).tolist() == [3, 4, 1]
+    alone = []  # one answer at a time, unpadded: the mean over its tokens of log pi(token | all before it)
+    for prompt, a, _ in answers:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt + a])).logits[0].double(), -1)
+        alone.append(sum(float(logp[len(prompt) + t - 1, tok]) for t, tok in enumerate(a)) / len(a))
+    got = experiments.mean_token_logp(model, answers, 0, torch.device("cpu"), batch_size=2)
+    assert abs(got - sum(alone) / 3) < 1e-5
