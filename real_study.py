@@ -452,7 +452,7 @@ def plot(result, methods, folder):
 
 def markdown(result, methods):
     """results.md: the start, the pairs, every run's points, the comparison, the claims, the selections."""
-    start, pairs = result["start"]["point"], result["pairs"]
+    start, pairs, lengths = result["start"]["point"], result["pairs"], result.get("pair_lengths")
     out = [f"# {result['config']['model'] or 'SmolLM2-135M-Instruct'}, on-policy pairs, every method", "",
            f"Start (test, {start['prompts']} prompts): sampled reward {start['reward_sampled']:.3f}, greedy "
            f"{start['reward_greedy']:.3f}, distinct-2 {start['distinct2']:.3f}, length {start['length']:.1f} tokens; "
@@ -460,10 +460,9 @@ def markdown(result, methods):
            f"{result['start']['valid']['reward_sampled']:.3f}.",
            "", f"Pairs: {pairs['pairs']} of {pairs['prompts']} prompts ({pairs['dropped']}); mean sample reward "
                f"{pairs['mean_score']:.3f}, chosen {pairs['mean_chosen_score']:.3f}, rejected "
-               f"{pairs['mean_rejected_score']:.3f}; {pairs['cut_by_max_new_tokens']:.1%} of samples cut" + (
-               "" if "pair_lengths" not in result else "; the training pairs' chosen answers "
-               f"{result['pair_lengths']['chosen']:.1f} tokens long, rejected {result['pair_lengths']['rejected']:.1f}")
-           + ".", "",
+               f"{pairs['mean_rejected_score']:.3f}; {pairs['cut_by_max_new_tokens']:.1%} of samples cut"
+               + (f"; the training pairs' chosen answers {lengths['chosen']:.1f} tokens long, rejected "
+                  f"{lengths['rejected']:.1f}" if lengths else "") + ".", "",
            "SePO's oracle (sepo_pipeline.py, from the start): " + ", ".join(f"{k} {v:g}" for k, v in ORACLE.items())
            + ".", "",
            f"## Every run's points (seed 0: both settings; test prompts: {result['config']['curve_prompts']} during "
