@@ -52,7 +52,7 @@ class RealStudyConfig:
     global_batch_size: int = arg(32, "pairs per optimizer step (one epoch of the pairs)")
     micro_batch_size: int = arg(8, "pairs per forward")
     dtype: str = arg("bf16", "compute dtype of training, sampling and evaluation (bf16 on fp32 weights; on a CPU "
-                             "with avx512_bf16 several times faster than fp32)")
+                             "with avx512_bf16 several times faster than fp32, without native bf16 15x slower)")
     quick: bool = arg(False, "every stage on the tiny world (its SFT model, prompts and judge), 2 steps a run")
     tiny_world: str = arg("tiny_world", "folder of the tiny world (--quick)")
     collect: bool = arg(False, "train nothing: report the evaluations already in --figures (of other processes "

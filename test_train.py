@@ -466,3 +466,25 @@ def test_save_final_false_keeps_no_last_checkpoint_and_a_rerun_finds_the_run_fin
     train.main(base_args(world, out, method="simpo", save_final="false"))
     assert "this run had already finished" in capsys.readouterr().out
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp and len(metrics(out)) == 4
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, monkeypatch, capsys):
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    sapphire = tmp_path / "sapphire"
+    sapphire.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    graviton = tmp_path / "graviton"
+    graviton.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert models.cpu_has_bf16(str(avx2)) is False
+    assert models.cpu_has_bf16(str(sapphire)) is True and models.cpu_has_bf16(str(graviton)) is True
+    assert models.cpu_has_bf16(str(tmp_path / "missing")) is None  # not Linux: no warning
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "_warned_bf16", False)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
+    assert models.compute_dtype("bf16", cpu) == torch.bfloat16 and "warning" not in capsys.readouterr().out
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
+    assert models.compute_dtype("fp32", cpu) == torch.float32 and models.compute_dtype("auto", cpu) == torch.float32
+    assert "warning" not in capsys.readouterr().out
+    for _ in range(3):
+        assert models.compute_dtype("bf16", cpu) == torch.bfloat16
+    assert capsys.readouterr().out.count("warning: --dtype bf16 on a CPU without native bf16") == 1
