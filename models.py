@@ -8,6 +8,7 @@ score.py scores with.
     sample            K responses per prompt with a KV cache, each sample's draws its own (onpolicy.py, studies)
 """
 
+import functools
 import hashlib
 import inspect
 import os
@@ -135,16 +136,17 @@ def compute_dtype(flag, device):
     it natively gets a warning, once per process: there it is emulated, many times slower than fp32."""
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         flag, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    global _warned_bf16
-    if dtype == torch.bfloat16 and device.type == "cpu" and not _warned_bf16 and cpu_has_bf16() is False:
-        _warned_bf16 = True
-        log0("warning: --dtype bf16 on a CPU without native bf16 (no avx512_bf16, amx_bf16 or Arm bf16 among the "
-             "flags of /proc/cpuinfo): it is emulated there, many times slower than fp32 (a forward and backward "
-             "of SmolLM2-135M, 15x on an AVX2 CPU); --dtype fp32 is faster")
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        warn_if_bf16_emulated()
     return dtype
 
 
-_warned_bf16 = False
+@functools.cache  # once per process
+def warn_if_bf16_emulated():
+    if cpu_has_bf16() is False:
+        log0("warning: --dtype bf16 on a CPU without native bf16 (no avx512_bf16, amx_bf16 or Arm bf16 among the "
+             "flags of /proc/cpuinfo): it is emulated there, many times slower than fp32 (a forward and backward "
+             "of SmolLM2-135M, 15x on an AVX2 CPU); --dtype fp32 is faster")
 
 
 def cpu_has_bf16(cpuinfo="/proc/cpuinfo"):

@@ -479,9 +479,10 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once(tmp_path, monkeypatch, cap
     assert models.cpu_has_bf16(str(sapphire)) is True and models.cpu_has_bf16(str(graviton)) is True
     assert models.cpu_has_bf16(str(tmp_path / "missing")) is None  # not Linux: no warning
     cpu = torch.device("cpu")
-    monkeypatch.setattr(models, "_warned_bf16", False)
+    models.warn_if_bf16_emulated.cache_clear()
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)
     assert models.compute_dtype("bf16", cpu) == torch.bfloat16 and "warning" not in capsys.readouterr().out
+    models.warn_if_bf16_emulated.cache_clear()
     monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
     assert models.compute_dtype("fp32", cpu) == torch.float32 and models.compute_dtype("auto", cpu) == torch.float32
     assert "warning" not in capsys.readouterr().out
