@@ -10,12 +10,17 @@ product, an event, ...), never saying which polarity; the reward is VADER's comp
 [-1, 1], positive preferred. The data: onpolicy.py samples 5 answers per training prompt from the start model and
 keeps the best against the worst. The start is both the policy's start and the reference (the Instruct setting).
 Each method runs through train.py (SePO through sepo_pipeline.py) with checkpoints along the way; every checkpoint
-is evaluated on held-out prompts: the mean reward of answers sampled at temperature 1 and of greedy answers, the
-sequence KL from the start on the sampled answers, distinct-2, the start's mean token log-prob of the greedy
-answers, and the answer length. A repeat on a GPU with a larger model and a reward model changes --model and
---reward.
+is evaluated on held-out prompts, on answers sampled as the pairs were (temperature 0.8, top-p 0.95) and on greedy
+answers, each allowed --max_new_tokens (192: the start's answers end 98% of the time). The primary metric scores
+an answer that did not end as a failure (--cut_reward, VADER's minimum -1); beside it the reward as VADER gives it,
+the share of answers that ended, a length-controlled reward (the reward less the start's reward-length slope times
+the change in length), the sequence KL from the start, distinct-2, the start's mean token log-prob of the greedy
+answers, and the answer length. Each method's comparison setting is the lr of its grid with the best primary
+metric on the validation prompts, the grid widened until the best lies inside it. A repeat on a GPU with a larger
+model and a reward model changes --model and --reward.
 """
 
+import glob
 import json
 import math
 import os
@@ -41,18 +46,24 @@ class RealStudyConfig:
     key_spans: str = arg("real_study:vader_key_spans", "where an answer's reward is decided (module:function): the "
                                                       "key tokens of the selection precision")
     train_prompts: int = arg(1024, "training prompts (each gives a pair unless its samples tie)")
-    train_pairs: int = arg(640, "the first N pairs train every method, one epoch (0 = all)")
+    train_pairs: int = arg(512, "the first N pairs train every method, one epoch (0 = all)")
     valid_prompts: int = arg(100, "validation prompts: the choice of each method's comparison setting")
     test_prompts: int = arg(200, "test prompts: the final points")
     curve_prompts: int = arg(100, "test prompts of the points during training (sampled answers only)")
-    max_new_tokens: int = arg(64, "answer tokens at most, in the pairs and the evaluation")
+    max_new_tokens: int = arg(192, "answer tokens at most, in the pairs and the evaluation (the start's sampled "
+                                   "answers end 98% of the time within 192)")
+    temperature: float = arg(0.8, "sampling temperature of the pairs and of the evaluation's sampled answers")
+    top_p: float = arg(0.95, "nucleus of the pairs' and the evaluation's sampled answers")
+    cut_reward: float = arg(-1.0, "the primary metric's score of an answer that did not end (VADER's minimum)")
     seeds: str = arg("0,1,2", "paired seeds: data order, ConfPO-rand's draws, SePO's subset D_m")
-    methods: str = arg("dpo,simpo,confpo,confpo_rand,confpo_dpo,sepo", "the methods compared")
-    points: int = arg(5, "evaluations during each seed-0 run, plus its end")
+    methods: str = arg("dpo,simpo,confpo,confpo_rand,confpo_dpo,rdpo,sepo,sepo_noeos", "the methods compared")
+    lrs: str = arg("3e-6,1e-5,3e-5", "the lr grid of every method with a setting of its own (seed 0); widened "
+                                     "along LADDER while the best lies on an edge")
+    points: int = arg(3, "evaluations during each seed-0 run, plus its end")
     global_batch_size: int = arg(32, "pairs per optimizer step (one epoch of the pairs)")
     micro_batch_size: int = arg(8, "pairs per forward")
-    dtype: str = arg("bf16", "compute dtype of training, sampling and evaluation (bf16 on fp32 weights; on a CPU "
-                             "with avx512_bf16 several times faster than fp32, without native bf16 15x slower)")
+    dtype: str = arg("fp32", "compute dtype of training, sampling and evaluation (bf16 on a CPU with avx512_bf16 "
+                             "is no faster for this model, and 15x slower without native bf16)")
     quick: bool = arg(False, "every stage on the tiny world (its SFT model, prompts and judge), 2 steps a run")
     tiny_world: str = arg("tiny_world", "folder of the tiny world (--quick)")
     collect: bool = arg(False, "train nothing: report the evaluations already in --figures (of other processes "
@@ -104,14 +115,18 @@ def vader_key_spans(prompt, response):
 # ---------------------------------------------------------------------------------------------------------------
 # The study: settings, runs, evaluations
 # ---------------------------------------------------------------------------------------------------------------
-# Two settings per method, one epoch of the pairs each: the lr is the knob, the objectives' own hyper-parameters
-# are their defaults (DPO beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta
-# 0.1; SePO beta 1, gamma 0 as the released code). "hi" is three times "lo", meant to run past the best reward (on
-# SmolLM2 it did not: the reward flattens at 3e-5 without turning down; README).
-SETTINGS = {m: {"lo": {"lr": 1e-5}, "hi": {"lr": 3 * 1e-5}} for m in ("dpo", "simpo", "confpo", "confpo_rand",
-                                                                      "confpo_dpo", "sepo")}
-QUICK_SETTINGS = {m: {"lo": {"lr": 1e-4}, "hi": {"lr": 3e-4}} for m in SETTINGS}
+# One epoch of the pairs per run; the lr is the knob, the objectives' own hyper-parameters are their defaults (DPO
+# beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta 0.1; R-DPO beta 0.1,
+# alpha 0.05; SePO beta 1, gamma 0 as the released code). Every method with a setting of its own runs the --lrs
+# grid on seed 0; while its best primary metric on the validation prompts lies on an edge of what has run, the
+# next lr of the ladder on that side runs too, so the choice lies inside the grid.
+LADDER = (3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+# The controls run at the setting chosen for the method they control, on every seed: ConfPO-rand selects as many
+# random tokens as ConfPO (ConfPO Table 2); SePO without its end of turn is SePO's selection less the end-of-turn
+# token (score.py --exclude_eos, a departure from the paper): does SePO stop ending its answers because of it?
+FOLLOWS = {"confpo_rand": "confpo", "sepo_noeos": "sepo"}
 ORACLE = dict(subset=0.5, chosen_ratio=0.3, rejected_ratio=0.3, dpo_beta=0.1, sft_lr=1e-5, dpo_lr=1e-5)
+EOS_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)  # SePO's end-of-turn measurement: the share of answers whose EOS is selected
 SAMPLE_SEED = 1234  # the evaluation's draws: the same for every model (paired)
 
 import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
@@ -153,8 +168,9 @@ def setup(cfg, device):
     pairs_dir = os.path.join(cfg.figures, "pairs")
     onpolicy.main(["--model", start, "--prompts", files["train"], "--reward", cfg.reward, "--key_spans",
                    cfg.key_spans, "--max_new_tokens", str(cfg.max_new_tokens), "--max_prompt_length", "128",
-                   "--dtype", cfg.dtype, "--batch_size", "16", "--block_size", "64", "--output_dir", pairs_dir,
-                   "--device", cfg.device, "--cache_dir", cfg.cache_dir])
+                   "--temperature", str(cfg.temperature), "--top_p", str(cfg.top_p), "--dtype", cfg.dtype,
+                   "--batch_size", "16", "--block_size", "64", "--output_dir", pairs_dir, "--device", cfg.device,
+                   "--cache_dir", cfg.cache_dir])
     with open(os.path.join(pairs_dir, "pairs.jsonl")) as fh:  # the first --train_pairs pairs train every method
         lines = fh.readlines()[:cfg.train_pairs or None]
     pairs, n_pairs = os.path.join(cfg.figures, f"train_pairs_{len(lines)}.jsonl"), len(lines)
@@ -164,34 +180,42 @@ def setup(cfg, device):
     tok = AutoTokenizer.from_pretrained(start)
     start_model = AutoModelForCausalLM.from_pretrained(start, dtype=dtype).to(device).eval()
     prompts = {split: [r["prompt"] for r in map(json.loads, open(path))] for split, path in files.items()}
+    grid = [float(x) for x in cfg.lrs.split(",")]
     ctx = SimpleNamespace(cfg=cfg, dir=out, start=start, start_model=start_model, tok=tok, device=device, dtype=dtype,
                           prompts=prompts, pairs=pairs, n_pairs=n_pairs, eos=models.eos_token_ids(start_model, tok),
                           scores=onpolicy.reward_scorer(SimpleNamespace(reward=cfg.reward, reward_batch_size=16),
                                                         device, dtype),
-                          steps=n_pairs // cfg.global_batch_size, settings=QUICK_SETTINGS if cfg.quick else SETTINGS)
+                          steps=n_pairs // cfg.global_batch_size, grid=grid,
+                          ladder=sorted(grid if cfg.quick else set(LADDER) | set(grid)),
+                          length_slope=None)
     ctx.pad = tok.pad_token_id if tok.pad_token_id is not None else ctx.eos[0]
-    ctx.train_argv = ["--model", start, "--data", pairs, "--max_length", "256", "--max_prompt_length", "128",
-                      "--global_batch_size", str(cfg.global_batch_size), "--micro_batch_size",
-                      str(cfg.micro_batch_size), "--dtype", cfg.dtype, "--device", cfg.device, "--cache_dir",
-                      cfg.cache_dir, "--judge", "none", "--log_every", "1", "--eval_every", str(10**9),
-                      "--save_final", "false"] + (["--max_steps", "2"] if cfg.quick else [])
+    max_length = 128 + cfg.max_new_tokens + 1  # the prompt, the longest answer and its end of turn: nothing is cut
+    ctx.shape = ["--max_length", str(max_length), "--max_prompt_length", "128"]
+    ctx.train_argv = ["--model", start, "--data", pairs, *ctx.shape, "--global_batch_size",
+                      str(cfg.global_batch_size), "--micro_batch_size", str(cfg.micro_batch_size), "--dtype",
+                      cfg.dtype, "--device", cfg.device, "--cache_dir", cfg.cache_dir, "--judge", "none",
+                      "--log_every", "1", "--eval_every", str(10**9), "--save_final", "false"] + \
+        (["--max_steps", "2"] if cfg.quick else [])
     if cfg.quick:
         ctx.steps = 2
     ctx.key = {"start": utils.fingerprint(start), "pairs": utils.fingerprint(pairs), "reward": cfg.reward,
                "prompts": {s: len(p) for s, p in prompts.items()}, "max_new_tokens": cfg.max_new_tokens,
-               "curve_prompts": cfg.curve_prompts, "dtype": cfg.dtype, "sampler": 2}
+               "temperature": cfg.temperature, "top_p": cfg.top_p, "cut_reward": cfg.cut_reward,
+               "curve_prompts": cfg.curve_prompts, "dtype": cfg.dtype, "sampler": 2, "evaluation": 2}
     return ctx
 
 
 def generate(ctx, model, prompts, temperature):
-    """One answer per prompt (temperature 1: the full distribution; 0: greedy) -> [(prompt ids, answer ids,
-    ended)]; prompt i draws from the generator seeded by (SAMPLE_SEED, i, 0), the same for every model."""
+    """One answer per prompt (sampled at --temperature and --top_p, or greedy at temperature 0) -> [(prompt ids,
+    answer ids, ended)]; prompt i draws from the generator seeded by (SAMPLE_SEED, i, 0), the same for every
+    model."""
     ids = [data.encode_prompt(data.render_prompt(p, ctx.tok, True), ctx.tok, 128)[0] for p in prompts]
+    top_p = ctx.cfg.top_p if temperature else 1.0
     out = []
     for i in range(0, len(ids), 64):  # 64 rows a step: a decode step of a small model costs little more than 16
         chunk = ids[i:i + 64]
         seeds = [[models.draw_seed(SAMPLE_SEED, i + j, 0)] for j in range(len(chunk))]
-        drawn = models.sample(model, chunk, seeds, ctx.cfg.max_new_tokens, temperature, 1.0, ctx.eos, ctx.pad)
+        drawn = models.sample(model, chunk, seeds, ctx.cfg.max_new_tokens, temperature, top_p, ctx.eos, ctx.pad)
         out += [(p, *row[0]) for p, row in zip(chunk, drawn)]
     return out
 
@@ -200,59 +224,116 @@ def texts(ctx, answers):
     return [ctx.tok.decode(a[:-1] if ended else a, skip_special_tokens=True).strip() for _, a, ended in answers]
 
 
+def answer_metrics(ctx, prompts, answers):
+    """The answers as text and, per answer, its reward, whether it ended with the end of turn, and its tokens (the
+    end of turn included) -> (texts, {"reward", "ended", "tokens"} lists)."""
+    said = texts(ctx, answers)
+    return said, {"reward": ctx.scores(prompts, said), "ended": [bool(e) for _, _, e in answers],
+                  "tokens": [len(a) for _, a, _ in answers]}
+
+
+def summarize_answers(ctx, per, suffix):
+    """The metrics of a set of answers: the primary metric (an answer that did not end scores --cut_reward), the
+    reward as the reward function gives it, the share that ended, the mean length in tokens; for sampled answers
+    (suffix "") also the length-controlled reward: reward - slope * (length - the start's length), with the slope
+    of reward on length among the start's own sampled answers (length_slope)."""
+    out = {f"primary{suffix}": statistics.fmean(r if e else ctx.cfg.cut_reward for r, e in zip(per["reward"],
+                                                                                                   per["ended"])),
+           f"reward{suffix}": statistics.fmean(per["reward"]), f"ended{suffix}": statistics.fmean(per["ended"]),
+           f"length{suffix}": statistics.fmean(per["tokens"])}
+    if not suffix:
+        slope, length0 = ctx.length_slope or (0.0, out["length"])
+        out["reward_lc"] = out["reward"] - slope * (out["length"] - length0)
+    return out
+
+
+def length_slope(per):
+    """The least-squares slope of reward on answer length (tokens) over a set of answers, and their mean length."""
+    x, y = per["tokens"], per["reward"]
+    mx, my = statistics.fmean(x), statistics.fmean(y)
+    var = sum((a - mx) ** 2 for a in x)
+    return (sum((a - mx) * (b - my) for a, b in zip(x, y)) / var if var else 0.0), mx
+
+
 def evaluate(ctx, model, split, n, greedy, step):
-    """A POINT on the first n prompts of a split (and with greedy, the answers as text)."""
+    """A POINT on the first n prompts of a split (and with greedy, the answers with their rewards, ends and
+    lengths)."""
     t0 = time.time()
     prompts = ctx.prompts[split][:n]
-    sampled = generate(ctx, model, prompts, 1.0)
-    said = texts(ctx, sampled)
+    sampled = generate(ctx, model, prompts, ctx.cfg.temperature)
+    said, per = answer_metrics(ctx, prompts, sampled)
     ids, attention, answer = (x.to(ctx.device) for x in experiments.left_padded(sampled, ctx.pad))
     kl = experiments.sequence_kl(model, ctx.start_model, ids, answer, ctx.pad, batch_size=32,
                                  attention_mask=attention)
-    point = {"step": step, "reward_sampled": statistics.fmean(ctx.scores(prompts, said)), "reward_greedy": None,
-             "kl": float(kl.mean()), "distinct2": experiments.distinct2(said), "start_logp": None,
-             "length": statistics.fmean(len(a) for _, a, _ in sampled), "prompts": n}
+    point = {"step": step, **summarize_answers(ctx, per, ""), "kl": float(kl.mean()),
+             "distinct2": experiments.distinct2(said), "start_logp": None, "prompts": n,
+             **{f"{k}_greedy": None for k in ("primary", "reward", "ended", "length")}}
+    answers = None
     if greedy:
         best = generate(ctx, model, prompts, 0)
-        plain = texts(ctx, best)
-        point.update(reward_greedy=statistics.fmean(ctx.scores(prompts, plain)),
+        plain, per_greedy = answer_metrics(ctx, prompts, best)
+        point.update(**summarize_answers(ctx, per_greedy, "_greedy"),
                      start_logp=experiments.mean_token_logp(ctx.start_model, best, ctx.pad, ctx.device))
-    log0(f"  {split} step {step}: sampled reward {point['reward_sampled']:.3f}, KL {point['kl']:.2f} "
-         f"({n} prompts{', greedy too' if greedy else ''}, {time.time() - t0:.0f} s)")
-    return point, [{"prompt": p, "greedy": g, "sampled": s} for p, g, s in zip(prompts, plain, said)] if greedy \
-        else None
+        answers = [{"prompt": p, "greedy": g, "sampled": s, "greedy_reward": gr, "sampled_reward": sr,
+                    "greedy_ended": ge, "sampled_ended": se, "greedy_tokens": gt, "sampled_tokens": st}
+                   for p, g, s, gr, sr, ge, se, gt, st in zip(prompts, plain, said, per_greedy["reward"], per["reward"],
+                                                             per_greedy["ended"], per["ended"], per_greedy["tokens"],
+                                                             per["tokens"])]
+    log0(f"  {split} step {step}: primary {point['primary']:.3f} (reward {point['reward']:.3f}, ended "
+         f"{point['ended']:.2f}, {point['length']:.0f} tokens), KL {point['kl']:.2f} ({n} prompts"
+         f"{', greedy too' if greedy else ''}, {time.time() - t0:.0f} s)")
+    return point, answers
 
 
 def as_eval_model(ctx, fp32_model):
     return fp32_model.to(ctx.dtype).eval() if ctx.dtype != torch.float32 else fp32_model.eval()
 
 
+def oracle_dir(ctx, seed):
+    return os.path.join(ctx.dir, "oracles", f"seed{seed}")
+
+
 def oracle_selections(ctx, seed):
     """SePO's oracle (sepo_pipeline.py up to its scores): SFT then DPO on a random half of the pairs from the start,
     the Eq. 24 scores of every pair and the Eq. 25 selection at k = 0.3 -> the selection file."""
-    out = os.path.join(ctx.dir, "oracles", f"seed{seed}")
+    out = oracle_dir(ctx, seed)
     flags = {**ORACLE, **({"sft_lr": 1e-4, "dpo_lr": 1e-4, "max_steps": 2} if ctx.cfg.quick else {})}
     argv = ["--data", ctx.pairs, "--oracle_base", ctx.start, "--policy", ctx.start, "--seed", str(seed),
-            "--output_dir", out, "--until", "scores", "--max_length", "256", "--max_prompt_length", "128",
-            "--global_batch_size", str(ctx.cfg.global_batch_size), "--micro_batch_size", str(ctx.cfg.micro_batch_size),
-            "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device, "--cache_dir", ctx.cfg.cache_dir]
+            "--output_dir", out, "--until", "scores", *ctx.shape, "--global_batch_size", str(ctx.cfg.global_batch_size),
+            "--micro_batch_size", str(ctx.cfg.micro_batch_size), "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
+            "--cache_dir", ctx.cfg.cache_dir]
     sepo_pipeline.main(argv + [x for k, v in flags.items() for x in (f"--{k}", str(v))])
     return os.path.join(out, "scores", sepo.selection_name(ORACLE["chosen_ratio"], ORACLE["rejected_ratio"]))
 
 
-def run(ctx, method, setting, seed, curve):
+def oracle_selections_noeos(ctx, seed):
+    """The same oracle's selection at k = 0.3 with the end-of-turn token never selected (score.py --exclude_eos,
+    a departure from the paper) -> the selection file."""
+    oracle_selections(ctx, seed)  # the oracle itself, trained once per seed
+    out = os.path.join(oracle_dir(ctx, seed), "scores_noeos")
+    if not sepo.scoring_complete(out):
+        score.main(["--oracle", os.path.join(oracle_dir(ctx, seed), "oracle_dpo", "final"), "--reference",
+                    os.path.join(oracle_dir(ctx, seed), "oracle_sft", "final"), "--policy", ctx.start, "--data",
+                    ctx.pairs, *ctx.shape, "--ratios", f"{ORACLE['chosen_ratio']}:{ORACLE['rejected_ratio']}",
+                    "--exclude_eos", "--output_dir", out, "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
+                    "--cache_dir", ctx.cfg.cache_dir])
+    return os.path.join(out, sepo.selection_name(ORACLE["chosen_ratio"], ORACLE["rejected_ratio"]))
+
+
+SELECTIONS = {"sepo": oracle_selections, "sepo_noeos": oracle_selections_noeos}
+
+
+def run(ctx, method, lr, seed, curve):
     """train.py (a checkpoint at each curve point), then the evaluation of its points, kept beside the run; the
-    checkpoints are deleted once evaluated -> {"points", "answers", "valid"}."""
+    checkpoints are deleted once evaluated -> {"points", "answers", "valid", "selected"}."""
     from transformers import AutoModelForCausalLM
-    out = os.path.join(ctx.dir, "runs", method, "_".join(f"{k}{v:g}" for k, v in ctx.settings[method][setting].items())
-                       + f"_seed{seed}")
-    flags = [x for k, v in ctx.settings[method][setting].items() for x in (f"--{k}", str(v))]
+    out = os.path.join(ctx.dir, "runs", method, f"lr{lr:g}_seed{seed}")
     every = max(1, ctx.steps // ctx.cfg.points) if curve else 0
-    argv = ctx.train_argv + ["--method", method, "--seed", str(seed), "--save_every", str(every), "--keep_last", "0",
-                             "--output_dir", out] + flags
+    argv = ctx.train_argv + ["--method", "sepo" if method in SELECTIONS else method, "--seed", str(seed),
+                             "--save_every", str(every), "--keep_last", "0", "--output_dir", out, "--lr", str(lr)]
 
     def go():
-        train.main(argv + (["--selections", oracle_selections(ctx, seed)] if method == "sepo" else []))
+        train.main(argv + (["--selections", SELECTIONS[method](ctx, seed)] if method in SELECTIONS else []))
         holder = AutoModelForCausalLM.from_pretrained(ctx.start, dtype=torch.float32)
         points = []
         for path in [p for p in train.checkpoints(out) if int(os.path.basename(p).split("_")[1]) < ctx.steps]:
@@ -270,79 +351,137 @@ def run(ctx, method, setting, seed, curve):
         return {"points": points + [point], "answers": answers, "valid": valid, "selected": selected}
     paths = {"--model", "--data", "--output_dir", "--selections", "--cache_dir", "--device"}  # in ctx.key by content
     flags_key = [a for i, a in enumerate(argv) if a not in paths and (i == 0 or argv[i - 1] not in paths)]
-    key = {**ctx.key, "train": flags_key, "curve": curve, "oracle": ORACLE if method == "sepo" else None}
-    return ctx.fetch(os.path.join(ctx.cfg.figures, "evaluations", f"{os.path.basename(os.path.dirname(out))}"
-                                  f"_{os.path.basename(out)}.json"), key, go)
+    key = {**ctx.key, "train": flags_key, "curve": curve, "oracle": ORACLE if method in SELECTIONS else None,
+           "length_slope": ctx.length_slope}
+    return ctx.fetch(os.path.join(ctx.cfg.figures, "evaluations", f"{method}_lr{lr:g}_seed{seed}.json"), key, go)
+
+
+def frontier(ctx, method):
+    """Seed 0 over the lr grid (each run with its curve), widened along the ladder while the best validation
+    primary metric lies on an edge of what has run -> ({lr: run}, the comparison lr), or None (--collect, before
+    the grid is done)."""
+    lrs, done = list(ctx.grid), {}
+    while lrs:
+        for lr in lrs:
+            done[lr] = run(ctx, method, lr, 0, curve=True)
+        if None in done.values():
+            return None
+        best = max(done, key=lambda lr: done[lr]["valid"]["primary"])
+        i = ctx.ladder.index(best)
+        lrs = [ctx.ladder[i - 1]] if best == min(done) and i > 0 else \
+            [ctx.ladder[i + 1]] if best == max(done) and i + 1 < len(ctx.ladder) else []
+    return done, best
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Selections on real data, claims, outputs
 # ---------------------------------------------------------------------------------------------------------------
 
-def selection_stats(ctx, seeds):
+def selection_stats(ctx, seeds, methods):
     """Key-token precision and recall (key: a word with a non-zero valence) of ConfPO's selection under the start
     model and of SePO's oracle selection per seed, each beside a random selection of the same sizes
-    (experiments.anatomy); each kept beside the evaluations."""
+    (experiments.anatomy), and the share of answers whose end of turn SePO's oracle selects at each k of
+    EOS_RATIOS; each kept beside the evaluations."""
     folder = os.path.join(ctx.cfg.figures, "evaluations")
     actx = {"tokenized_train": tokenized_pairs(ctx)}
 
     def confpo():
         out = os.path.join(ctx.dir, "confpo_selection")
         if not sepo.scoring_complete(out):
-            score.main(["--confpo", "--model", ctx.start, "--data", ctx.pairs, "--output_dir", out, "--max_length",
-                        "256", "--max_prompt_length", "128", "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
-                        "--cache_dir", ctx.cfg.cache_dir])
+            score.main(["--confpo", "--model", ctx.start, "--data", ctx.pairs, "--output_dir", out, *ctx.shape,
+                        "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device, "--cache_dir", ctx.cfg.cache_dir])
         return experiments.anatomy(actx, os.path.join(out, "confpo.jsonl"))
-    out = {"confpo": ctx.fetch(os.path.join(folder, "selection_confpo.json"), ctx.key, confpo)}
-    for seed in seeds:
-        out[f"sepo_seed{seed}"] = ctx.fetch(
-            os.path.join(folder, f"selection_sepo_seed{seed}.json"), {**ctx.key, "seed": seed, "oracle": ORACLE},
-            lambda: experiments.anatomy(actx, oracle_selections(ctx, seed), seed))
+
+    def sepo_seed(seed):
+        out = experiments.anatomy(actx, oracle_selections(ctx, seed), seed)
+        return {**out, "end_of_turn": end_of_turn_selected(ctx, seed)}
+    out = {"confpo": ctx.fetch(os.path.join(folder, "selection_confpo.json"), ctx.key, confpo)} \
+        if "confpo" in methods else {}
+    for seed in seeds if "sepo" in methods else []:  # (a process of other methods leaves the oracles alone)
+        out[f"sepo_seed{seed}"] = ctx.fetch(os.path.join(folder, f"selection_sepo_seed{seed}.json"),
+                                            {**ctx.key, "seed": seed, "oracle": ORACLE, "eos_ratios": list(EOS_RATIOS)},
+                                            lambda: sepo_seed(seed))
     return {k: v for k, v in out.items() if v is not None}
+
+
+def end_of_turn_selected(ctx, seed):
+    """From the seed's oracle scores (Eq. 24, every token of every training pair): per k of EOS_RATIOS, the share
+    of chosen answers whose end-of-turn token is among their top k (Eq. 25) and of rejected answers whose end of
+    turn is among their bottom k."""
+    shards = sorted(glob.glob(os.path.join(oracle_dir(ctx, seed), "scores", "shards", "block_*.jsonl")))
+    rows = [json.loads(line) for path in shards for line in open(path) if line.strip()]
+    by_row = {ex["row"]: ex for ex in tokenized_pairs(ctx)}
+    out = {}
+    for k in EOS_RATIOS:
+        out[f"{k:g}"] = {}
+        for side, highest in (("chosen", True), ("rejected", False)):
+            ending = [r for r in rows if data.response_part(by_row[r["row"]], side, "input_ids")[-1:] ==
+                      [ctx.tok.eos_token_id]]
+            values, mask = score.padded([r[f"{side}_scores"] for r in ending])
+            picked = sepo.select_tokens(values, mask, k, highest)
+            last = mask.sum(-1) - 1
+            out[f"{k:g}"][side] = float(picked[torch.arange(len(ending)), last].double().mean()) if ending else None
+    return out
 
 
 def tokenized_pairs(ctx):
     """The training pairs as train.py tokenizes them (once per process)."""
     if getattr(ctx, "tokenized", None) is None:
         pairs = data.load_preferences(ctx.pairs, cache_dir=ctx.cfg.cache_dir or None)
-        ctx.tokenized = data.tokenize_preferences(pairs, ctx.tok, 256, 128)[0]
+        ctx.tokenized = data.tokenize_preferences(pairs, ctx.tok, int(ctx.shape[1]), 128)[0]
     return ctx.tokenized
 
 
 def pair_lengths(ctx):
     """Mean response tokens of the chosen and the rejected answers of the training pairs (the end of turn
-    included)."""
-    return {side: statistics.fmean(len(data.response_part(ex, side, "input_ids")) for ex in tokenized_pairs(ctx))
-            for side in ("chosen", "rejected")}
+    included), and the share of pairs whose chosen answer is the longer."""
+    lengths = {side: [len(data.response_part(ex, side, "input_ids")) for ex in tokenized_pairs(ctx)]
+               for side in ("chosen", "rejected")}
+    return {**{side: statistics.fmean(v) for side, v in lengths.items()},
+            "chosen_longer": statistics.fmean(w > r for w, r in zip(lengths["chosen"], lengths["rejected"]))}
 
 
 def claim(name, paper, runs, a, b, metric, expect="higher"):
     """A paired claim, a above b ("higher") or below it ("lower": KL), on a metric over the seeds that have both
-    runs (None: no seed has). It holds when the verdict is the expected one over two seeds or more. Against the
-    start, the issue's bar too: a gain of at least 0.1 and above 3 times the seeds' standard deviation."""
+    runs (None: no seed has). It holds when the verdict is the expected one over two seeds or more. Beside it, the
+    same difference in the raw and the length-controlled reward. Against the start, the issue's bar too: a gain of
+    at least 0.1 and above 3 times the seeds' standard deviation, ending at least 90% as often as the start."""
     if not any(a in r and b in r for r in runs.values()):
         return None
     p = experiments.paired(runs, a, b, metric)
     sd = statistics.stdev(p["diffs"]) if len(p["diffs"]) > 1 else None
     out = {"claim": name, "paper": paper, "metric": metric, "a": a, "b": b, **p, "sd": sd, "expect": expect,
            "holds": "one seed" if sd is None else "yes" if p["verdict"] == expect else "no"}
+    suffix = "_greedy" if metric.endswith("_greedy") else ""
+    if metric.startswith("primary"):
+        out["beside"] = {m: experiments.paired(runs, a, b, m)["mean"] for m in (f"reward{suffix}", f"ended{suffix}")
+                         + (("reward_lc",) if not suffix else ())}
     if b == "start":
-        out["bar"] = None if sd is None else p["mean"] >= 0.1 and p["mean"] > 3 * sd
+        ended = statistics.fmean(runs[s][a]["final"][f"ended{suffix}"] for s in runs if a in runs[s])
+        out["ended_share_of_start"] = ended / max(next(iter(runs.values()))["start"]["final"][f"ended{suffix}"], 1e-9)
+        out["bar"] = None if sd is None else (p["mean"] >= 0.1 and p["mean"] > 3 * sd
+                                              and out["ended_share_of_start"] >= 0.9)
     return out
 
 
+CLAIMS = [("ConfPO beats SimPO", "ConfPO", "confpo", "simpo"),
+          ("ConfPO beats ConfPO-rand", "ConfPO", "confpo", "confpo_rand"),
+          ("ConfPO_DPO beats DPO", "ConfPO", "confpo_dpo", "dpo"),
+          ("SePO beats DPO", "SePO", "sepo", "dpo"),
+          ("SePO beats SimPO", "SePO", "sepo", "simpo"),
+          ("SePO without its end of turn beats SePO", "departure", "sepo_noeos", "sepo")]
+
+
 def claims_of(runs, selection):
-    """Each paper's claims, tested on the comparison runs (paired by seed) and on the selections."""
-    out = [claim(f"{m} raises the sampled reward over the start", "both", runs, m, "start", "reward_sampled")
+    """Each paper's claims under the primary metric, tested on the comparison runs (paired by seed) and on the
+    selections."""
+    out = [claim(f"{m} raises the primary metric over the start", "both", runs, m, "start", "primary")
            for m in next(iter(runs.values())) if m != "start"]
-    out += [claim("ConfPO beats SimPO", "ConfPO", runs, "confpo", "simpo", "reward_sampled"),
-            claim("ConfPO beats SimPO (greedy answers)", "ConfPO", runs, "confpo", "simpo", "reward_greedy"),
-            claim("ConfPO beats ConfPO-rand", "ConfPO", runs, "confpo", "confpo_rand", "reward_sampled"),
-            claim("ConfPO moves less far from the start than SimPO (KL)", "ConfPO", runs, "confpo", "simpo", "kl",
-                  "lower"),
-            claim("ConfPO_DPO beats DPO", "ConfPO", runs, "confpo_dpo", "dpo", "reward_sampled"),
-            claim("SePO beats DPO", "SePO", runs, "sepo", "dpo", "reward_sampled"),
-            claim("SePO beats SimPO", "SePO", runs, "sepo", "simpo", "reward_sampled")]
+    for name, paper, a, b in CLAIMS:
+        out.append(claim(name, paper, runs, a, b, "primary"))
+        if name == "ConfPO beats SimPO":
+            out.append(claim(name + " (greedy answers)", paper, runs, a, b, "primary_greedy"))
+            out.append(claim("ConfPO moves less far from the start than SimPO (KL)", paper, runs, a, b, "kl", "lower"))
     for name, key in (("ConfPO's selection", "confpo"), ("SePO's oracle selection", "sepo_seed0")):
         for side in ("chosen", "rejected"):
             if key in selection:
@@ -359,37 +498,61 @@ def study(cfg, world, device):
     if world > 1:
         raise UserError("real_study.py runs in one process; start it with python, not torchrun")
     seeds, methods = [int(s) for s in cfg.seeds.split(",")], cfg.methods.split(",")
+    for m, leader in FOLLOWS.items():
+        if m in methods and leader not in methods:
+            raise UserError(f"--methods: {m} runs at the setting chosen for {leader}; add {leader}")
     ctx = setup(cfg, device)
     log0(f"{ctx.n_pairs} pairs, {ctx.steps} steps of {cfg.global_batch_size} per run")
     # --collect: nothing is run; what is in the evaluations folder (of any process or session) is reported
     ctx.fetch = (lambda path, key, fn: experiments.cached(path, key, fn) if os.path.exists(path) else None) \
         if cfg.collect else experiments.cached
-    result = {"start": experiments.cached(os.path.join(cfg.figures, "evaluations", "start.json"), ctx.key, lambda: dict(
-        zip(("point", "answers"), evaluate(ctx, ctx.start_model, "test", cfg.test_prompts, True, 0)),
-        valid=evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0])), "runs": [], "selection": {}}
+
+    def start():
+        point, answers = evaluate(ctx, ctx.start_model, "test", cfg.test_prompts, True, 0)
+        return {"point": point, "answers": answers,
+                "valid": evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0]}
+    result = {"start": experiments.cached(os.path.join(cfg.figures, "evaluations", "start.json"), ctx.key, start),
+              "runs": [], "selection": {}, "commit": utils.git_commit()}
+    ctx.length_slope = list(length_slope({k: [a[f"sampled_{k}"] for a in result["start"]["answers"]]
+                                          for k in ("reward", "tokens")}))
+    for field, value in summarize_answers(ctx, {k: [a[f"sampled_{k}"] for a in result["start"]["answers"]]
+                                                for k in ("reward", "ended", "tokens")}, "").items():
+        result["start"]["point"][field] = value  # reward_lc of the start: its own reward
     comparison = {}
-    for method in methods:  # the frontier: both settings on seed 0; the comparison setting by validation reward
-        done = {s: run(ctx, method, s, 0, curve=True) for s in ctx.settings[method]}
-        if None in done.values():  # --collect, before this method's frontier is done
+    for method in methods:  # the frontier of the methods with a setting of their own: seed 0 over the lr grid
+        if method in FOLLOWS:
             continue
-        comparison[method] = max(done, key=lambda s: done[s]["valid"]["reward_sampled"])
-        for s, r in done.items():
-            result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]}, "seed": 0,
-                                   "comparison": s == comparison[method], **r})
-        log0(f"{method}: comparison setting {comparison[method]} (validation reward "
-             f"{done[comparison[method]]['valid']['reward_sampled']:.3f})")
-    report(cfg, ctx, result, seeds, methods, t0)
-    for method in comparison:  # the comparison's other seeds, a method at a time; the results so far after each run
-        s = comparison[method]
-        for seed in seeds[1:]:
-            r = run(ctx, method, s, seed, curve=False)
+        found = frontier(ctx, method)
+        if found is None:  # --collect, before this method's frontier is done
+            continue
+        done, comparison[method] = found
+        for lr in sorted(done):
+            result["runs"].append({"method": method, "setting": {"lr": lr}, "seed": 0,
+                                   "comparison": lr == comparison[method], **done[lr]})
+        log0(f"{method}: comparison lr {comparison[method]:g} (validation primary "
+             f"{done[comparison[method]]['valid']['primary']:.3f})")
+    for method, leader in FOLLOWS.items():  # the controls at their leader's setting, seed 0 with its curve
+        if method in methods and leader in comparison:
+            r = run(ctx, method, comparison[leader], 0, curve=True)
             if r is not None:
-                result["runs"].append({"method": method, "setting": {"name": s, **ctx.settings[method][s]},
-                                       "seed": seed, "comparison": True, **r})
+                comparison[method] = comparison[leader]
+                result["runs"].append({"method": method, "setting": {"lr": comparison[leader]}, "seed": 0,
+                                       "comparison": True, **r})
+    report(cfg, ctx, result, seeds, methods, t0)
+    for method in [m for m in methods if m in comparison]:  # the other seeds, a method at a time
+        for seed in seeds[1:]:
+            r = run(ctx, method, comparison[method], seed, curve=False)
+            if r is not None:
+                result["runs"].append({"method": method, "setting": {"lr": comparison[method]}, "seed": seed,
+                                       "comparison": True, **r})
                 report(cfg, ctx, result, seeds, methods, t0)
-    result["selection"], result["pair_lengths"] = selection_stats(ctx, seeds), pair_lengths(ctx)
+    result["selection"], result["pair_lengths"] = selection_stats(ctx, seeds, methods), pair_lengths(ctx)
     report(cfg, ctx, result, seeds, methods, t0)
     return True
+
+
+SUMMARY = ("primary", "reward", "ended", "reward_lc", "length", "kl", "distinct2", "primary_greedy", "reward_greedy",
+           "ended_greedy", "length_greedy", "start_logp")
 
 
 def report(cfg, ctx, result, seeds, methods, t0):
@@ -401,13 +564,13 @@ def report(cfg, ctx, result, seeds, methods, t0):
             by_seed[r["seed"]][r["method"]] = {"final": r["points"][-1]}
     result["claims"] = claims_of(by_seed, result["selection"])
     result["summary"] = {m: {k: experiments.mean_std([by_seed[s][m]["final"][k] for s in seeds if m in by_seed[s]])
-                             for k in ("reward_sampled", "reward_greedy", "kl", "distinct2", "start_logp", "length")}
-                         for m in ["start"] + methods}
+                             for k in SUMMARY} for m in ["start"] + methods}
     seeds_run = {m: sorted(s for s in seeds if m in by_seed[s]) for m in methods}
-    complete = all(v == sorted(seeds) for v in seeds_run.values()) and len(result["selection"]) == 1 + len(seeds)
+    selections = ("confpo" in methods) + len(seeds) * ("sepo" in methods)
+    complete = all(v == sorted(seeds) for v in seeds_run.values()) and len(result["selection"]) == selections
     result.update(pairs=json.load(open(os.path.join(cfg.figures, "pairs", "manifest.json")))["summary"],
-                  config=asdict(cfg), settings=ctx.settings, minutes=(time.time() - t0) / 60, complete=complete,
-                  seeds_run=seeds_run)
+                  config=asdict(cfg), length_slope=ctx.length_slope, minutes=(time.time() - t0) / 60,
+                  complete=complete, seeds_run=seeds_run)
     os.makedirs(cfg.figures, exist_ok=True)
     atomic_write(os.path.join(cfg.figures, "results.json"), json.dumps(result, indent=1))
     files = plot(result, methods, cfg.figures)
@@ -420,23 +583,26 @@ def report(cfg, ctx, result, seeds, methods, t0):
 
 
 def plot(result, methods, folder):
-    """The frontier (reward against KL), reward over steps, and the selections' precision -> files written."""
+    """The frontier (primary metric against KL), the primary metric over steps, and the selections' precision ->
+    files written."""
     start = result["start"]["point"]
-    frontier, over_steps = [], []
+    frontier_, over_steps = [], []
     for i, m in enumerate(methods):
         for r in (r for r in result["runs"] if r["method"] == m and r["seed"] == 0):
             points = [start] + r["points"]
             label = f"{m} lr {r['setting']['lr']:g}"
             style = {"colour": experiments.COLOURS[i % len(experiments.COLOURS)], "dashed": not r["comparison"]}
-            frontier.append({"label": label, "x": [math.log1p(max(p["kl"], 0)) for p in points],
-                             "y": [p["reward_sampled"] for p in points], **style})
+            frontier_.append({"label": label, "x": [math.log1p(max(p["kl"], 0)) for p in points],
+                              "y": [p["primary"] for p in points], **style})
             over_steps.append({"label": label, "x": [p["step"] for p in points],
-                               "y": [p["reward_sampled"] for p in points], **style})
-    top = max(max(s["x"]) for s in frontier)
+                               "y": [p["primary"] for p in points], **style})
+    if not frontier_:
+        return []
+    top = max(max(s["x"]) for s in frontier_)
     ticks = [(math.log1p(v), f"{v:g}") for v in (0, 1, 3, 10, 30, 100, 300, 1000) if math.log1p(v) <= top + 0.5]
-    panels = [{"title": "reward against KL from the start", "xlabel": "sequence KL, nats (log scale)",
-               "ylabel": "reward of sampled answers", "xticks": ticks, "series": frontier},
-              {"title": "reward over training", "xlabel": "step", "ylabel": "reward of sampled answers",
+    panels = [{"title": "primary metric against KL from the start", "xlabel": "sequence KL, nats (log scale)",
+               "ylabel": "primary metric (sampled; cut = -1)", "xticks": ticks, "series": frontier_},
+              {"title": "primary metric over training", "xlabel": "step", "ylabel": "primary metric (sampled)",
                "series": over_steps}]
     names = [(k, side) for k in ("confpo", "sepo_seed0") if k in result["selection"] for side in ("chosen",
                                                                                                     "rejected")]
@@ -451,57 +617,77 @@ def plot(result, methods, folder):
 
 
 def markdown(result, methods):
-    """results.md: the start, the pairs, every run's points, the comparison, the claims, the selections."""
+    """results.md: the start, the pairs, every run's points, the comparison, the claims, the selections, SePO's end
+    of turn, answers."""
     start, pairs, lengths = result["start"]["point"], result["pairs"], result.get("pair_lengths")
+    slope, length0 = result["length_slope"]
+    num = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     out = [f"# {result['config']['model'] or 'SmolLM2-135M-Instruct'}, on-policy pairs, every method", "",
-           f"Start (test, {start['prompts']} prompts): sampled reward {start['reward_sampled']:.3f}, greedy "
-           f"{start['reward_greedy']:.3f}, distinct-2 {start['distinct2']:.3f}, length {start['length']:.1f} tokens; "
-           f"validation ({result['start']['valid']['prompts']} prompts) sampled reward "
-           f"{result['start']['valid']['reward_sampled']:.3f}.",
+           f"Code: commit {result['commit']}. Answers: at most {result['config']['max_new_tokens']} tokens; sampled "
+           f"at temperature {result['config']['temperature']:g}, top-p {result['config']['top_p']:g}, and greedy. "
+           f"**Primary metric**: the reward, with an answer that did not end scored "
+           f"{result['config']['cut_reward']:g}. Length-controlled reward: reward - {slope:.5f} x (length - "
+           f"{length0:.1f}), the slope of reward on length among the start's sampled test answers.", "",
+           f"Start (test, {start['prompts']} prompts): sampled answers end {start['ended']:.3f} of the time, primary "
+           f"{start['primary']:.3f}, reward {start['reward']:.3f}, length {start['length']:.1f} tokens; greedy: end "
+           f"{num(start['ended_greedy'])}, primary {num(start['primary_greedy'])}, reward {num(start['reward_greedy'])}"
+           f"; distinct-2 {start['distinct2']:.3f}; validation ({result['start']['valid']['prompts']} prompts) "
+           f"primary {result['start']['valid']['primary']:.3f}, ended {result['start']['valid']['ended']:.3f}.",
            "", f"Pairs: {pairs['pairs']} of {pairs['prompts']} prompts ({pairs['dropped']}); mean sample reward "
                f"{pairs['mean_score']:.3f}, chosen {pairs['mean_chosen_score']:.3f}, rejected "
                f"{pairs['mean_rejected_score']:.3f}; {pairs['cut_by_max_new_tokens']:.1%} of samples cut"
                + (f"; the training pairs' chosen answers {lengths['chosen']:.1f} tokens long, rejected "
-                  f"{lengths['rejected']:.1f}" if lengths else "") + ".", "",
+                  f"{lengths['rejected']:.1f}; the chosen answer is the longer in {lengths['chosen_longer']:.1%} of "
+                  "pairs" if lengths else "") + ".", "",
            "SePO's oracle (sepo_pipeline.py, from the start): " + ", ".join(f"{k} {v:g}" for k, v in ORACLE.items())
            + ".", "",
-           f"## Every run's points (seed 0: both settings; test prompts: {result['config']['curve_prompts']} during "
+           f"## Every run's points (seed 0, the lr grid; test prompts: {result['config']['curve_prompts']} during "
            f"training, sampled answers only, {start['prompts']} at the end)", "",
-           "| method | lr | comparison | step | reward sampled | reward greedy | KL | distinct-2 | start log-prob | "
-           "length | validation reward (the choice) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    num = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+           "| method | lr | comparison | step | primary | reward | ended | reward LC | length | KL | primary greedy | "
+           "ended greedy | distinct-2 | validation primary (the choice) | validation ended |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         if r["seed"] == 0:
             for p in r["points"]:
-                valid = num(r["valid"]["reward_sampled"]) if p is r["points"][-1] and r.get("valid") else ""
+                last = p is r["points"][-1] and r.get("valid")
                 out.append(f"| {r['method']} | {r['setting']['lr']:g} | {'yes' if r['comparison'] else ''} | "
-                           f"{p['step']} | {num(p['reward_sampled'])} | {num(p['reward_greedy'])} | "
-                           f"{num(p['kl'], 2)} | {num(p['distinct2'])} | {num(p['start_logp'])} | "
-                           f"{num(p['length'], 1)} | {valid} |")
+                           f"{p['step']} | {num(p['primary'])} | {num(p['reward'])} | {num(p['ended'])} | "
+                           f"{num(p['reward_lc'])} | {num(p['length'], 1)} | {num(p['kl'], 2)} | "
+                           f"{num(p['primary_greedy'])} | {num(p['ended_greedy'])} | {num(p['distinct2'])} | "
+                           f"{num(r['valid']['primary']) if last else ''} | {num(r['valid']['ended']) if last else ''} |")
     seeds = sorted({r["seed"] for r in result["runs"]})
     if not result["complete"]:
         out += ["", "**Results so far** (the study is still running): seeds run per method " + ", ".join(
             f"{m} {v}" for m, v in result["seeds_run"].items()) + "."]
     out += ["", f"## The comparison (mean ± sd over the seeds each method has run of {seeds}, test prompts)", "",
-            "| method | seeds | reward sampled | reward greedy | KL | distinct-2 | start log-prob | length |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| method | lr | seeds | primary | reward | ended | reward LC | length | KL | primary greedy | "
+            "reward greedy | ended greedy | distinct-2 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
+            "--- | --- | --- |"]
+    chosen_lr = {r["method"]: r["setting"]["lr"] for r in result["runs"] if r["comparison"]}
     for m in ["start"] + methods:
         v = result["summary"][m]
-        cells = [experiments.fmt(v[k], d) for k, d in (("reward_sampled", 3), ("reward_greedy", 3), ("kl", 2),
-                                                       ("distinct2", 3), ("start_logp", 3), ("length", 1))]
-        out.append(f"| {m} | {len(result['seeds_run'].get(m, seeds))} | " + " | ".join(cells) + " |")
-    out += ["", "## The claims (paired by seed: the same sign on every seed, or a 95% t-interval excluding 0)", "",
-            "| paper | claim | metric | difference per seed | mean | sd | verdict | holds | gain >= 0.1 and > 3 sd |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        cells = [experiments.fmt(v[k], d) for k, d in (("primary", 3), ("reward", 3), ("ended", 3), ("reward_lc", 3),
+                                                       ("length", 1), ("kl", 2), ("primary_greedy", 3),
+                                                       ("reward_greedy", 3), ("ended_greedy", 3), ("distinct2", 3))]
+        lr = f"{chosen_lr[m]:g}" if m in chosen_lr else ""
+        out.append(f"| {m} | {lr} | {len(result['seeds_run'].get(m, seeds))} | " + " | ".join(cells) + " |")
+    out += ["", "## The claims (primary metric unless named; paired by seed: the same sign on every seed, or a 95% "
+            "t-interval excluding 0)", "",
+            "| paper | claim | metric | difference per seed | mean | sd | verdict | holds | beside: reward, ended, "
+            "reward LC | bar: gain >= 0.1, > 3 sd, ends >= 90% as often as the start |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in result["claims"]:
         if "diffs" in c:
             diffs = ", ".join(f"{d:+.3f}" for d in c["diffs"])
             bar = {None: "", True: "yes", False: "no"}[c.get("bar")]
+            if "ended_share_of_start" in c:
+                bar += f" (ends {c['ended_share_of_start']:.2f} x the start)"
+            beside = ", ".join(f"{v:+.3f}" for v in c.get("beside", {}).values())
             out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {diffs} | {c['mean']:+.3f} | "
-                       f"{num(c['sd'])} | {c['verdict']} | {c['holds']} | {bar} |")
+                       f"{num(c['sd'])} | {c['verdict']} | {c['holds']} | {beside} | {bar} |")
         else:
             out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {c['selection']:.3f} against "
-                       f"{c['random']:.3f} | {c['ratio']:.2f}x | | | | |")
+                       f"{c['random']:.3f} | {c['ratio']:.2f}x | | | | | |")
     out += ["", "## Selections against the key tokens (words with a VADER valence)", "",
             "| selection | side | selected | precision | recall | random: precision | random: recall |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -510,6 +696,14 @@ def markdown(result, methods):
             x, r = a["selection"][side], a["random"][side]
             out.append(f"| {k} | {side} | {x['selected_fraction']:.3f} | {x['precision']:.3f} | {x['recall']:.3f} | "
                        f"{r['precision']:.3f} | {r['recall']:.3f} |")
+    eot = {k: a["end_of_turn"] for k, a in result["selection"].items() if "end_of_turn" in a}
+    if eot:
+        out += ["", "## SePO's end of turn: the share of training answers whose end-of-turn token the oracle selects "
+                "(chosen: top k; rejected: bottom k)", "", "| oracle | k | chosen | rejected |",
+                "| --- | --- | --- | --- |"]
+        for name, by_k in eot.items():
+            for k, v in by_k.items():
+                out.append(f"| {name} | {k} | {num(v['chosen'])} | {num(v['rejected'])} |")
     shares = [r for r in result["runs"] if r["method"] in ("confpo", "confpo_dpo") and r["comparison"]
               and r["selected"]]
     if shares:
@@ -520,13 +714,14 @@ def markdown(result, methods):
                           f"{statistics.fmean(r['selected'][-1]['rejected'] for r in rs):.3f}"
                           for m in ("confpo", "confpo_dpo") for rs in [[r for r in shares if r["method"] == m]] if rs)]
     finals = {r["method"]: r for r in result["runs"] if r["seed"] == 0 and r["comparison"]}
-    out += ["", "## Answers (greedy, test prompts, seed 0 at the comparison setting)", ""]
+    out += ["", "## Answers (sampled, test prompts, seed 0 at the comparison setting; [cut] = did not end)", ""]
     for i in range(min(6, len(result["start"]["answers"]))):
         out.append(f"- **{result['start']['answers'][i]['prompt']}**")
-        out.append(f"  - start: {result['start']['answers'][i]['greedy']}")
-        for m in methods:
-            if m in finals:
-                out.append(f"  - {m}: {finals[m]['answers'][i]['greedy']}")
+        for m, answers in [("start", result["start"]["answers"])] + [(m, finals[m]["answers"]) for m in methods
+                                                                    if m in finals]:
+            a = answers[i]
+            out.append(f"  - {m} ({a['sampled_reward']:+.2f}{'' if a['sampled_ended'] else ' [cut]'}): "
+                       f"{a['sampled']}")
     return "\n".join(out) + "\n"
 
 
@@ -536,7 +731,7 @@ def main(argv=None):
         quick = dict(output_dir="runs/real-quick", figures="runs/real-quick/figures", reward="tiny:synthetic_reward",
                      key_spans="tiny:synthetic_key_spans", train_prompts=64, valid_prompts=8, test_prompts=12,
                      curve_prompts=6, max_new_tokens=24, seeds="0,1", points=1, global_batch_size=8,
-                     micro_batch_size=4, dtype="fp32")
+                     micro_batch_size=4, dtype="fp32", lrs="1e-4,3e-4", cut_reward=0.0)
         for key, value in quick.items():
             if key not in explicit:
                 setattr(cfg, key, value)

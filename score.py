@@ -53,6 +53,8 @@ class ScoreConfig:
     ratios: str = arg("0.3:0.3", "chosen:rejected selection ratios k (Eq. 25), comma-separated for several")
     threshold: str = arg("arithmetic", "--confpo: arithmetic | geometric | a probability")
     strict: bool = arg(False, "--confpo: pi < tau instead of pi <= tau")
+    exclude_eos: bool = arg(False, "SePO: never select a response's final end-of-turn token; the top / bottom k of "
+                                   "its other tokens (a departure from the paper, off by default)")
     save_scores: bool = arg(False, "also write each token's score into the selection files")
     format: str = arg("jsonl", "jsonl | datasets (a save_to_disk folder per ratio pair)")
     output_dir: str = arg("", "where shards, selections and manifest.json go")
@@ -268,10 +270,14 @@ def padded(lists):
     return values, mask
 
 
-def per_response(rule, lists):
+def per_response(rule, lists, drop_last=None):
     """Apply a batched selection rule (values (N, L), mask (N, L)) -> (N, L) bool to a list of per-response
-    value lists -> list of bool lists."""
+    value lists -> list of bool lists. drop_last: per response, whether its last token is no candidate (the rule
+    then selects among the others, and never selects it)."""
     values, mask = padded(lists)
+    for i, drop in enumerate(drop_last or []):
+        if drop and lists[i]:
+            mask[i, len(lists[i]) - 1] = False
     return [sel[:len(x)].tolist() for sel, x in zip(rule(values, mask), lists)]
 
 
@@ -292,12 +298,13 @@ def selectors(cfg):
     """{file name: (select chosen, select rejected)}: one entry per ratio pair, or ConfPO's single selection."""
     if cfg.confpo:  # ConfPO's Eq. 12-14
         threshold = confpo.parse_threshold(cfg.threshold)
-        pick = lambda s: per_response(lambda v, m: confpo.confpo_mask(v, m, threshold, cfg.strict)[0], s)  # noqa
+        pick = lambda s, _: per_response(lambda v, m: confpo.confpo_mask(v, m, threshold, cfg.strict)[0], s)  # noqa
         return {"confpo.jsonl": (pick, pick)}
-    # Eq. 25: the top k_w of each chosen response, the bottom k_l of each rejected one
+    # Eq. 25: the top k_w of each chosen response, the bottom k_l of each rejected one (NOTE(deviation): with
+    # --exclude_eos, of its tokens but the final end of turn, which is never selected)
     return {sepo.selection_name(rc, rl, cfg.format): (
-        lambda s, r=rc: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=True), s),
-        lambda s, r=rl: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=False), s))
+        lambda s, drop, r=rc: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=True), s, drop),
+        lambda s, drop, r=rl: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=False), s, drop))
         for rc, rl in parse_ratios(cfg.ratios)}
 
 
@@ -323,13 +330,13 @@ class Tally:
         return out
 
 
-def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None):
+def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None, end_id=None):
     """Rank 0: read the blocks in order, select for every ratio pair, write each selection file through a
     temporary file (renamed at the end). Returns (per-file statistics, the report's material).
 
     scored_ds: the tokenized pairs that were scored (block b holds its rows b*shard_size ...). policy_ds: the
     policy's tokenization; eos_ids: (the scoring tokenizer's EOS, the policy's) when the two tokenizers differ,
-    else None (policy_ds is then scored_ds)."""
+    else None (policy_ds is then scored_ds); end_id: the scoring tokenizer's EOS (--exclude_eos)."""
     tokenizer_crossing = eos_ids is not None
     files = selectors(cfg)
     tmp = {name: open(os.path.join(cfg.output_dir, name) + f".tmp{os.getpid()}", "w", encoding="utf-8")
@@ -345,7 +352,8 @@ def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None):
             raise UserError(f"{block_path(cfg, b)} changed while it was merged (it is damaged); run the same command "
                             "again to score it again")
         for name, pickers in files.items():
-            for rec in block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos_ids, tally, name):
+            for rec in block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos_ids, tally, name,
+                                     end_id):
                 tmp[name].write(json.dumps(rec["out"]) + "\n")
                 written.add(rec["out"]["row"])
                 if name == report_name:
@@ -373,9 +381,12 @@ def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None):
     return stats, report
 
 
-def block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos_ids, tally, name):
+def block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos_ids, tally, name, end_id=None):
     """The selection records of one block for one ratio pair, in the policy's positions; updates the tally."""
-    picked = {side: pick([r[f"{side}_scores"] for r in rows]) for side, pick in zip(("chosen", "rejected"), pickers)}
+    def ends(i, side):  # --exclude_eos: the response ends with its end-of-turn token (it was not cut)
+        return data.response_part(scored_ds[b * cfg.shard_size + i], side, "input_ids")[-1:] == [end_id]
+    picked = {side: pick([r[f"{side}_scores"] for r in rows], [ends(i, side) for i in range(len(rows))]
+                         if cfg.exclude_eos else None) for side, pick in zip(("chosen", "rejected"), pickers)}
     for i, r in enumerate(rows):
         index = b * cfg.shard_size + i
         scored = scored_ds[index]
@@ -443,6 +454,8 @@ def check_config(cfg):
         raise UserError("score.py needs --output_dir")
     if cfg.format not in ("jsonl", "datasets"):
         raise UserError(f"--format must be jsonl or datasets, got {cfg.format!r}")
+    if cfg.confpo and cfg.exclude_eos:
+        raise UserError("--exclude_eos applies to SePO's selection (Eq. 25), not to --confpo")
     if cfg.confpo:
         try:
             confpo.parse_threshold(cfg.threshold)
@@ -503,7 +516,8 @@ def run(cfg, rank, world, device):
         scored = {"identity": mine, "paths": {k: getattr(cfg, k) for k in ("oracle", "reference", "model", "policy")
                                                if getattr(cfg, k)},
                   "data": {"path": cfg.data, "split": cfg.split, "fingerprint": mine["data"],
-                           "max_pairs": cfg.max_pairs}, "policy_tokenizer": data.tokenizer_hash(policy_tok)}
+                           "max_pairs": cfg.max_pairs}, "policy_tokenizer": data.tokenizer_hash(policy_tok),
+                  "exclude_eos": cfg.exclude_eos}
         dist.barrier()
         if rank == 0:
             os.makedirs(os.path.join(cfg.output_dir, "shards"), exist_ok=True)
@@ -528,7 +542,7 @@ def finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, scored, m
     policy_ds = data.tokenize_preferences(ds, policy_tok, cfg.max_length, cfg.max_prompt_length,
                                           offsets=True)[0] if crossing else tokenized
     eos_ids = (score_tok.eos_token_id, policy_tok.eos_token_id) if crossing else None
-    selection_stats, report = merge(cfg, len(tokenized), tokenized, policy_ds, eos_ids)
+    selection_stats, report = merge(cfg, len(tokenized), tokenized, policy_ds, eos_ids, score_tok.eos_token_id)
     manifest = {**scored, "complete": True, "pairs": len(policy_ds), "tokenize": stats, "cross_tokenizer": crossing,
                 "selections": selection_stats}
     atomic_write(manifest_path, json.dumps(manifest, indent=2))

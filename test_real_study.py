@@ -10,8 +10,11 @@ import xml.etree.ElementTree as ET
 import real_study
 import real_task
 
-POINT = {"step", "reward_sampled", "reward_greedy", "kl", "distinct2", "start_logp", "length"}
-METHODS = ["dpo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "sepo"]
+POINT = {"step", "primary", "reward", "ended", "reward_lc", "length", "kl", "distinct2", "primary_greedy",
+         "reward_greedy", "ended_greedy", "length_greedy", "start_logp"}
+METHODS = ["dpo", "simpo", "confpo", "confpo_rand", "confpo_dpo", "rdpo", "sepo", "sepo_noeos"]
+ANSWER = {"prompt", "greedy", "sampled", "greedy_reward", "sampled_reward", "greedy_ended", "sampled_ended",
+          "greedy_tokens", "sampled_tokens"}
 
 
 def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, tmp_path):
@@ -21,8 +24,10 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
     results = json.loads((tmp_path / "fig" / "results.json").read_text())
     assert {"start", "runs", "selection", "claims"} <= set(results) and results["complete"] is True
     assert all(v == [0, 1] for v in results["seeds_run"].values())
-    assert POINT <= set(results["start"]["point"]) and results["start"]["point"]["kl"] == 0.0
-    assert all(set(a) == {"prompt", "greedy", "sampled"} for a in results["start"]["answers"])
+    start = results["start"]["point"]
+    assert POINT <= set(start) and start["kl"] == 0.0 and start["reward_lc"] == start["reward"]
+    assert all(set(a) == ANSWER for a in results["start"]["answers"])
+    assert results["commit"] and len(results["commit"].split("+")[0]) == 40
     runs = results["runs"]
     assert {r["method"] for r in runs} == set(METHODS)
     for r in runs:
@@ -30,30 +35,51 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
         assert "lr" in r["setting"] and all(POINT <= set(p) for p in r["points"])
         steps = [p["step"] for p in r["points"]]
         assert steps == sorted(steps) and steps[-1] == 2  # in step order, the last one the final model
-        final = r["points"][-1]
+        final, answers = r["points"][-1], r["answers"]
         assert math.isfinite(final["reward_greedy"]) and final["kl"] >= 0 and final["length"] > 0
-        assert len(r["answers"]) == results["config"]["test_prompts"]
-    for m in METHODS:  # both settings on seed 0, the comparison setting on every seed
+        assert len(answers) == results["config"]["test_prompts"] and all(set(a) == ANSWER for a in answers)
+        # the primary metric: the reward, an answer that did not end scored --cut_reward (0 on the tiny world)
+        for side, suffix in (("sampled", ""), ("greedy", "_greedy")):
+            assert math.isclose(final[f"primary{suffix}"], sum(a[f"{side}_reward"] if a[f"{side}_ended"] else 0.0
+                                                               for a in answers) / len(answers))
+            assert math.isclose(final[f"ended{suffix}"], sum(a[f"{side}_ended"] for a in answers) / len(answers))
+            assert math.isclose(final[f"length{suffix}"], sum(a[f"{side}_tokens"] for a in answers) / len(answers))
+        slope, length0 = results["length_slope"]
+        assert math.isclose(final["reward_lc"], final["reward"] - slope * (final["length"] - length0))
+    for m in METHODS:  # the lr grid on seed 0 (a control: its leader's choice), the comparison on every seed
         seed0 = [r for r in runs if r["method"] == m and r["seed"] == 0]
-        assert len(seed0) == 2 and sum(r["comparison"] for r in seed0) == 1
+        assert len(seed0) == (1 if m in real_study.FOLLOWS else 2) and sum(r["comparison"] for r in seed0) == 1
         assert [r["seed"] for r in runs if r["method"] == m and r["comparison"]] == [0, 1]
+        if m not in real_study.FOLLOWS:  # chosen by the validation primary metric
+            assert max(seed0, key=lambda r: r["valid"]["primary"])["comparison"]
+    lr_of = {r["method"]: r["setting"]["lr"] for r in runs if r["comparison"]}
+    assert lr_of["confpo_rand"] == lr_of["confpo"] and lr_of["sepo_noeos"] == lr_of["sepo"]
     for key in ("confpo", "sepo_seed0", "sepo_seed1"):
         for side in ("chosen", "rejected"):
             s, r = results["selection"][key]["selection"][side], results["selection"][key]["random"][side]
             assert 0 <= s["precision"] <= 1 and 0 <= r["precision"] <= 1 and 0 < s["recall"] <= 1
-    assert all(v > 1 for v in results["pair_lengths"].values())  # mean response tokens, the end of turn included
+    lengths = results["pair_lengths"]
+    assert lengths["chosen"] > 1 and lengths["rejected"] > 1 and 0 <= lengths["chosen_longer"] <= 1
+    for seed in (0, 1):  # the share of answers whose end of turn SePO's oracle selects, per k
+        eot = results["selection"][f"sepo_seed{seed}"]["end_of_turn"]
+        assert set(eot) == {"0.1", "0.2", "0.3", "0.4", "0.5"}
+        assert all(0 <= v[side] <= 1 for v in eot.values() for side in ("chosen", "rejected"))
+        assert eot["0.5"]["chosen"] >= eot["0.1"]["chosen"]  # a larger k keeps every token a smaller k keeps
     claims = {c["claim"]: c for c in results["claims"]}
     for name in ("ConfPO beats SimPO", "ConfPO beats ConfPO-rand", "ConfPO_DPO beats DPO", "SePO beats DPO",
-                 "SePO beats SimPO", "dpo raises the sampled reward over the start"):
+                 "SePO beats SimPO", "SePO without its end of turn beats SePO",
+                 "rdpo raises the primary metric over the start"):
         c = claims[name]
         assert len(c["diffs"]) == 2 and c["verdict"] in ("higher", "lower", "no claim")
         assert c["holds"] == ("yes" if c["verdict"] == "higher" else "no")
     kl = claims["ConfPO moves less far from the start than SimPO (KL)"]
     assert kl["holds"] == ("yes" if kl["verdict"] == "lower" else "no")  # less KL: the claim is "lower"
-    gain = claims["dpo raises the sampled reward over the start"]
-    assert gain["bar"] == (gain["mean"] >= 0.1 and gain["mean"] > 3 * gain["sd"])
+    gain = claims["dpo raises the primary metric over the start"]
+    assert gain["metric"] == "primary" and set(gain["beside"]) == {"reward", "ended", "reward_lc"}
+    assert gain["bar"] == (gain["mean"] >= 0.1 and gain["mean"] > 3 * gain["sd"]
+                           and gain["ended_share_of_start"] >= 0.9)
     svg = ET.parse(tmp_path / "fig" / "frontier.svg").getroot()
-    assert len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) >= 12  # 6 methods x 2 settings
+    assert len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) >= 14  # 6 methods x 2 lrs, 2 controls
     table = (tmp_path / "fig" / "results.md").read_text()
     assert "| confpo_dpo |" in table and "nan" not in table
     assert not list((tmp_path / "runs").rglob("checkpoints/step_*"))  # deleted once evaluated; none kept by a stage
@@ -61,13 +87,15 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
         assert (tmp_path / "fig" / "evaluations" / f"{piece}.json").exists()
     # a rerun finds every evaluation in place (beside the results): nothing trained or evaluated again
     evaluation = tmp_path / "fig" / "evaluations" / "dpo_lr0.0001_seed0.json"
+    assert evaluation.exists()
     mtime = os.path.getmtime(evaluation)
     assert real_study.main(args)
     assert os.path.getmtime(evaluation) == mtime
     assert json.loads((tmp_path / "fig" / "results.json").read_text())["summary"] == results["summary"]
     # --collect runs nothing: without one run's evaluation, the results so far, marked incomplete
-    (tmp_path / "fig" / "evaluations" / "sepo_lr0.0003_seed1.json").unlink(missing_ok=True)
-    (tmp_path / "fig" / "evaluations" / "sepo_lr0.0001_seed1.json").unlink(missing_ok=True)
+    for lr in ("0.0001", "0.0003"):
+        for method in ("sepo", "sepo_noeos"):
+            (tmp_path / "fig" / "evaluations" / f"{method}_lr{lr}_seed1.json").unlink(missing_ok=True)
     shutil.rmtree(tmp_path / "runs" / "runs" / "sepo")
     assert real_study.main(args + ["--collect"])
     partial = json.loads((tmp_path / "fig" / "results.json").read_text())

@@ -26,6 +26,7 @@ import sepo
 import sepo_pipeline
 import tiny
 import train
+import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -365,3 +366,32 @@ def test_an_unfinished_scoring_run_is_refused_by_train(world, tmp_path):
         train.main(["--method", "sepo", "--model", world["llama-tiny"], "--data", world["small"], "--selections",
                     str(out / "selections-c0.3-r0.3.jsonl"), "--output_dir", str(tmp_path / "policy"),
                     "--cache_dir", world["cache"], "--global_batch_size", "8"])
+
+
+def test_exclude_eos_never_selects_the_end_of_turn_and_selects_floor_k_of_the_rest(world, tmp_path):
+    """score.py --exclude_eos (a departure, off by default): the final EOS of a response is no candidate; the
+    selection is Eq. 25 over the response's other tokens, floor(k (n - 1)) of them, the same as without the flag
+    on scores where the EOS is removed."""
+    plain, excluded = tmp_path / "plain", tmp_path / "excluded"
+    score.main(score_args(world, plain, ratios="0.5:0.5", save_scores=True))
+    score.main(score_args(world, excluded, ratios="0.5:0.5", save_scores=True, exclude_eos=True))
+    rows = tokenized_rows(world, world["llama-tiny"])
+    from transformers import AutoTokenizer
+    eos = AutoTokenizer.from_pretrained(world["llama-tiny"]).eos_token_id
+    name = "selections-c0.5-r0.5.jsonl"
+    eos_kept = 0
+    for a, b in zip(read_jsonl(plain / name), read_jsonl(excluded / name)):
+        for side, highest in (("chosen", True), ("rejected", False)):
+            n = b[f"{side}_n"]
+            assert data.response_part(rows[b["row"]], side, "input_ids")[-1] == eos  # none of these is cut
+            assert n - 1 not in b[f"{side}_selected"]
+            assert len(b[f"{side}_selected"]) == math.floor(Fraction(1, 2) * (n - 1))
+            scores = torch.tensor([a[f"{side}_scores"][:-1]], dtype=torch.float64)
+            expected = sepo.select_tokens(scores, torch.ones_like(scores, dtype=torch.bool), 0.5, highest)
+            assert b[f"{side}_selected"] == expected[0].nonzero().squeeze(-1).tolist()
+            eos_kept += n - 1 in a[f"{side}_selected"]
+    assert eos_kept > 0  # without the flag the end of turn is selected somewhere: the flag changes something
+    assert json.loads((excluded / "manifest.json").read_text())["exclude_eos"] is True
+    with pytest.raises(utils.UserError, match="--exclude_eos applies to SePO"):
+        score.check_config(score.parse_config(["--confpo", "--model", "m", "--data", "d", "--output_dir", "o",
+                                               "--exclude_eos"])[0])

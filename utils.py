@@ -463,6 +463,20 @@ def remove(path):
 WHOLE = 64 * 2**20  # files up to this size are hashed whole; larger ones by size and samples (model weights)
 
 
+def git_commit(folder=None):
+    """The git commit of the code in `folder` (default: this file's), with "+changes" when tracked files differ
+    from it; None outside a git work tree."""
+    import subprocess
+    folder = folder or os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def fingerprint(path):
     """A content fingerprint of a file or folder ('' for '', "hub:<name>" for what is not on disk), the same
     however the path is spelled and wherever the folder is moved or copied. Files up to 64 MiB are hashed whole;
