@@ -100,6 +100,7 @@ import losses  # noqa: E402
 import models  # noqa: E402
 import score  # noqa: E402
 import sepo  # noqa: E402
+import rundir  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
 from utils import end_group, exit_now, init_distributed  # noqa: E402
@@ -383,7 +384,7 @@ def setup(args, work):
     _, _, device = init_distributed(cfg.device, args.threads)  # a world of one, as python train.py
     set_threads(args.threads)  # init_distributed sets OMP_NUM_THREADS threads for a world of one
     tokenizer = AutoTokenizer.from_pretrained(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = data.pad_id(tokenizer)
     with quiet():
         ds = train.prepare_data(cfg, train.METHODS[cfg.method], tokenizer)["train"]
     return {"paths": paths, "model": model, "train_file": train_file, "cfg": cfg, "device": device, "ds": ds,
@@ -597,7 +598,6 @@ def score_throughput(ctx, n_pairs):
     gradient) in batches of score.py's default 8 pairs, token scores written to a shard. Tokenization and the merge
     into selection files are not timed. Returns [(tokens, seconds)]."""
     out = tempfile.mkdtemp(prefix="score-", dir=ctx["work"])
-    os.makedirs(os.path.join(out, "shards"))  # score.run makes it before scoring
     cfg = score.ScoreConfig(oracle=ctx["model"], reference=ctx["model"], data=ctx["train_file"], output_dir=out,
                             max_length=ctx["cfg"].max_length, max_prompt_length=ctx["cfg"].max_prompt_length,
                             shard_size=n_pairs, device="cpu", dtype="fp32")
@@ -605,7 +605,7 @@ def score_throughput(ctx, n_pairs):
     tokens = sum(len(a) + len(b) for a, b in zip(pairs["chosen_input_ids"], pairs["rejected_input_ids"]))
     with quiet():
         t0 = time.perf_counter()
-        score.score_blocks(cfg, pairs, ctx["pad_id"], 0, 1, ctx["device"])
+        score.score_blocks(cfg, score.shards(cfg, pairs), [0], pairs, ctx["pad_id"], 0, ctx["device"])
         seconds = time.perf_counter() - t0
     shutil.rmtree(out, ignore_errors=True)
     return [(tokens, seconds)]
@@ -766,7 +766,7 @@ def ours_run(args):
         argv += ["--selections", random_selections(args, out)]
     with quiet():
         train.main(argv)
-    lines = [line for line in train.read_metrics(os.path.join(out, "metrics.jsonl")) if line["split"] == "train"]
+    lines = [line for line in rundir.read_metrics(os.path.join(out, "metrics.jsonl")) if line["split"] == "train"]
     shutil.rmtree(out, ignore_errors=True)
     return [(line["tokens"], line["tokens"] / line["tokens_per_s"]) for line in lines]
 

@@ -518,6 +518,11 @@ def tokenize_preferences(ds, tokenizer, max_length=2048, max_prompt_length=1800,
     return out.remove_columns(["_trunc_prompt", "_trunc_response"]), stats
 
 
+def pad_id(tokenizer):
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (never attended to, never labelled)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def response_part(tok_row, side, field):
     """A per-token field of a tokenized pair (`<side>_<field>`, e.g. key flags or offsets), response tokens only."""
     return [x for x, lab in zip(tok_row[f"{side}_{field}"], tok_row[f"{side}_labels"]) if lab != IGNORE]

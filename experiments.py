@@ -98,7 +98,6 @@ if __name__ == "__main__":  # answer --help and a mistyped flag now, before the 
     utils.check_flags(parse_config)
 
 import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
-import torch.distributed.checkpoint as dcp  # noqa: E402
 
 import data  # noqa: E402
 import losses  # noqa: E402
@@ -108,7 +107,9 @@ import sepo  # noqa: E402
 import sepo_pipeline  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
-from utils import UserError, atomic_write, log0, run_in_group  # noqa: E402
+import rundir  # noqa: E402
+from rundir import atomic_write, load_weights  # noqa: E402
+from utils import UserError, log0, run_in_group  # noqa: E402
 
 # --quick: a smoke run, in folders of its own (never over the committed results in docs/experiments)
 QUICK = dict(seeds="0", lrs="3e-4", ratios="0.1,0.3", shares="0.25,0.5", oracle_sizes="micro,tiny", curve_every=1,
@@ -126,18 +127,6 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation of one model
 # ---------------------------------------------------------------------------------------------------------------
-
-def load_weights(model, path):
-    """Weights of a train.py checkpoint (DCP shards, keys `model.<HF key>`) or an exported folder into `model`."""
-    if os.path.exists(os.path.join(path, "trainer_state.json")):
-        sd = {f"model.{k}": v for k, v in model.state_dict().items()}
-        dcp.load({"model": sd}, checkpoint_id=path)
-        model.load_state_dict({k[len("model."):]: v for k, v in sd.items()})
-    else:
-        from transformers import AutoModelForCausalLM
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(path).state_dict())
-    return model.eval()
-
 
 def position_ids(attention_mask):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each text
@@ -329,12 +318,12 @@ def evaluate_run(ctx, out, split, curve, analysis):
     points = []
     if curve:
         points.append({"step": 0, **ctx["sft_eval"][split], **(token_analysis(ctx["sft"], actx) if actx else {})})
-        for path in train.checkpoints(out):
+        for path in rundir.checkpoints(out):
             load_weights(model, path)
             points.append({"step": int(os.path.basename(path).split("_")[1]), **evaluate(model, ctx, split),
                            **(token_analysis(model, actx) if actx else {})})
     final = points[-1] if curve else evaluate(load_weights(model, os.path.join(out, "final")), ctx, split)
-    lines = train.read_metrics(os.path.join(out, "metrics.jsonl"))
+    lines = rundir.read_metrics(os.path.join(out, "metrics.jsonl"))
     own = [line for line in lines if line.get("split") == "eval"][-1]
     selected = [{"step": line["step"], "chosen": line["selected_ratio_chosen"],
                  "rejected": line["selected_ratio_rejected"]}
@@ -394,8 +383,8 @@ def sepo_run(ctx, seed, lr, split, k=None, size=DEFAULT_SIZE, share=DEFAULT_SHAR
 def oracle_report(ctx, seed, size=DEFAULT_SIZE, share=DEFAULT_SHARE):
     """The oracle's stages on held-out pairs: pi_ref's token loss (SFT), the oracle's DPO accuracy and margin."""
     out, _ = oracle(ctx, seed, size, share)
-    sft = [m for m in train.read_metrics(os.path.join(out, "oracle_sft", "metrics.jsonl")) if m["split"] == "eval"]
-    dpo = [m for m in train.read_metrics(os.path.join(out, "oracle_dpo", "metrics.jsonl")) if m["split"] == "eval"]
+    sft = [m for m in rundir.read_metrics(os.path.join(out, "oracle_sft", "metrics.jsonl")) if m["split"] == "eval"]
+    dpo = [m for m in rundir.read_metrics(os.path.join(out, "oracle_dpo", "metrics.jsonl")) if m["split"] == "eval"]
     return {"sft_loss_start": sft[0]["loss"], "sft_loss_end": sft[-1]["loss"], "dpo_accuracy_start":
             dpo[0]["accuracy"], "dpo_accuracy_end": dpo[-1]["accuracy"], "dpo_margin_end": dpo[-1]["margin"]}
 
@@ -501,7 +490,7 @@ def starting_points(cfg, paths, regimes=("minimal", "independent"), sizes=None):
 
 def held_out_loss(model_path):
     """The first and last held-out loss of the run that trained a cached model (tiny.trained keeps its metrics)."""
-    evals = [m for m in train.read_metrics(os.path.join(model_path, "metrics.jsonl")) if m["split"] == "eval"]
+    evals = [m for m in rundir.read_metrics(os.path.join(model_path, "metrics.jsonl")) if m["split"] == "eval"]
     return {"start": evals[0]["loss"], "end": evals[-1]["loss"]}
 
 

@@ -11,6 +11,7 @@ score.py scores with.
 import functools
 import hashlib
 import inspect
+import math
 import os
 
 import torch
@@ -20,6 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import losses
+import rundir
 from utils import UserError, log0, on_rank_zero, reason
 
 
@@ -231,6 +233,60 @@ def shard(wrapped, mesh, mp, trainable, path):
         # reference never runs backward, so everything (its root included) is resharded after forward
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable or i < len(layers) - 1)
     fully_shard(wrapped, mesh=mesh, mp_policy=mp, **({} if trainable else {"reshard_after_forward": True}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference pre-pass (train.py --precompute_ref): the frozen reference's log-probs, once, block by block
+# ---------------------------------------------------------------------------------------------------------------
+
+def reference_logps(ref, n_pairs, batch_of, folder, split, identity, micro_batch_size, rank, world, block=256):
+    """The reference's per-token log-probs of every pair -> {pair index: (chosen (n_w,), rejected (n_l,))}, over
+    its response tokens, computed once: block by block (rundir.Blocks in folder, <split>_NNNNNN.pt, tensors only),
+    every rank forwarding its share of a block's pairs through the sharded reference, rank 0 writing the block. A
+    killed pass resumes at the first missing block; a damaged block (cut short, of other pairs) is computed again;
+    blocks of anything else than `identity` are cleared first. Every rank forwards as many micro-batches as the
+    others, an empty share of the last block included (FSDP's collectives must match). batch_of(indices): the
+    collated batch of those pairs."""
+    members = lambda b: list(range(b * block, min(n_pairs, (b + 1) * block)))  # noqa: E731
+
+    def read(path, b):  # tensors only: loading runs no code
+        try:
+            saved = torch.load(path, weights_only=True)
+            ok = saved["index"].tolist() == members(b) and len(saved["chosen"]) == len(saved["rejected"]) == \
+                len(members(b))
+            return saved if ok else None
+        except Exception:  # cut short, garbage, another format: any error of the reader
+            return None
+    store = rundir.Blocks(folder, math.ceil(n_pairs / block), read, prefix=f"{split}_", ext=".pt", identity=identity)
+    todo = store.missing()
+    from tqdm import tqdm
+    for b in tqdm(todo, desc=f"reference log-probs ({split})", disable=rank != 0 or not todo, dynamic_ncols=True):
+        idx = members(b)
+        mine = idx[rank::world]
+        # every rank the same forwards (FSDP): a short share repeats a pair, an empty one forwards the block's first
+        work = ((mine or idx[:1]) * math.ceil(len(idx) / world))[:math.ceil(len(idx) / world)]
+        rows = {}
+        for s in range(0, len(work), micro_batch_size):
+            chunk = work[s:s + micro_batch_size]
+            batch = batch_of(chunk)
+            with torch.no_grad():
+                logps, mask = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  labels=batch["labels"])
+            for j, i in enumerate(chunk):  # per pair of this rank's share: its response tokens' log-probs
+                if i in mine:
+                    rows[i] = (logps[j][mask[j]].cpu(), logps[len(chunk) + j][mask[len(chunk) + j]].cpu())
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rows)
+        if rank == 0:
+            rows = {i: r for part in gathered for i, r in part.items()}
+            store.save(b, {"index": torch.tensor(idx), "chosen": [rows[i][0] for i in idx],
+                           "rejected": [rows[i][1] for i in idx]})
+        dist.barrier()
+    values = {}
+    for b in range(store.n_blocks):
+        saved = store.load(b)
+        values.update(zip(saved["index"].tolist(), zip(saved["chosen"], saved["rejected"])))
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------

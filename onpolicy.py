@@ -24,7 +24,6 @@ whatever the batch, the block, the number of ranks or a resume (up to float roun
 changes).
 """
 
-import glob
 import hashlib
 import inspect
 import json
@@ -35,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 import utils
-from utils import arg
+from utils import AT_LEAST_1, DEVICES, DTYPES, FORMS, NON_NEGATIVE, Check, arg
 
 
 @dataclass
@@ -46,42 +45,47 @@ class OnPolicyConfig:
                            "or a conversation), or preference data, whose responses are ignored ('' = the tiny "
                            "world's training prompts)")
     split: str = arg("train", "split of --prompts")
-    form: str = arg("auto", "form of preference data given as --prompts: auto | standard | conversational | "
-                            "implicit")
+    form: str = arg("auto", "form of preference data given as --prompts", options=FORMS)
     skip_bad_rows: bool = arg(False, "skip (and count) bad rows instead of stopping at the first")
-    max_prompts: int = arg(0, "the first N prompts only (0 = all)")
-    max_prompt_length: int = arg(1800, "prompt tokens, cut from the left as training cuts them")
-    num_samples: int = arg(5, "K: responses sampled per prompt (SimPO: 5)")
-    temperature: float = arg(0.8, "sampling temperature (SimPO: 0.8; 0 = greedy)")
-    top_p: float = arg(0.95, "nucleus sampling: the smallest set of tokens holding this probability (SimPO: 0.95)")
-    max_new_tokens: int = arg(1024, "response tokens at most; a response cut here has no EOS")
+    max_prompts: int = arg(0, "the first N prompts only (0 = all)", check=NON_NEGATIVE)
+    max_prompt_length: int = arg(1800, "prompt tokens, cut from the left as training cuts them", check=AT_LEAST_1)
+    num_samples: int = arg(5, "K: responses sampled per prompt (SimPO: 5)",
+                           check=Check(lambda v: v >= 2, "a pair needs at least 2 samples per prompt"))
+    temperature: float = arg(0.8, "sampling temperature (SimPO: 0.8; 0 = greedy)", check=NON_NEGATIVE)
+    top_p: float = arg(0.95, "nucleus sampling: the smallest set of tokens holding this probability (SimPO: 0.95)",
+                       check=Check(lambda v: 0 < v <= 1, "must lie in (0, 1]"))
+    max_new_tokens: int = arg(1024, "response tokens at most; a response cut here has no EOS", check=AT_LEAST_1)
     seed: int = arg(42, "sample k of source row r draws from a generator seeded by (seed, r, k)")
     reward: str = arg("", "a sequence-classification reward model (folder or hub name), or a callable "
                           "(prompt, response) -> float as module:function or path/to/file.py:function ('' = "
                           "tiny:synthetic_reward on the tiny world)")
     key_spans: str = arg("", "optional module:function (prompt, response) -> [[start, end), ...]: the characters "
                              "that decide a response's reward, written as chosen_key_spans / rejected_key_spans "
-                             "(score.py then measures key-token precision)")
-    min_gap: float = arg(0.0, "drop a prompt when best - worst score < min_gap (a tie is always dropped)")
+                             "(score.py then measures key-token precision)", resumable=True)
+    min_gap: float = arg(0.0, "drop a prompt when best - worst score < min_gap (a tie is always dropped)",
+                         check=NON_NEGATIVE, resumable=True)
     keep_unfinished: bool = arg(False, "let a response cut by max_new_tokens be chosen or rejected (training adds "
-                                       "an EOS to every response, as if it had ended there)")
-    batch_size: int = arg(8, "prompts per forward; each decodes its K samples together")
-    reward_batch_size: int = arg(16, "responses per reward-model forward")
-    block_size: int = arg(128, "prompts per block file: the unit of resumption and of work between ranks")
+                                       "an EOS to every response, as if it had ended there)", resumable=True)
+    batch_size: int = arg(8, "prompts per forward; each decodes its K samples together", check=AT_LEAST_1)
+    reward_batch_size: int = arg(16, "responses per reward-model forward", check=AT_LEAST_1)
+    block_size: int = arg(128, "prompts per block file: the unit of resumption and of work between ranks",
+                          check=AT_LEAST_1)
     output_dir: str = arg("", "where blocks, samples, pairs and manifest.json go ('' = runs/onpolicy on the tiny "
                               "world)")
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32, of the policy and the reward model")
-    device: str = arg("auto", "auto | cpu | cuda")
-    threads: int = arg(0, "CPU threads per process (0 = as train.py)")
-    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)")
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), of the policy and the reward model", options=DTYPES)
+    device: str = arg("auto", "where to run", options=DEVICES)
+    threads: int = arg(0, "CPU threads per process (0 = as train.py)", check=NON_NEGATIVE)
+    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
+                            check=AT_LEAST_1)
     cache_dir: str = arg("", "datasets cache folder ('' = Hugging Face's default)")
     tiny_world: str = arg("tiny_world", "folder of the offline tiny world, built on first use")
 
 
+# resumable=True above marks the settings of the merge alone (the pairing): a rerun with other values merges the
+# samples again; everything that decides the samples themselves is in identity() below.
 # without --model: the tiny world's shapes (train.py's max_prompt_length) and its judge
 TINY = dict(max_new_tokens=40, max_prompt_length=64, batch_size=64, block_size=512, reward="tiny:synthetic_reward",
             key_spans="tiny:synthetic_key_spans")
-PAIRING = ("min_gap", "keep_unfinished", "key_spans")  # settings of the merge alone: they may change on a rerun
 
 
 def parse_config(argv=None):
@@ -97,10 +101,9 @@ from tqdm import tqdm  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
-import tiny  # noqa: E402
+import rundir  # noqa: E402
 import train  # noqa: E402
-from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, log0, on_rank_zero,  # noqa: E402
-                   rank_zero_first, read_marker, run_in_group, together)
+from utils import UserError, log0, on_rank_zero, rank_zero_first, run_in_group, together  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -118,7 +121,7 @@ def callable_fingerprint(spec):
     try:
         text = inspect.getsource(fn)
     except (OSError, TypeError):
-        return fingerprint(getattr(inspect.getmodule(fn), "__file__", "") or "")
+        return rundir.fingerprint(getattr(inspect.getmodule(fn), "__file__", "") or "")
     return hashlib.sha256(f"{fn.__module__}.{fn.__qualname__}\n{text}".encode()).hexdigest()[:32]
 
 
@@ -183,8 +186,25 @@ def reward_scorer(cfg, device, dtype):
 # Blocks: each rank samples and scores its own, written atomically
 # ---------------------------------------------------------------------------------------------------------------
 
-def block_path(cfg, b):
-    return os.path.join(cfg.output_dir, "blocks", f"block_{b:06d}.jsonl")
+def blocks(cfg, prompts):
+    """The samples' block store (rundir.Blocks): blocks/block_NNNNNN.jsonl, block b the prompts b*block_size ... A
+    block is damaged when it cannot be read or does not hold K samples of each of its prompts, in order."""
+    def rows(b):
+        return [prompts[i]["row"] for i in range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))]
+
+    def check(lines):
+        for line in lines:
+            line["score"] = float(line["score"])
+            assert isinstance(line["response"], str) and isinstance(line["ended"], bool)
+        return [(line["row"], line["sample"]) for line in lines] == [(r, k) for r in rows(b_[0])
+                                                                      for k in range(cfg.num_samples)]
+    b_ = [0]
+
+    def read(path, b):
+        b_[0] = b
+        return rundir.read_jsonl_block(path, check)
+    return rundir.Blocks(os.path.join(cfg.output_dir, "blocks"), math.ceil(len(prompts) / cfg.block_size), read,
+                         damaged="(not the samples of its prompts); sampling it again")
 
 
 def load_models(cfg, device, dtype):
@@ -199,11 +219,10 @@ def load_models(cfg, device, dtype):
     return scores, model
 
 
-def sample_blocks(cfg, todo, prompts, prompt_ids, tokenizer, scores, model, rank):
+def sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, scores, model, rank):
     """Sample and score this rank's missing blocks (todo); one JSONL line per sample (row, sample, response,
     n_tokens, ended, score), in prompt order, written through a temporary file."""
-    eos = models.eos_token_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    eos, pad = models.eos_token_ids(model, tokenizer), data.pad_id(tokenizer)
     bar = tqdm(total=sum(len(range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))) for b in todo),
                desc="sampling prompts", disable=rank != 0, dynamic_ncols=True)
     n_samples, n_tokens, t_sample, t_score = 0, 0, 0.0, 0.0
@@ -236,7 +255,7 @@ def sample_blocks(cfg, todo, prompts, prompt_ids, tokenizer, scores, model, rank
             line["score"] = value
         t_sample, t_score = t_sample + t1 - t0, t_score + time.perf_counter() - t1
         n_samples, n_tokens = n_samples + len(lines), n_tokens + sum(line["n_tokens"] for line in lines)
-        atomic_write(block_path(cfg, b), "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+        store.write_text(b, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     bar.close()
     print(f"rank {rank}: {n_samples} samples, {n_tokens} tokens in {t_sample:.1f} s: {n_samples / t_sample:.1f} "
           f"samples/s, {n_tokens / t_sample:.0f} tokens/s; scored in {t_score:.1f} s", flush=True)
@@ -245,38 +264,6 @@ def sample_blocks(cfg, todo, prompts, prompt_ids, tokenizer, scores, model, rank
 # ---------------------------------------------------------------------------------------------------------------
 # Pairs: the best against the worst of each prompt's samples
 # ---------------------------------------------------------------------------------------------------------------
-
-def block_rows(cfg, prompts, b):
-    return [prompts[i]["row"] for i in range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))]
-
-
-def read_block(cfg, prompts, b):
-    """The samples of block b, or None when it is damaged: unreadable, or not K samples of each of its prompts."""
-    try:
-        with open(block_path(cfg, b), encoding="utf-8") as fh:
-            lines = [json.loads(line) for line in fh if line.strip()]
-        for line in lines:
-            line["score"] = float(line["score"])
-            assert isinstance(line["response"], str) and isinstance(line["ended"], bool)
-        if [(line["row"], line["sample"]) for line in lines] == [(r, k) for r in block_rows(cfg, prompts, b)
-                                                                  for k in range(cfg.num_samples)]:
-            return lines
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        pass
-    return None
-
-
-def check_blocks(cfg, prompts):
-    """Rank 0, before sampling: a damaged block (cut short, of other prompts, garbage) is removed with a warning
-    naming it, so that it is sampled again."""
-    for leftover in glob.glob(os.path.join(cfg.output_dir, "blocks", "*.tmp*")) + glob.glob(
-            os.path.join(cfg.output_dir, "*.jsonl.tmp*")):
-        os.remove(leftover)  # a write that was killed
-    for b in range(math.ceil(len(prompts) / cfg.block_size)):
-        if os.path.exists(block_path(cfg, b)) and read_block(cfg, prompts, b) is None:
-            log0(f"warning: {block_path(cfg, b)} is damaged (not the samples of its prompts); sampling it again")
-            os.remove(block_path(cfg, b))
-
 
 def choose_pair(samples, min_gap, keep_unfinished):
     """(chosen, rejected, None) of one prompt's samples, or (None, None, why it is dropped): the best score is
@@ -296,22 +283,33 @@ def choose_pair(samples, min_gap, keep_unfinished):
     return best, worst, None
 
 
-def merge(cfg, prompts, conversational):
+def merge(cfg, store, prompts, conversational):
     """Rank 0: read the blocks in order, write samples.jsonl and pairs.jsonl through temporary files -> summary."""
     key_spans = utils.load_callable(cfg.key_spans, "--key_spans") if cfg.key_spans else None
-    out = {name: open(os.path.join(cfg.output_dir, name) + f".tmp{os.getpid()}", "w", encoding="utf-8")
-           for name in ("samples.jsonl", "pairs.jsonl")}
+    with rundir.writing(os.path.join(cfg.output_dir, "samples.jsonl")) as samples_file, \
+            rundir.writing(os.path.join(cfg.output_dir, "pairs.jsonl")) as pairs_file:
+        dropped, all_, pairs = write_pairs(cfg, store, prompts, conversational, key_spans, samples_file, pairs_file)
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    return {"prompts": len(prompts), "samples": len(all_), "pairs": len(pairs), "dropped": dropped,
+            "mean_score": mean([s["score"] for s in all_]), "mean_chosen_score": mean([c["score"] for c, _ in pairs]),
+            "mean_rejected_score": mean([r["score"] for _, r in pairs]),
+            "mean_tokens": mean([s["n_tokens"] for s in all_]),
+            "mean_chosen_tokens": mean([c["n_tokens"] for c, _ in pairs]),
+            "mean_rejected_tokens": mean([r["n_tokens"] for _, r in pairs]),
+            "cut_by_max_new_tokens": mean([not s["ended"] for s in all_])}
+
+
+def write_pairs(cfg, store, prompts, conversational, key_spans, samples_file, pairs_file):
+    """Every block's samples to samples_file, each kept prompt's pair to pairs_file -> (why prompts were dropped,
+    every sample, the pairs)."""
     dropped, all_, pairs = {}, [], []
-    for b in range(math.ceil(len(prompts) / cfg.block_size)):
+    for b in range(store.n_blocks):
         idx = range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))
-        lines = read_block(cfg, prompts, b)
-        if lines is None:
-            raise UserError(f"{block_path(cfg, b)} changed while it was merged (it is damaged); run the same command "
-                            "again to sample it again")
+        lines = store.load(b)
         for j, i in enumerate(idx):
             prompt, samples = prompts[i]["prompt"], lines[j * cfg.num_samples:(j + 1) * cfg.num_samples]
             for s in samples:
-                out["samples.jsonl"].write(json.dumps({"row": s["row"], "sample": s["sample"], "prompt": prompt,
+                samples_file.write(json.dumps({"row": s["row"], "sample": s["sample"], "prompt": prompt,
                                                        **{k: s[k] for k in ("response", "score", "n_tokens",
                                                                              "ended")}}, ensure_ascii=False) + "\n")
             all_ += samples
@@ -325,48 +323,20 @@ def merge(cfg, prompts, conversational):
             if key_spans:
                 pair.update(chosen_key_spans=key_spans(prompt, chosen["response"]),
                             rejected_key_spans=key_spans(prompt, rejected["response"]))
-            out["pairs.jsonl"].write(json.dumps(pair, ensure_ascii=False) + "\n")
+            pairs_file.write(json.dumps(pair, ensure_ascii=False) + "\n")
             pairs.append((chosen, rejected))
-    for name, fh in out.items():
-        fh.close()
-        os.replace(fh.name, os.path.join(cfg.output_dir, name))
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {"prompts": len(prompts), "samples": len(all_), "pairs": len(pairs), "dropped": dropped,
-            "mean_score": mean([s["score"] for s in all_]), "mean_chosen_score": mean([c["score"] for c, _ in pairs]),
-            "mean_rejected_score": mean([r["score"] for _, r in pairs]),
-            "mean_tokens": mean([s["n_tokens"] for s in all_]),
-            "mean_chosen_tokens": mean([c["n_tokens"] for c, _ in pairs]),
-            "mean_rejected_tokens": mean([r["n_tokens"] for _, r in pairs]),
-            "cut_by_max_new_tokens": mean([not s["ended"] for s in all_])}
+    return dropped, all_, pairs
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
-def check_config(cfg):
-    if cfg.num_samples < 2:
-        raise UserError(f"--num_samples {cfg.num_samples}: a pair needs at least 2 samples per prompt")
-    for name in ("max_new_tokens", "batch_size", "reward_batch_size", "block_size", "max_prompt_length"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
-    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
-        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise UserError(f"--top_p must be in (0, 1], got {cfg.top_p}")
-    if not (math.isfinite(cfg.min_gap) and cfg.min_gap >= 0):
-        raise UserError(f"--min_gap must be >= 0, got {cfg.min_gap}")
-    if not cfg.reward:
-        raise UserError("onpolicy.py needs --reward: a reward model, or a callable as module:function")
-    if cfg.dtype not in ("auto", "bf16", "fp32"):
-        raise UserError(f"--dtype must be auto, bf16 or fp32, got {cfg.dtype!r}")
-
-
 def identity(cfg, tokenizer, dtype):
     """What decides the blocks' contents, by content (not by path); the pairing settings are apart."""
-    reward = callable_fingerprint(cfg.reward) if is_callable_spec(cfg.reward) else fingerprint(cfg.reward)
-    return {"policy": fingerprint(cfg.model), "tokenizer": data.tokenizer_hash(tokenizer),
-            "prompts": fingerprint(cfg.prompts), "split": cfg.split, "form": cfg.form,
+    reward = callable_fingerprint(cfg.reward) if is_callable_spec(cfg.reward) else rundir.fingerprint(cfg.reward)
+    return {"policy": rundir.fingerprint(cfg.model), "tokenizer": data.tokenizer_hash(tokenizer),
+            "prompts": rundir.fingerprint(cfg.prompts), "split": cfg.split, "form": cfg.form,
             "skip_bad_rows": cfg.skip_bad_rows, "max_prompts": cfg.max_prompts,
             "max_prompt_length": cfg.max_prompt_length, "num_samples": cfg.num_samples,
             "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
@@ -376,11 +346,11 @@ def identity(cfg, tokenizer, dtype):
 def main(argv=None):
     cfg, explicit = parse_config(argv)
     if not cfg.model:
-        for key, value in TINY.items():
-            if key not in explicit:
-                setattr(cfg, key, value)
+        import tiny
+        tiny.fill_defaults(cfg, TINY, explicit)
         cfg.output_dir = cfg.output_dir or os.path.join("runs", "onpolicy")
-    check_config(cfg)
+    if not cfg.reward:
+        raise UserError("onpolicy.py needs --reward: a reward model, or a callable as module:function")
     if not cfg.output_dir:
         raise UserError("onpolicy.py needs --output_dir")
     return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device), cfg.threads,
@@ -390,6 +360,7 @@ def main(argv=None):
 def run(cfg, rank, world, device):
     from transformers import AutoTokenizer
     if not cfg.model:  # the tiny world (rank 0 builds it once) and its SFT model
+        import tiny
         paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
         cfg.prompts = cfg.prompts or paths["train"]
         cfg.model = tiny.sft_model(cfg.tiny_world, paths, train.main, cache_dir=cfg.cache_dir, device=cfg.device)
@@ -416,33 +387,29 @@ def run(cfg, rank, world, device):
                         "template to render them")
     prompt_ids = [data.encode_prompt(data.render_prompt(p, tokenizer, use_template), tokenizer,
                                      cfg.max_prompt_length)[0] for p in prompts["prompt"]]
-    with FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it found it
-        saved = on_rank_zero(lambda: read_marker(cfg.output_dir, "manifest.json", "samples"))
+    with rundir.FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it was
         mine = on_rank_zero(lambda: identity(cfg, tokenizer, dtype))
-        changed = [k for k, _, _ in differences(saved["identity"], mine, {}, set())] if saved else []
-        if changed:
-            raise UserError(f"{cfg.output_dir} holds samples of another run (differs in: {', '.join(changed)}); "
-                            "choose another --output_dir")
-        pairing = {k: getattr(cfg, k) for k in PAIRING}
+        saved = rundir.claim(cfg.output_dir, "manifest.json", mine, "samples of another run", key="identity")
+        pairing = {k: getattr(cfg, k) for k in sorted(utils.resumable_fields(OnPolicyConfig))}
         manifest = {"identity": mine, "paths": {k: getattr(cfg, k) for k in ("model", "prompts", "reward")},
                     "pairing": pairing}
         path = os.path.join(cfg.output_dir, "manifest.json")
         if saved and saved.get("complete") and saved.get("pairing") == pairing:
             log0(f"{cfg.output_dir}: already complete")
         else:
-            n_blocks = math.ceil(len(prompts) / cfg.block_size)
-            on_rank_zero(lambda: check_blocks(cfg, prompts), share=False)
-            todo = [b for b in range(rank, n_blocks, world) if not os.path.exists(block_path(cfg, b))]
+            store = blocks(cfg, prompts)
+            todo = store.missing()[rank::world]  # rank 0 decides; a damaged block is sampled again
             # every model loads before anything is written: a failed start leaves the folder as it found it
             loaded = together(lambda: load_models(cfg, device, dtype) if todo else None)
             if rank == 0:
-                os.makedirs(os.path.join(cfg.output_dir, "blocks"), exist_ok=True)
-                atomic_write(path, json.dumps({**manifest, "complete": False}, indent=2))
+                rundir.remove_leftovers(os.path.join(cfg.output_dir, "*.jsonl.tmp*"))  # a merge's killed write
+                rundir.atomic_write(path, json.dumps({**manifest, "complete": False}, indent=2))
             dist.barrier()
-            together(lambda: todo and sample_blocks(cfg, todo, prompts, prompt_ids, tokenizer, *loaded, rank))
+            together(lambda: todo and sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, *loaded, rank))
+            dist.barrier()
             if rank == 0:
-                summary = merge(cfg, prompts, conversational)
-                atomic_write(path, json.dumps({**manifest, "complete": True, "summary": summary}, indent=2))
+                summary = merge(cfg, store, prompts, conversational)
+                rundir.atomic_write(path, json.dumps({**manifest, "complete": True, "summary": summary}, indent=2))
             dist.barrier()
         if rank == 0:
             with open(path) as fh:

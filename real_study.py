@@ -142,7 +142,9 @@ import sepo  # noqa: E402
 import sepo_pipeline  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
-from utils import UserError, atomic_write, log0, run_in_group  # noqa: E402
+import rundir  # noqa: E402
+from rundir import atomic_write  # noqa: E402
+from utils import UserError, log0, run_in_group  # noqa: E402
 
 
 def setup(cfg, device):
@@ -188,7 +190,7 @@ def setup(cfg, device):
                           steps=n_pairs // cfg.global_batch_size, grid=grid,
                           ladder=sorted(grid if cfg.quick else set(LADDER) | set(grid)),
                           length_slope=None)
-    ctx.pad = tok.pad_token_id if tok.pad_token_id is not None else ctx.eos[0]
+    ctx.pad = data.pad_id(tok)
     max_length = 128 + cfg.max_new_tokens + 1  # the prompt, the longest answer and its end of turn: nothing is cut
     ctx.shape = ["--max_length", str(max_length), "--max_prompt_length", "128"]
     ctx.train_argv = ["--model", start, "--data", pairs, *ctx.shape, "--global_batch_size",
@@ -198,7 +200,7 @@ def setup(cfg, device):
         (["--max_steps", "2"] if cfg.quick else [])
     if cfg.quick:
         ctx.steps = 2
-    ctx.key = {"start": utils.fingerprint(start), "pairs": utils.fingerprint(pairs), "reward": cfg.reward,
+    ctx.key = {"start": rundir.fingerprint(start), "pairs": rundir.fingerprint(pairs), "reward": cfg.reward,
                "prompts": {s: len(p) for s, p in prompts.items()}, "max_new_tokens": cfg.max_new_tokens,
                "temperature": cfg.temperature, "top_p": cfg.top_p, "cut_reward": cfg.cut_reward,
                "curve_prompts": cfg.curve_prompts, "dtype": cfg.dtype, "sampler": 2, "evaluation": 2}
@@ -336,8 +338,8 @@ def run(ctx, method, lr, seed, curve):
         train.main(argv + (["--selections", SELECTIONS[method](ctx, seed)] if method in SELECTIONS else []))
         holder = AutoModelForCausalLM.from_pretrained(ctx.start, dtype=torch.float32)
         points = []
-        for path in [p for p in train.checkpoints(out) if int(os.path.basename(p).split("_")[1]) < ctx.steps]:
-            model = as_eval_model(ctx, experiments.load_weights(holder, path))
+        for path in [p for p in rundir.checkpoints(out) if int(os.path.basename(p).split("_")[1]) < ctx.steps]:
+            model = as_eval_model(ctx, rundir.load_weights(holder, path))
             points.append(evaluate(ctx, model, "test", ctx.cfg.curve_prompts, False,
                                    int(os.path.basename(path).split("_")[1]))[0])
             holder = model.float()
@@ -345,7 +347,7 @@ def run(ctx, method, lr, seed, curve):
         point, answers = evaluate(ctx, final, "test", ctx.cfg.test_prompts, True, ctx.steps)
         valid = evaluate(ctx, final, "valid", ctx.cfg.valid_prompts, False, ctx.steps)[0] if seed == 0 else None
         shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-        metrics = train.read_metrics(os.path.join(out, "metrics.jsonl"))
+        metrics = rundir.read_metrics(os.path.join(out, "metrics.jsonl"))
         selected = [{"step": m["step"], "chosen": m["selected_ratio_chosen"], "rejected": m["selected_ratio_rejected"]}
                     for m in metrics if m.get("split") == "train" and "selected_ratio_chosen" in m]
         return {"points": points + [point], "answers": answers, "valid": valid, "selected": selected}
@@ -512,7 +514,7 @@ def study(cfg, world, device):
         return {"point": point, "answers": answers,
                 "valid": evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0]}
     result = {"start": experiments.cached(os.path.join(cfg.figures, "evaluations", "start.json"), ctx.key, start),
-              "runs": [], "selection": {}, "commit": utils.git_commit()}
+              "runs": [], "selection": {}, "commit": rundir.git_commit()}
     ctx.length_slope = list(length_slope({k: [a[f"sampled_{k}"] for a in result["start"]["answers"]]
                                           for k in ("reward", "tokens")}))
     for field, value in summarize_answers(ctx, {k: [a[f"sampled_{k}"] for a in result["start"]["answers"]]

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 
+import rundir
 import utils
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,5 +120,5 @@ def write_prompts(folder, sizes, seed=0):
     paths = {}
     for split, n in sizes.items():
         paths[split] = os.path.join(folder, f"{split}.jsonl")
-        utils.atomic_write(paths[split], "".join(json.dumps(r) + "\n" for r in prompts(split, n, seed)))
+        rundir.atomic_write(paths[split], "".join(json.dumps(r) + "\n" for r in prompts(split, n, seed)))
     return paths

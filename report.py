@@ -6,7 +6,7 @@ import html
 import math
 
 import data
-from utils import atomic_write
+from rundir import atomic_write
 
 HISTOGRAM_PAIRS = 20000  # the report's histograms use the first pairs up to this many (memory stays bounded)
 

@@ -19,7 +19,7 @@ Positions are in the policy's tokenization: the oracle, the reference and the po
 `--cross_tokenizer` maps the oracle's selection onto the policy's tokens through character offsets.
 """
 
-import glob
+import contextlib
 import json
 import math
 import os
@@ -30,7 +30,25 @@ import time
 from dataclasses import dataclass
 
 import utils
-from utils import arg
+from utils import AT_LEAST_1, DEVICES, DTYPES, FORMS, NON_NEGATIVE, POSITIVE, THRESHOLD, Check, arg
+
+
+def parse_ratios(text):
+    """--ratios "0.3:0.3,0.5:0.1" -> [(k_w, k_l), ...], each in (0, 1] (0 would select nothing: every loss 0)."""
+    pairs = [tuple(float(x) for x in part.split(":")) for part in text.split(",")]
+    if not all(len(p) == 2 and 0 < p[0] <= 1 and 0 < p[1] <= 1 for p in pairs):
+        raise ValueError(text)
+    return pairs
+
+
+def _parses(parse):
+    def test(value):
+        try:
+            parse(value)
+            return True
+        except (TypeError, ValueError):
+            return False
+    return test
 
 
 @dataclass
@@ -43,28 +61,34 @@ class ScoreConfig:
     cross_tokenizer: bool = arg(False, "allow a policy tokenizer other than the oracle's: map selections by characters")
     data: str = arg("", "target preference data (file, save_to_disk folder or hub name)")
     split: str = arg("train", "split of --data")
-    form: str = arg("auto", "data form: auto | standard | conversational | implicit")
+    form: str = arg("auto", "data form", options=FORMS)
     skip_bad_rows: bool = arg(False, "skip (and count) bad rows")
     cache_dir: str = arg("", "datasets cache folder ('' = Hugging Face's default)")
-    max_length: int = arg(2048, "prompt + response tokens (use the training run's value)")
-    max_prompt_length: int = arg(1800, "prompt tokens (use the training run's value)")
-    max_pairs: int = arg(0, "score only the first N pairs (0 = all)")
-    beta: float = arg(1.0, "beta of Eq. 24 (rescales scores; the selection does not depend on it)")
-    ratios: str = arg("0.3:0.3", "chosen:rejected selection ratios k (Eq. 25), comma-separated for several")
-    threshold: str = arg("arithmetic", "--confpo: arithmetic | geometric | a probability")
+    max_length: int = arg(2048, "prompt + response tokens (use the training run's value)", check=AT_LEAST_1)
+    max_prompt_length: int = arg(1800, "prompt tokens (use the training run's value)", check=AT_LEAST_1)
+    max_pairs: int = arg(0, "score only the first N pairs (0 = all)", check=NON_NEGATIVE)
+    beta: float = arg(1.0, "beta of Eq. 24 (rescales scores; the selection does not depend on it)", check=POSITIVE)
+    ratios: str = arg("0.3:0.3", "chosen:rejected selection ratios k (Eq. 25), comma-separated for several",
+                      check=Check(_parses(parse_ratios), "expected chosen:rejected pairs of ratios in (0, 1], such "
+                                                         "as 0.3:0.3 or 0.3:0.3,0.5:0.1"))
+    threshold: str = arg("arithmetic", "--confpo: arithmetic | geometric | a probability",
+                         check=THRESHOLD)
     strict: bool = arg(False, "--confpo: pi < tau instead of pi <= tau")
     exclude_eos: bool = arg(False, "SePO: never select a response's final end-of-turn token; the top / bottom k of "
                                    "its other tokens (a departure from the paper, off by default)")
     save_scores: bool = arg(False, "also write each token's score into the selection files")
-    format: str = arg("jsonl", "jsonl | datasets (a save_to_disk folder per ratio pair)")
+    format: str = arg("jsonl", "jsonl, or datasets (a save_to_disk folder per ratio pair)",
+                      options=("jsonl", "datasets"))
     output_dir: str = arg("", "where shards, selections and manifest.json go")
-    batch_size: int = arg(8, "pairs per forward")
-    shard_size: int = arg(512, "pairs per shard file (the unit of resumption and of work split between ranks)")
-    device: str = arg("auto", "auto | cpu | cuda")
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
-    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)")
+    batch_size: int = arg(8, "pairs per forward", check=AT_LEAST_1)
+    shard_size: int = arg(512, "pairs per shard file (the unit of resumption and of work split between ranks)",
+                          check=AT_LEAST_1)
+    device: str = arg("auto", "where to run", options=DEVICES)
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU)", options=DTYPES)
+    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
+                            check=AT_LEAST_1)
     report: str = arg("", "write an HTML report here (of the first ratio pair)")
-    report_pairs: int = arg(12, "pairs shown token by token in the report")
+    report_pairs: int = arg(12, "pairs shown token by token in the report", check=NON_NEGATIVE)
     seed: int = arg(0, "seed of the report's sample of pairs")
 
 
@@ -85,8 +109,8 @@ import losses  # noqa: E402
 import models  # noqa: E402
 import report as html_report  # noqa: E402
 import sepo  # noqa: E402
-from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, log0, on_rank_zero,  # noqa: E402
-                   rank_zero_first, read_marker, run_in_group, together)
+import rundir  # noqa: E402
+from utils import UserError, log0, on_rank_zero, rank_zero_first, run_in_group, together  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,8 +181,8 @@ def identity(cfg, score_tok, crossing, device):
     """Everything that decides the shards' contents: the models' and the data's contents, and how the data are
     read, tokenized and scored (not how their paths are spelled)."""
     scorers = {"model": cfg.model} if cfg.confpo else {"oracle": cfg.oracle, "reference": cfg.reference}
-    return {"mode": "confpo" if cfg.confpo else "sepo", "models": {k: fingerprint(v) for k, v in scorers.items()},
-            "data": fingerprint(cfg.data), "split": cfg.split, "form": cfg.form, "skip_bad_rows": cfg.skip_bad_rows,
+    return {"mode": "confpo" if cfg.confpo else "sepo",
+            "models": {k: rundir.fingerprint(v) for k, v in scorers.items()}, "data": rundir.fingerprint(cfg.data), "split": cfg.split, "form": cfg.form, "skip_bad_rows": cfg.skip_bad_rows,
             "max_pairs": cfg.max_pairs, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
             "beta": cfg.beta, "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
             "dtype": repr(models.compute_dtype(cfg.dtype, device)), "scoring_tokenizer": data.tokenizer_hash(score_tok),
@@ -176,50 +200,30 @@ def load_scorer(path, cfg, device):
     return models.PolicyLogps(model, models.choose_logp_path("auto", model), chunk_size=None, together=False)
 
 
-def block_path(cfg, b):
-    return os.path.join(cfg.output_dir, "shards", f"block_{b:06d}.jsonl")
-
-
 def response_values(values, labels):
     """Per row, the values at the response positions (labels != -100), as lists."""
     mask = labels != losses.IGNORE_INDEX
     return [v[m].tolist() for v, m in zip(values, mask)]
 
 
-def read_shard(cfg, b, tokenized):
-    """The lines of shard b, or None when it is damaged: unreadable, or not the rows of its block (count and row
-    ids), or a score list whose length is not its response's."""
-    end = min(len(tokenized), (b + 1) * cfg.shard_size)
-    try:
-        with open(block_path(cfg, b), encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-        expected = tokenized.select(range(b * cfg.shard_size, end))
-        if [r["row"] for r in rows] != list(expected["row"]):
-            return None
-        for r, ex in zip(rows, expected):
-            for side in ("chosen", "rejected"):
-                n = sum(1 for label in ex[f"{side}_labels"] if label != losses.IGNORE_INDEX)
-                if not (r[f"{side}_n"] == len(r[f"{side}_scores"]) == n):
-                    return None
-        return rows
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def shards(cfg, tokenized):
+    """The scores' block store (rundir.Blocks): shards/block_NNNNNN.jsonl, shard b the pairs b*shard_size ... A shard
+    is damaged when it cannot be read, holds other rows than its block's, or a score list whose length is not its
+    response's."""
+    def read(path, b):
+        expected = tokenized.select(range(b * cfg.shard_size, min(len(tokenized), (b + 1) * cfg.shard_size)))
+        lengths = [[sum(1 for label in ex[f"{side}_labels"] if label != losses.IGNORE_INDEX)
+                    for side in ("chosen", "rejected")] for ex in expected]
+        return rundir.read_jsonl_block(path, lambda rows: [r["row"] for r in rows] == list(expected["row"]) and all(
+            r[f"{side}_n"] == len(r[f"{side}_scores"]) == n for r, ns in zip(rows, lengths)
+            for side, n in zip(("chosen", "rejected"), ns)))
+    return rundir.Blocks(os.path.join(cfg.output_dir, "shards"), math.ceil(len(tokenized) / cfg.shard_size), read,
+                         damaged="(not the scores of its block's pairs); scoring it again")
 
 
-def check_shards(cfg, tokenized):
-    """Rank 0, before scoring: a shard that is damaged (cut short, of another block, garbage) is removed with a
-    warning naming it, so that it is scored again."""
-    for b in range(math.ceil(len(tokenized) / cfg.shard_size)):
-        if os.path.exists(block_path(cfg, b)) and read_shard(cfg, b, tokenized) is None:
-            log0(f"warning: {block_path(cfg, b)} is damaged (not the scores of its block's pairs); scoring it again")
-            os.remove(block_path(cfg, b))
-
-
-def score_blocks(cfg, tokenized, pad_id, rank, world, device):
-    """Score this rank's blocks of pairs; skip blocks already on disk. A block line: row, chosen_n, rejected_n,
-    chosen_scores, rejected_scores (Eq. 24, or log pi(y_t) with --confpo)."""
-    n_blocks = math.ceil(len(tokenized) / cfg.shard_size)
-    todo = [b for b in range(rank, n_blocks, world) if not os.path.exists(block_path(cfg, b))]
+def score_blocks(cfg, store, todo, tokenized, pad_id, rank, device):
+    """Score this rank's missing blocks of pairs (todo). A block line: row, chosen_n, rejected_n, chosen_scores,
+    rejected_scores (Eq. 24, or log pi(y_t) with --confpo)."""
     if not todo:
         return
     if cfg.confpo:
@@ -251,7 +255,7 @@ def score_blocks(cfg, tokenized, pad_id, rank, world, device):
             tokens += int(batch["attention_mask"].sum())
             bar.update(B)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", refresh=False)
-        atomic_write(block_path(cfg, b), "\n".join(lines) + "\n")
+        store.write_text(b, "\n".join(lines) + "\n")
     bar.close()
 
 
@@ -279,19 +283,6 @@ def per_response(rule, lists, drop_last=None):
         if drop and lists[i]:
             mask[i, len(lists[i]) - 1] = False
     return [sel[:len(x)].tolist() for sel, x in zip(rule(values, mask), lists)]
-
-
-def parse_ratios(text):
-    pairs = []
-    for part in text.split(","):
-        try:
-            rc, rl = (float(x) for x in part.split(":"))
-        except ValueError:
-            raise UserError(f"--ratios: expected chosen:rejected pairs such as 0.3:0.3, got {part!r}") from None
-        if not (0 < rc <= 1 and 0 < rl <= 1):  # 0 selects nothing: every pair's loss would be 0
-            raise UserError(f"--ratios: ratios must lie in (0, 1], got {part!r}")
-        pairs.append((rc, rl))
-    return pairs
 
 
 def selectors(cfg):
@@ -330,47 +321,46 @@ class Tally:
         return out
 
 
-def merge(cfg, n_pairs, scored_ds, policy_ds, eos_ids=None, end_id=None):
+def merge(cfg, store, scored_ds, policy_ds, eos_ids=None, end_id=None):
     """Rank 0: read the blocks in order, select for every ratio pair, write each selection file through a
     temporary file (renamed at the end). Returns (per-file statistics, the report's material).
 
     scored_ds: the tokenized pairs that were scored (block b holds its rows b*shard_size ...). policy_ds: the
     policy's tokenization; eos_ids: (the scoring tokenizer's EOS, the policy's) when the two tokenizers differ,
     else None (policy_ds is then scored_ds); end_id: the scoring tokenizer's EOS (--exclude_eos)."""
-    tokenizer_crossing = eos_ids is not None
+    tokenizer_crossing, n_pairs = eos_ids is not None, len(scored_ds)
     files = selectors(cfg)
-    tmp = {name: open(os.path.join(cfg.output_dir, name) + f".tmp{os.getpid()}", "w", encoding="utf-8")
-           for name in files}
     policy_index = {r: i for i, r in enumerate(policy_ds["row"])} if tokenizer_crossing else None
     tally, report_name = Tally(), next(iter(files))
     sample_rows = set(random.Random(cfg.seed).sample(range(n_pairs), min(cfg.report_pairs, n_pairs)))
     report = html_report.new_report(report_name)
     written = set()
-    for b in range(math.ceil(n_pairs / cfg.shard_size)):
-        rows = read_shard(cfg, b, scored_ds)
-        if rows is None:
-            raise UserError(f"{block_path(cfg, b)} changed while it was merged (it is damaged); run the same command "
-                            "again to score it again")
-        for name, pickers in files.items():
-            for rec in block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos_ids, tally, name,
-                                     end_id):
-                tmp[name].write(json.dumps(rec["out"]) + "\n")
-                written.add(rec["out"]["row"])
-                if name == report_name:
-                    html_report.collect_report(report, rec, sample_rows)
-    if tokenizer_crossing:  # pairs the policy keeps but the oracle's tokenization dropped: nothing selected
-        missing = [i for i, r in enumerate(policy_ds["row"]) if r not in written]
-        for i in missing:
-            ex = policy_ds[i]
-            empty = {"row": ex["row"], **{f"{s}_n": len(data.response_part(ex, s, "labels")) for s in ("chosen", "rejected")},
-                     "chosen_selected": [], "rejected_selected": []}
-            for fh in tmp.values():
-                fh.write(json.dumps(empty) + "\n")
-        if missing:
-            log0(f"warning: {len(missing)} pairs are empty in the oracle's tokenization: nothing selected")
-    for name, fh in tmp.items():
-        fh.close()
-        finish_file(cfg, name, fh.name)
+    with contextlib.ExitStack() as out:  # every selection file renamed into place at the end (a JSONL first)
+        tmp = {name: out.enter_context(rundir.writing(os.path.join(cfg.output_dir, name) + (
+            "" if name.endswith(".jsonl") else ".jsonl"))) for name in files}
+        for b in range(store.n_blocks):
+            rows = store.load(b)
+            for name, pickers in files.items():
+                for rec in block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos_ids, tally,
+                                         name, end_id):
+                    tmp[name].write(json.dumps(rec["out"]) + "\n")
+                    written.add(rec["out"]["row"])
+                    if name == report_name:
+                        html_report.collect_report(report, rec, sample_rows)
+        if tokenizer_crossing:  # pairs the policy keeps but the oracle's tokenization dropped: nothing selected
+            missing = [i for i, r in enumerate(policy_ds["row"]) if r not in written]
+            for i in missing:
+                ex = policy_ds[i]
+                empty = {"row": ex["row"], **{f"{s}_n": len(data.response_part(ex, s, "labels"))
+                                              for s in ("chosen", "rejected")},
+                         "chosen_selected": [], "rejected_selected": []}
+                for fh in tmp.values():
+                    fh.write(json.dumps(empty) + "\n")
+            if missing:
+                log0(f"warning: {len(missing)} pairs are empty in the oracle's tokenization: nothing selected")
+    for name in files:
+        if not name.endswith(".jsonl"):
+            to_folder(os.path.join(cfg.output_dir, name))
     stats = {name: {"file": name, **tally.stats(name)} for name in files}
     if tokenizer_crossing:
         uncovered = tally.n.get("uncovered", 0) / max(tally.n.get("text_tokens", 0), 1)
@@ -422,17 +412,14 @@ def block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos
         yield {"out": out, "sides": sides, "target": target, "index": index}
 
 
-def finish_file(cfg, name, tmp_path):
-    """Move a finished selection file into place: JSONL renamed, or converted to a save_to_disk folder."""
-    path = os.path.join(cfg.output_dir, name)
-    if name.endswith(".jsonl"):
-        os.replace(tmp_path, path)
-        return
+def to_folder(path):
+    """--format datasets: the selection file path.jsonl (written) as a save_to_disk folder at path, written to
+    path.tmp and renamed."""
     import datasets
     folder_tmp = path + ".tmp"
     shutil.rmtree(folder_tmp, ignore_errors=True)
-    datasets.Dataset.from_list(sepo.load_selections(tmp_path).to_list()).save_to_disk(folder_tmp)
-    os.remove(tmp_path)
+    datasets.Dataset.from_list(sepo.load_selections(path + ".jsonl").to_list()).save_to_disk(folder_tmp)
+    os.remove(path + ".jsonl")
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(folder_tmp, path)
@@ -443,6 +430,7 @@ def finish_file(cfg, name, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def check_config(cfg):
+    """What the flags require of each other (each flag's own value is checked where it is declared)."""
     if cfg.confpo:
         if not cfg.model:
             raise UserError("--confpo needs --model: the policy whose confidence selects tokens")
@@ -452,17 +440,8 @@ def check_config(cfg):
         raise UserError("score.py needs --data")
     if not cfg.output_dir:
         raise UserError("score.py needs --output_dir")
-    if cfg.format not in ("jsonl", "datasets"):
-        raise UserError(f"--format must be jsonl or datasets, got {cfg.format!r}")
     if cfg.confpo and cfg.exclude_eos:
         raise UserError("--exclude_eos applies to SePO's selection (Eq. 25), not to --confpo")
-    if cfg.confpo:
-        try:
-            confpo.parse_threshold(cfg.threshold)
-        except ValueError as e:
-            raise UserError(f"--{e}") from None
-    else:
-        parse_ratios(cfg.ratios)
 
 
 def tokenizers(cfg):
@@ -492,16 +471,12 @@ def main(argv=None):
 
 
 def run(cfg, rank, world, device):
-    with FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it found it
+    with rundir.FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it was
         for flag in ("model", "oracle", "reference", "policy"):
             models.check_source(getattr(cfg, flag), f"--{flag}")
         score_tok, policy_tok, crossing = tokenizers(cfg)
-        saved = on_rank_zero(lambda: read_marker(cfg.output_dir, "manifest.json", "scores"))
         mine = on_rank_zero(lambda: identity(cfg, score_tok, crossing, device))
-        changed = [k for k, _, _ in differences(saved["identity"], mine, {}, set())] if saved else []
-        if changed:
-            raise UserError(f"{cfg.output_dir} holds scores of another run (differs in: {', '.join(changed)}); "
-                            "choose another --output_dir")
+        saved = rundir.claim(cfg.output_dir, "manifest.json", mine, "scores of another run", key="identity")
 
         def load():
             ds = data.load_preferences(cfg.data, split=cfg.split, form=cfg.form, skip_bad_rows=cfg.skip_bad_rows,
@@ -519,33 +494,31 @@ def run(cfg, rank, world, device):
                            "max_pairs": cfg.max_pairs}, "policy_tokenizer": data.tokenizer_hash(policy_tok),
                   "exclude_eos": cfg.exclude_eos}
         dist.barrier()
+        store = shards(cfg, tokenized)
+        todo = store.missing()  # rank 0 decides; a damaged shard is scored again
         if rank == 0:
-            os.makedirs(os.path.join(cfg.output_dir, "shards"), exist_ok=True)
-            for leftover in glob.glob(os.path.join(cfg.output_dir, "shards", "*.tmp*")) + glob.glob(
-                    os.path.join(cfg.output_dir, "*.tmp[0-9]*")):
-                os.remove(leftover)  # a block or selection file whose write was killed
-            check_shards(cfg, tokenized)  # a damaged shard is scored again
+            rundir.remove_leftovers(os.path.join(cfg.output_dir, "*.tmp[0-9]*"))  # a selection file's killed write
             if not (saved and saved.get("complete")):  # a complete manifest stays complete until the new one
-                atomic_write(manifest_path, json.dumps({**scored, "complete": False}, indent=2))
+                rundir.atomic_write(manifest_path, json.dumps({**scored, "complete": False}, indent=2))
         dist.barrier()
-        pad_id = score_tok.pad_token_id if score_tok.pad_token_id is not None else score_tok.eos_token_id
         # ranks score on their own: a failure on one (a model that cannot load, a head check) ends them all
-        together(lambda: score_blocks(cfg, tokenized, pad_id, rank, world, device))
+        together(lambda: score_blocks(cfg, store, todo[rank::world], tokenized, data.pad_id(score_tok), rank, device))
+        dist.barrier()
         if rank == 0:
-            finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, scored, manifest_path)
+            finish(cfg, store, ds, tokenized, stats, score_tok, policy_tok, crossing, scored, manifest_path)
         dist.barrier()
         return cfg.output_dir
 
 
-def finish(cfg, ds, tokenized, stats, score_tok, policy_tok, crossing, scored, manifest_path):
+def finish(cfg, store, ds, tokenized, stats, score_tok, policy_tok, crossing, scored, manifest_path):
     """Rank 0: merge, select, write the selection files, then the complete manifest, then the report."""
     policy_ds = data.tokenize_preferences(ds, policy_tok, cfg.max_length, cfg.max_prompt_length,
                                           offsets=True)[0] if crossing else tokenized
     eos_ids = (score_tok.eos_token_id, policy_tok.eos_token_id) if crossing else None
-    selection_stats, report = merge(cfg, len(tokenized), tokenized, policy_ds, eos_ids, score_tok.eos_token_id)
+    selection_stats, report = merge(cfg, store, tokenized, policy_ds, eos_ids, score_tok.eos_token_id)
     manifest = {**scored, "complete": True, "pairs": len(policy_ds), "tokenize": stats, "cross_tokenizer": crossing,
                 "selections": selection_stats}
-    atomic_write(manifest_path, json.dumps(manifest, indent=2))
+    rundir.atomic_write(manifest_path, json.dumps(manifest, indent=2))
     for name in selectors(cfg):
         entry, line = selection_stats[name], f"wrote {os.path.join(cfg.output_dir, name)}"
         if "key_chosen" in entry:

@@ -103,6 +103,23 @@ def read_manifest(scores_dir):
         return json.load(fh)
 
 
+def provenance_problem(manifest, path, data_path, split, data_fingerprint, tokenizer_hash):
+    """Why the selections at `path` may not train on these data, in words, or None when they may: score.py's
+    manifest (beside them) must say that the scoring finished, on data of this content fingerprint and split, in
+    the positions of a tokenizer of this hash."""
+    scored = manifest.get("data", {})
+    if not manifest.get("complete"):
+        return f"{path}: the score.py run that writes it has not finished (see its manifest.json); run it again"
+    if scored and (scored.get("fingerprint"), scored.get("split")) != (data_fingerprint, split):
+        return (f"{path}: these selections were scored on other data ({scored.get('path')} [{scored.get('split')}], "
+                f"fingerprint {scored.get('fingerprint')}) than --data {data_path} [{split}] (fingerprint "
+                f"{data_fingerprint}); score these data with score.py, or train on the data that were scored")
+    if manifest.get("policy_tokenizer") != tokenizer_hash:
+        return (f"{path}: these selections index the tokens of another tokenizer (see its manifest.json); score "
+                "again with --policy set to this model")
+    return None
+
+
 def scoring_complete(scores_dir):
     manifest = read_manifest(scores_dir)
     return bool(manifest and manifest.get("complete"))

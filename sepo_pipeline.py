@@ -16,14 +16,15 @@ command continues after an interruption):
 import dataclasses
 import gc
 import json
-import math
 import os
 import shlex
 import sys
 from dataclasses import dataclass
 
 import utils
-from utils import arg
+from utils import AT_LEAST_1, DEVICES, DTYPES, POSITIVE, Check, arg
+
+RATIO = Check(lambda v: isinstance(v, (int, float)) and 0 < v <= 1, "must lie in (0, 1]")
 
 
 @dataclass
@@ -33,32 +34,37 @@ class PipelineConfig:
     eval_data: str = arg("", "held-out pairs for the final policy ('' = none, or the synthetic test set)")
     oracle_base: str = arg("", "the model the oracle starts from, SFT then DPO ('' = the tiny world's llama-tiny)")
     policy: str = arg("", "the policy to align ('' = the tiny world's SFT llama-small, 5x the oracle)")
-    output_dir: str = arg("runs/sepo", "one folder for every stage")
-    subset: float = arg(0.5, "D_m: a fraction (<= 1) or a count (> 1) of the target pairs, drawn at random")
+    output_dir: str = arg("runs/sepo", "one folder for every stage", resumable=True)
+    subset: float = arg(0.5, "D_m: a fraction (<= 1) or a count (> 1) of the target pairs, drawn at random",
+                        check=POSITIVE)
     seed: int = arg(42, "seed of D_m and of every stage")
-    chosen_ratio: float = arg(0.3, "k for chosen responses: top k% of tokens (Eq. 25)")
-    rejected_ratio: float = arg(0.3, "k for rejected responses: bottom k% of tokens (Eq. 25)")
-    dpo_beta: float = arg(0.1, "beta of the oracle's DPO")
-    beta: float = arg(1.0, "beta of Eq. 24 and Eq. 26 (the released code: 1)")
+    chosen_ratio: float = arg(0.3, "k for chosen responses: top k% of tokens (Eq. 25)", check=RATIO)
+    rejected_ratio: float = arg(0.3, "k for rejected responses: bottom k% of tokens (Eq. 25)", check=RATIO)
+    exclude_eos: bool = arg(False, "never select a response's end-of-turn token (score.py --exclude_eos; a "
+                                   "departure from the paper)")
+    dpo_beta: float = arg(0.1, "beta of the oracle's DPO", check=POSITIVE)
+    beta: float = arg(1.0, "beta of Eq. 24 and Eq. 26 (the released code: 1)", check=POSITIVE)
     gamma: float = arg(0.0, "margin gamma of Eq. 26 (the released code: 0)")
-    sft_lr: float = arg(5e-7, "learning rate of the oracle's SFT (Eq. 23)")
-    dpo_lr: float = arg(5e-7, "learning rate of the oracle's DPO")
-    policy_lr: float = arg(5e-7, "learning rate of the policy (SePO: 5e-7, cosine, 3% warm-up, AdamW (0.9, 0.95))")
-    sft_epochs: int = arg(1, "epochs of the oracle's SFT")
-    global_batch_size: int = arg(128, "pairs per optimizer step in every stage")
-    micro_batch_size: int = arg(2, "pairs per rank per forward")
-    max_length: int = arg(2048, "prompt + response tokens")
-    max_prompt_length: int = arg(1800, "prompt tokens")
+    sft_lr: float = arg(5e-7, "learning rate of the oracle's SFT (Eq. 23)", check=POSITIVE)
+    dpo_lr: float = arg(5e-7, "learning rate of the oracle's DPO", check=POSITIVE)
+    policy_lr: float = arg(5e-7, "learning rate of the policy (SePO: 5e-7, cosine, 3% warm-up, AdamW (0.9, 0.95))",
+                           check=POSITIVE)
+    sft_epochs: int = arg(1, "epochs of the oracle's SFT", check=AT_LEAST_1)
+    global_batch_size: int = arg(128, "pairs per optimizer step in every stage", check=AT_LEAST_1)
+    micro_batch_size: int = arg(2, "pairs per rank per forward", check=AT_LEAST_1)
+    max_length: int = arg(2048, "prompt + response tokens", check=AT_LEAST_1)
+    max_prompt_length: int = arg(1800, "prompt tokens", check=AT_LEAST_1)
     max_steps: int = arg(-1, "cap every training stage at this many steps (-1 = epochs)")
     policy_args: str = arg("", "more train.py flags for the policy stage, e.g. '--save_every 10 --keep_last 0'")
-    until: str = arg("policy", "the last stage to run: oracle | scores | policy (a study that trains its own "
-                              "policies from the selections stops at scores)")
+    until: str = arg("policy", "the last stage to run (a study that trains its own policies from the selections "
+                               "stops at scores)", options=("oracle", "scores", "policy"), resumable=True)
     cross_tokenizer: bool = arg(False, "allow an oracle tokenizer other than the policy's (map selections by text)")
-    tiny_world: str = arg("tiny_world", "folder of the offline tiny world")
-    cache_dir: str = arg("", "datasets cache folder")
-    device: str = arg("auto", "auto | cpu | cuda")
-    dtype: str = arg("auto", "compute dtype of every stage: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32")
-    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)")
+    tiny_world: str = arg("tiny_world", "folder of the offline tiny world", resumable=True)
+    cache_dir: str = arg("", "datasets cache folder", resumable=True)
+    device: str = arg("auto", "where to run", options=DEVICES, resumable=True)
+    dtype: str = arg("auto", "compute dtype of every stage: auto (bf16 on GPU, fp32 on CPU)", options=DTYPES)
+    dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
+                            check=AT_LEAST_1, resumable=True)
 
 
 
@@ -75,21 +81,17 @@ import torch.distributed as dist  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
+import rundir  # noqa: E402
 import score  # noqa: E402
 import sepo  # noqa: E402
-import tiny  # noqa: E402
 import train  # noqa: E402
-from utils import (FolderLock, UserError, atomic_write, differences, fingerprint, log0, on_rank_zero,  # noqa: E402
-                   rank_zero_first, read_marker, run_in_group)
+from utils import UserError, log0, on_rank_zero, rank_zero_first, run_in_group  # noqa: E402
 
 # Without --data: small batches and learning rates that suit the tiny world (a policy lr of 1e-4 already collapses
 # the tiny policy: see the README)
 PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-5, sft_epochs=2,
                      max_length=128, max_prompt_length=64)
-# Fields that may change when the same pipeline folder is run again (the others decide what its stages hold);
-# paths are compared by their contents
-PIPELINE_RESUMABLE = {"cache_dir", "device", "tiny_world", "output_dir", "until", "dist_timeout"}
-PIPELINE_PATHS = ("data", "eval_data", "oracle_base", "policy")
+PIPELINE_PATHS = ("data", "eval_data", "oracle_base", "policy")  # compared by their contents
 
 
 def write_subset(cfg, out_path):
@@ -100,7 +102,7 @@ def write_subset(cfg, out_path):
         raise UserError(f"--subset {cfg.subset}: D_m would hold {m} of {len(ds)} pairs")
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:m].sort().values.tolist()
     lines = [json.dumps({k: ds[i][k] for k in ("prompt", "chosen", "rejected")}) for i in order]
-    atomic_write(out_path, "\n".join(lines) + "\n")
+    rundir.atomic_write(out_path, "\n".join(lines) + "\n")
     return m
 
 
@@ -127,7 +129,7 @@ def scoring_argv(cfg, oracle, ref, ratios, scores_dir):
             scores_dir, "--max_length", str(cfg.max_length), "--max_prompt_length", str(cfg.max_prompt_length),
             "--cache_dir", cfg.cache_dir, "--device", cfg.device, "--dtype", cfg.dtype,
             "--report", os.path.join(scores_dir, "report.html"),
-            "--cross_tokenizer", str(cfg.cross_tokenizer)]
+            "--cross_tokenizer", str(cfg.cross_tokenizer), "--exclude_eos", str(cfg.exclude_eos)]
 
 
 def policy_argv(cfg, selections):
@@ -149,21 +151,13 @@ def run(cfg, explicit, rank):
     from transformers import AutoTokenizer
     on_tiny_world = not cfg.data
     if on_tiny_world:
-        for key, value in PIPELINE_TINY.items():
-            if key not in explicit:
-                setattr(cfg, key, value)
+        import tiny
+        tiny.fill_defaults(cfg, PIPELINE_TINY, explicit)
         paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
         cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
         cfg.oracle_base = cfg.oracle_base or paths["llama-tiny"]
         cfg.policy = cfg.policy or tiny.sft_model(cfg.tiny_world, paths, train.main, cfg.seed, cfg.cache_dir,
                                                   cfg.device)
-    if cfg.until not in ("oracle", "scores", "policy"):
-        raise UserError(f"--until must be oracle, scores or policy, got {cfg.until!r}")
-    for name in ("chosen_ratio", "rejected_ratio"):  # before any training, not at the scoring stage
-        if not 0 < getattr(cfg, name) <= 1:
-            raise UserError(f"--{name} {getattr(cfg, name)}: must lie in (0, 1]")
-    if not (cfg.subset > 0 and math.isfinite(cfg.subset)):
-        raise UserError(f"--subset {cfg.subset}: a fraction in (0, 1] or a count above 1")
     if not (cfg.oracle_base and cfg.policy):
         raise UserError("sepo_pipeline.py needs --oracle_base and --policy (or neither, with no --data: the tiny "
                         "world)")
@@ -175,24 +169,20 @@ def run(cfg, explicit, rank):
                                       AutoTokenizer.from_pretrained(cfg.policy), cfg.oracle_base, cfg.policy,
                                       cfg.cross_tokenizer)
     oracle_tokenizer = [] if crossing else ["--tokenizer", cfg.policy]
-    with FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it found it
+    with rundir.FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it found it
         return stages(cfg, oracle_tokenizer, on_tiny_world, rank)
 
 
 def stages(cfg, oracle_tokenizer, on_tiny_world, rank):
     """The stages in order, each skipped when its output exists; so the folder must not be reused with other
     settings (pipeline.json holds them, paths by their contents)."""
-    saved = on_rank_zero(lambda: read_marker(cfg.output_dir, "pipeline.json", "pipeline"))
-    fingerprints = on_rank_zero(lambda: {k: fingerprint(getattr(cfg, k)) for k in PIPELINE_PATHS})
-    mine = dataclasses.asdict(cfg)
-    diff = differences(saved, mine, fingerprints, PIPELINE_RESUMABLE) if saved else []
-    if diff:
-        raise UserError(f"{cfg.output_dir} holds a SePO pipeline with other settings (differs in: "
-                        f"{', '.join(k for k, _, _ in diff)}); rerun with the settings in "
-                        f"{os.path.join(cfg.output_dir, 'pipeline.json')} (--config), or choose another --output_dir")
+    fingerprints = on_rank_zero(lambda: {k: rundir.fingerprint(getattr(cfg, k)) for k in PIPELINE_PATHS})
+    mine = {**dataclasses.asdict(cfg), "_fingerprints": fingerprints}
+    rundir.claim(cfg.output_dir, "pipeline.json", mine, "another SePO pipeline", utils.resumable_fields(PipelineConfig),
+                 hint=f"its stages were made with other settings: rerun with the settings in "
+                      f"{os.path.join(cfg.output_dir, 'pipeline.json')} (--config)")
     if rank == 0:
-        atomic_write(os.path.join(cfg.output_dir, "pipeline.json"),
-                     json.dumps({**mine, "_fingerprints": fingerprints}, indent=2))
+        rundir.atomic_write(os.path.join(cfg.output_dir, "pipeline.json"), json.dumps(mine, indent=2))
     out = cfg.output_dir
     subset = os.path.join(out, "subset.jsonl")
     if rank == 0 and not os.path.exists(subset):

@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+import rundir
 import train
 import utils
 from test_train import ENV, EQUIV, HERE, assert_same_params, base_args, metrics, params, torchrun
@@ -39,11 +40,10 @@ cfg = train.Config(model=model, device="cpu", dtype="fp32", output_dir=out, micr
 tok = AutoTokenizer.from_pretrained(model)
 pairs, _ = data.tokenize_preferences(data.load_preferences(pairs_file), tok)
 ref = models.load_model(model, cfg, models.make_mesh(cfg, world, device), device, trainable=False)
-fingerprints = {k: "x" for k in train.PATH_FIELDS}
 found = {}
 for n in (5, 6, 7, 8):  # blocks of 4: a last block of 1, 2, 3 and 4 pairs, split over 2 ranks
-    values = train.with_ref_logps(cfg, ref, pairs.select(range(n)), f"n{n}", tok, fingerprints, device, rank, world,
-                                  block=4)
+    batch_of = lambda idx, n=n: train.collate(pairs.select(range(n)), idx, data.pad_id(tok), train.Method(None), device)
+    values = models.reference_logps(ref, n, batch_of, f"{out}/ref_logps", f"n{n}", {"n": n}, 1, rank, world, block=4)
     found[n] = {i: [v[0].tolist(), v[1].tolist()] for i, v in values.items()}
 if rank == 0:
     json.dump(found, open(f"{out}/found.json", "w"))
@@ -226,13 +226,13 @@ def test_a_resume_with_fewer_visible_gpus_restores_this_ranks_generator(monkeypa
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[i] for i in range(4)])
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("set every device's state"))
-    saved = train.rng_state()
+    saved = rundir.rng_state()
     assert torch.equal(saved["cuda"], states[2])
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # resumed where this rank sees one GPU
-    train.set_rng_state(saved)
+    rundir.set_rng_state(saved)
     assert torch.equal(restored.pop(), states[2])
     old = {**saved, "cuda": [states[i] for i in range(4)]}  # a checkpoint of the old format, 4 GPUs visible
-    train.set_rng_state(old)
+    rundir.set_rng_state(old)
     assert torch.equal(restored.pop(), states[0])
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import experiments
+import rundir
 import tiny
 import train
 
@@ -137,9 +138,9 @@ def test_checkpoint_weights_equal_the_exported_model(world, tmp_path):
                 "--max_prompt_length", "64", "--lr", "1e-3", "--max_steps", "2", "--save_every", "1", "--keep_last",
                 "0", "--judge", "none", "--cache_dir", world["cache"]])
     base = lambda: AutoModelForCausalLM.from_pretrained(world["llama-tiny"])  # noqa: E731
-    from_checkpoint = experiments.load_weights(base(), str(out / "checkpoints" / "step_00000002")).state_dict()
+    from_checkpoint = rundir.load_weights(base(), str(out / "checkpoints" / "step_00000002")).state_dict()
     exported = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
-    first = experiments.load_weights(base(), str(out / "checkpoints" / "step_00000001")).state_dict()
+    first = rundir.load_weights(base(), str(out / "checkpoints" / "step_00000001")).state_dict()
     original = base().state_dict()
     for k, v in exported.items():
         assert torch.equal(from_checkpoint[k], v), k

@@ -12,15 +12,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # module -> layer; a module may import project modules of lower layers only
 LAYERS = {
-    "losses": 0, "data": 0, "utils": 0,  # the core, the data, the process and file helpers
+    "losses": 0, "data": 0, "utils": 0,  # the core, the data, settings and processes
     "confpo": 1, "sepo": 1,  # the methods
-    "models": 1,  # a causal LM as per-token log-probs, sharded with FSDP2
-    "tiny": 1, "report": 1, "real_task": 1,  # the offline tiny world; score.py's HTML report; the real study's prompts
-    "train": 2,
-    "score": 3, "onpolicy": 3,  # SePO's scores; on-policy pairs (sampled by the policy, scored by a reward)
-    "sepo_pipeline": 4,
-    "experiments": 5, "bench": 5,  # studies and measurements on top
-    "real_study": 6,  # the real model's study: shares experiments.py's evaluation helpers
+    "rundir": 1,  # an output folder that survives kills: lock, claim, atomic files, block store, checkpoints
+    "models": 2,  # a causal LM as per-token log-probs, sharded with FSDP2; the reference pre-pass
+    "tiny": 2, "report": 2, "real_task": 2,  # the offline tiny world; score.py's HTML report; the real study's prompts
+    "train": 3,
+    "score": 4, "onpolicy": 4,  # SePO's scores; on-policy pairs (sampled by the policy, scored by a reward)
+    "sepo_pipeline": 5,
+    "experiments": 6, "bench": 6,  # studies and measurements on top
+    "real_study": 7,  # the real model's study: shares experiments.py's evaluation helpers
 }
 ONLY = {"losses": set(), "data": set(), "confpo": {"losses"}, "sepo": {"losses"}}
 

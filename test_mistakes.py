@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import experiments
 import losses
+import rundir
 import train
 import utils
 
@@ -122,7 +123,7 @@ def test_ctrl_c_saves_nothing_new_and_says_how_to_resume(world, tmp_path):
     argv = args(world, out, max_steps=400, epochs=200, save_every=2, keep_last=0)
     code, line = signalled(argv, tmp_path, lambda: (out / "checkpoints" / "step_00000004").exists(), signal.SIGINT)
     assert code == 130
-    newest = train.checkpoints(out)[-1]
+    newest = rundir.checkpoints(out)[-1]
     assert line.startswith("error: interrupted during step ") and "nothing new was saved" in line
     assert f"The last checkpoint is {newest}; run the same command to resume" in line
     assert not (out / ".lock").exists()  # the lock goes with the run
@@ -132,13 +133,13 @@ def test_a_full_disk_during_a_save_is_one_clear_message(world, tmp_path, monkeyp
     """torch's checkpoint writer reports a full disk as 'unexpected pos ...'; the run says what happened."""
     def full(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 704 vs 598")
-    monkeypatch.setattr(train.dcp, "save", full)
+    monkeypatch.setattr(torch.distributed.checkpoint, "save", full)
     monkeypatch.setattr(utils.shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(1, 1, 0))
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"the disk is full: saving .*step_00000001 failed \(RuntimeError\)\. Free "
                                          r"some space and run the same command again; there is no checkpoint yet"):
         train.main(args(world, out, max_steps=2, save_every=1))
-    assert train.checkpoints(out) == []
+    assert rundir.checkpoints(out) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def test_a_number_out_of_its_range_is_one_line_before_anything_loads(world, tmp_
     lr; --lr nan, --lr -1 and --micro_batch_size 0 were tracebacks after everything had loaded."""
     method = "cpo" if flag == "lambda_" else "simpo"
     code, line = cli_line(train.main, args(world, tmp_path / "r", method=method, **{flag: value}), capsys)
-    assert code == 1 and line.startswith(f"error: --{flag} {value}") and said in line, line
+    assert code == 2 and line.startswith(f"error: --{flag} {value}") and said in line, line
     assert not (tmp_path / "r").exists()
 
 
@@ -481,7 +482,7 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_ends_as_one_that_never
     code, line = signalled(argv, tmp_path, lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 2,
                            signal.SIGTERM)
     assert code == 143
-    step = train.checkpoints(out)[-1]
+    step = rundir.checkpoints(out)[-1]
     assert line.startswith("error: stopped by SIGTERM after step ") and f"saved in {step}" in line
     assert not (out / ".lock").exists()
     proc = command("train.py", argv, tmp_path)
@@ -493,7 +494,7 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_ends_as_one_that_never
     code, line = signalled(argv, tmp_path, lambda: (now / "metrics.jsonl").exists() and len(metrics(now)) >= 1,
                            signal.SIGTERM)
     assert code == 143 and line.startswith("error: terminated (SIGTERM) during step ")
-    assert "nothing new was saved" in line and not train.checkpoints(now)
+    assert "nothing new was saved" in line and not rundir.checkpoints(now)
 
 
 def test_missing_data_on_the_default_path_is_found_before_the_sft_start_is_built(tmp_path, capsys):

@@ -275,9 +275,10 @@ def test_kill_then_resume_gives_the_same_bytes(world, policy, tmp_path):
 # Mistakes: one line each, before any model loads where possible
 # ---------------------------------------------------------------------------------------------------------------
 
-def one_line(proc, match):
+def one_line(proc, match, code=1):
+    """A command's one error line (exit code 1, or 2 for a flag's value refused before anything runs)."""
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert match in lines[0], lines[0]
     return lines[0]
 
@@ -302,7 +303,7 @@ def test_every_mistake_is_one_line(world, policy, reward_model, tmp_path, capsys
         code = utils.cli(onpolicy.main, base(world, policy, str(tmp_path / "out"), **kw))
         return Said(code, capsys.readouterr().err)
     one_line(go(reward="tiny:no_such_function"), "tiny has no function no_such_function")
-    one_line(go(num_samples=1), "at least 2 samples")
+    one_line(go(num_samples=1), "at least 2 samples", code=2)
     one_line(go(prompts=str(tmp_path / "missing.jsonl")), "does not exist")
     two = str(tmp_path / "two_outputs")
     LlamaForSequenceClassification(LlamaConfig(vocab_size=700, hidden_size=16, intermediate_size=32,

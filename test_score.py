@@ -250,7 +250,7 @@ def test_sepo_pipeline_end_to_end(world, tmp_path):
                        "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64"])
     assert (out / "policy" / "final" / "model.safetensors").stat().st_mtime == mtime
     # ... and with other settings the folder is refused rather than half reused
-    with pytest.raises(SystemExit, match="other settings .*chosen_ratio"):
+    with pytest.raises(SystemExit, match="holds another SePO pipeline .*chosen_ratio"):
         sepo_pipeline.main(["--tiny_world", os.path.dirname(world["data"]), "--output_dir", str(out),
                            "--cache_dir", world["cache"], "--max_steps", "3", "--subset", "64",
                            "--chosen_ratio", "0.5"])

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import data
 import models
 import sepo
+import rundir
 import train
 import utils
 
@@ -95,7 +96,7 @@ def test_halt_and_resume_equals_uninterrupted(world, tmp_path):
     train.main(base_args(world, full, method="dpo", max_steps=6, epochs=3))
     train.main(base_args(world, halted, method="dpo", max_steps=6, epochs=3, halt_after=3))
     assert not os.path.exists(halted / "final")
-    assert [os.path.basename(c) for c in train.checkpoints(halted)] == ["step_00000003"]
+    assert [os.path.basename(c) for c in rundir.checkpoints(halted)] == ["step_00000003"]
     train.main(base_args(world, halted, method="dpo", max_steps=6, epochs=3))
     assert_same_params(full, halted, atol=0)  # bit-identical
     assert [m["loss"] for m in metrics(full)] == [m["loss"] for m in metrics(halted)]
@@ -125,7 +126,7 @@ def test_kill_during_training_then_resume_matches(world, tmp_path):
     train.main(base_args(world, killed, **args))
     assert_same_params(full, killed, atol=0)
     assert [m["step"] for m in metrics(killed)] == list(range(1, 13))  # no duplicated lines after the resume
-    assert len(train.checkpoints(killed)) == 2  # keep_last
+    assert len(rundir.checkpoints(killed)) == 2  # keep_last
 
 
 def test_incomplete_checkpoint_is_ignored(world, tmp_path):
@@ -135,7 +136,7 @@ def test_incomplete_checkpoint_is_ignored(world, tmp_path):
     stale = out / "checkpoints" / "step_00000003.tmp"
     stale.mkdir()
     (stale / "__0_0.distcp").write_bytes(b"half a file")
-    assert [os.path.basename(c) for c in train.checkpoints(out)] == ["step_00000002"]
+    assert [os.path.basename(c) for c in rundir.checkpoints(out)] == ["step_00000002"]
     train.main(base_args(world, out, method="simpo", max_steps=4, epochs=2))
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
     assert not stale.exists()
@@ -143,7 +144,7 @@ def test_incomplete_checkpoint_is_ignored(world, tmp_path):
     first = params(out)
     train.main(base_args(world, out, method="simpo", max_steps=4, epochs=2, halt_after=3, resume=False))
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
-    assert [os.path.basename(c) for c in train.checkpoints(out)] == ["step_00000003"]
+    assert [os.path.basename(c) for c in rundir.checkpoints(out)] == ["step_00000003"]
     train.main(base_args(world, out, method="simpo", max_steps=4, epochs=2))
     second = params(out)
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -241,14 +242,14 @@ def test_clear_errors(world, tmp_path, capsys):
         train.main(["--method", "dpoo"])
     with pytest.raises(SystemExit, match="--method sepo needs --selections"):
         train.main(base_args(world, tmp_path / "s", method="sepo"))
-    with pytest.raises(SystemExit, match=r"--threshold must be arithmetic, geometric or a probability in \(0, 1\]"):
+    with pytest.raises(SystemExit, match=r"--threshold '1.5': must be arithmetic, geometric or a probability in \(0, 1\]"):
         train.main(base_args(world, tmp_path / "th", method="confpo", threshold="1.5"))
     with pytest.raises(SystemExit, match="--gamma is not a parameter of dpo"):
         train.main(base_args(world, tmp_path / "g", method="dpo", gamma=1.0))
     # an output folder that holds a different run
     out = tmp_path / "run"
     train.main(base_args(world, out, method="simpo", max_steps=1, export=False))
-    with pytest.raises(SystemExit, match="holds a different run .*method"):
+    with pytest.raises(SystemExit, match="holds the checkpoints or export of another run .*method"):
         train.main(base_args(world, out, method="dpo", max_steps=1))
     # a model without a causal-LM head
     from transformers import T5Config
@@ -432,9 +433,9 @@ def test_trim_metrics(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "split": "train"}) + "\n" for s in (0, 1, 2, 3)]
     path.write_text("".join(lines) + '{"step": 4, "spl')  # a line cut short by a kill
-    train.trim_metrics(str(path), 2)
+    rundir.trim_metrics(str(path), 2)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1, 2]
-    train.trim_metrics(str(path), 0)  # a fresh start: nothing of the old run stays
+    rundir.trim_metrics(str(path), 0)  # a fresh start: nothing of the old run stays
     assert path.read_text() == ""
 
 
@@ -460,7 +461,7 @@ def test_reference_log_probs_computed_once_give_the_live_reference_losses(world,
 def test_save_final_false_keeps_no_last_checkpoint_and_a_rerun_finds_the_run_finished(world, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(base_args(world, out, method="simpo", save_final="false"))
-    assert train.checkpoints(out) == [] and json.loads((out / "final" / "run.json").read_text()) == {"step": 4}
+    assert rundir.checkpoints(out) == [] and json.loads((out / "final" / "run.json").read_text()) == {"step": 4}
     stamp = (out / "final" / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     train.main(base_args(world, out, method="simpo", save_final="false"))

@@ -37,7 +37,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils import log0, on_rank_zero  # noqa: E402
+import data  # noqa: E402
+from utils import log0, on_rank_zero, rank_zero_first  # noqa: E402
 
 WORLD_VERSION = 2  # bump when anything the tiny world writes changes, so old folders are rebuilt
 
@@ -470,6 +471,47 @@ def sft_model(root, paths, train_main, seed=42, cache_dir="", device="auto"):
                                             "model": paths["llama-small"], "data": paths["train"],
                                             "tiny_world": root, "cache_dir": cache_dir, "seed": seed,
                                             "device": device}, train_main)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The hooks of the commands: what train.py, onpolicy.py and sepo_pipeline.py do without --model
+# ---------------------------------------------------------------------------------------------------------------
+
+def fill_defaults(cfg, defaults, explicit):
+    """The tiny world's settings (TRAIN_DEFAULTS, ...) on the fields of a config that no flag or --config set."""
+    for key, value in defaults.items():
+        if key not in explicit:
+            setattr(cfg, key, value)
+
+
+def training_start(cfg, chosen_only, train_main):
+    """train.py without --model: the world (rank 0 builds it once); the user's data, if given, checked before the
+    SFT start is built (minutes); the synthetic data where none is given; the model: llama-small for SFT, its SFT
+    model for every preference method (as in both papers)."""
+    paths = rank_zero_first(lambda: build_tiny_world(cfg.tiny_world))
+    sources = [(src, split) for src, split in ((cfg.data, cfg.split), (cfg.eval_data, cfg.eval_split or cfg.split))
+               if src]
+    if sources:
+        on_rank_zero(lambda: [data.load_preferences(src, split=split, form=cfg.form, skip_bad_rows=cfg.skip_bad_rows,
+                                                    cache_dir=cfg.cache_dir or None) for src, split in sources],
+                     share=False)
+    if not cfg.data:
+        cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
+    cfg.model = paths["llama-small"] if chosen_only else sft_model(cfg.tiny_world, paths, train_main, cfg.seed,
+                                                                   cfg.cache_dir, cfg.device)
+    return paths
+
+
+def judge(cfg, final, step, device, n=100):
+    """train.py's judge of the synthetic task: the mean reward of greedy answers to the first n held-out prompts,
+    before (the start) and after (the export) -> its metrics line."""
+    prompts = [row["prompt"] for row in data.load_preferences(cfg.eval_data or cfg.data,
+                                                              cache_dir=cfg.cache_dir or None)][:n]
+    before = synthetic_reward_of(cfg.model, prompts, device, tokenizer_path=cfg.tokenizer or cfg.model)
+    after = synthetic_reward_of(final, prompts, device)
+    log0(f"synthetic reward of greedy answers to {len(prompts)} held-out prompts: {before:.3f} before, {after:.3f} "
+         f"after {cfg.method}")
+    return {"step": step, "split": "generate", "reward_before": before, "reward_after": after, "prompts": len(prompts)}
 
 
 def model_of_size(root, paths, size, seed=0):

@@ -1,32 +1,88 @@
-"""What every script shares: config from flags and files, one-line errors, processes (torchrun or a world of one),
-output folders (a lock, a run identified by what it computes), and files that survive a kill (written to a
-temporary path, then renamed). No method, data or model code here.
+"""What every script shares: settings declared once and checked from flags and files, one-line errors, processes
+(torchrun or a world of one). No method, data or model code here; output folders are rundir.py's.
 
 torch is imported inside the functions that need it, so that `--help` and a mistyped flag answer before torch
-loads. Layers (test_layers.py holds them): losses, data, utils <- confpo, sepo, models, tiny, report <- train <-
-score <- sepo_pipeline <- experiments, bench. A module imports only from lower layers, from inside a function neither.
+loads. Layers (test_layers.py holds them): losses, data, utils <- confpo, sepo, models, rundir, tiny, report <-
+train <- score, onpolicy <- sepo_pipeline <- studies, benchmarks. A module imports only from lower layers, from
+inside a function neither.
 """
 
 import argparse
 import dataclasses
 import difflib
 import errno
-import fcntl
-import hashlib
 import json
+import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 import typing
 from dataclasses import field
 
 
-def arg(default, help, **argparse_kwargs):
-    """A config field: its default, its help text, and any extra argparse keywords (nargs, const, ...)."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+def arg(default, help, options=None, check=None, resumable=False, **argparse_kwargs):
+    """A config field, declared once: its default, its help text, the values it may take (options: a value outside
+    them is refused with the closest ones), a check of its value (a Check below), whether it may change when a run
+    resumes in the same folder (resumable), and any extra argparse keywords (nargs, const, ...). Every script's
+    flags and --config files go through the same checks (parse_dataclass), before anything loads."""
+    return field(default=default, metadata={"help": help, "options": options, "check": check, "resumable": resumable,
+                                            **argparse_kwargs})
+
+
+OURS = ("options", "check", "resumable")  # metadata of arg() that is not argparse's
+
+
+def Check(test, requirement):
+    """A check of a setting's value: test(value) -> bool, and what it requires, in words ("must be at least 1")."""
+    return (test, requirement)
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+POSITIVE = Check(lambda v: _number(v) and v > 0, "must be a positive finite number")
+NON_NEGATIVE = Check(lambda v: _number(v) and v >= 0, "must be a finite number, not negative")
+AT_LEAST_1 = Check(lambda v: _number(v) and v >= 1, "must be at least 1")
+FINITE = Check(_number, "must be a finite number")
+UNIT = Check(lambda v: _number(v) and 0 <= v <= 1, "must lie in [0, 1]")
+BELOW_1 = Check(lambda v: _number(v) and 0 <= v < 1, "must lie in [0, 1)")
+
+
+def _tau(v):
+    try:
+        return v in ("arithmetic", "geometric") or 0 < float(v) <= 1
+    except (TypeError, ValueError):
+        return False
+
+
+THRESHOLD = Check(_tau, "must be arithmetic, geometric or a probability in (0, 1]")  # confpo.parse_threshold's
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bf16", "fp32")  # fp16 is refused: it needs loss scaling, which no trainer here does
+FORMS = ("auto", "standard", "conversational", "implicit")
+
+
+def resumable_fields(cls):
+    """The fields of a config that may change when a run resumes (declared with resumable=True)."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
+
+
+def check_settings(cfg):
+    """Every field of a config against its declared options and check -> the config; a value that fails is one
+    UserError naming the flag, the value and what it must be (with the closest options)."""
+    for f in dataclasses.fields(cfg):
+        value, options, check = getattr(cfg, f.name), f.metadata.get("options"), f.metadata.get("check")
+        if value is None:
+            continue
+        if options and value not in options:
+            note = " (fp16 is not supported: it needs loss scaling; use bf16)" if value == "fp16" else ""
+            raise UserError(f"--{f.name} {value!r}: must be one of {', '.join(map(str, options))}{note}"
+                            f"{did_you_mean(value, options)}", code=2)
+        if check and not check[0](value):
+            raise UserError(f"--{f.name} {value!r}: {check[1]}", code=2)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,14 +255,15 @@ def _rank():
 # Config: transformers.HfArgumentParser builds the flags; a JSON file (--config) and explicit flags override defaults
 # ---------------------------------------------------------------------------------------------------------------
 
-def parse_dataclass(cls, argv=None, description=None, choices=None, numbers_as_text=()):
-    """Flags override --config FILE.json, which overrides the dataclass defaults -> (instance, names set explicitly).
+def parse_dataclass(cls, argv=None, description=None, numbers_as_text=()):
+    """Flags override --config FILE.json, which overrides the dataclass defaults -> (instance, names set explicitly),
+    every value checked against its declaration (arg: options, check; check_settings).
 
     Every field is a flag (`--name` or `--name-with-hyphens`) with its help text; a bool is `--flag`, `--flag
-    false` or (for a True default) `--no_flag`. choices: {field: allowed values}; numbers_as_text: text fields that a
-    JSON file may also give as a number (a threshold of 0.6). The names set explicitly (in the file or as flags) let
-    a script fill other defaults (the tiny world's) only where the user said nothing. A mistyped flag or choice is
-    answered with the closest real ones.
+    false` or (for a True default) `--no_flag`. numbers_as_text: text fields that a JSON file may also give as a
+    number (a threshold of 0.6). The names set explicitly (in the file or as flags) let a script fill other defaults
+    (the tiny world's) only where the user said nothing. A mistyped flag or option is answered with the closest
+    real ones.
     """
     parser = _parser_class()(cls, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a JSON file of config fields (flags given here override it)")
@@ -218,8 +275,9 @@ def parse_dataclass(cls, argv=None, description=None, choices=None, numbers_as_t
                 action.help = f"the same as --{action.dest} false"
             else:
                 alone = "; the flag alone means true" if action.const is True else ""
-                action.help = f"{action.help}{alone} (default: {fields[action.dest].default})".replace("%", "%%")
-            action.choices = (choices or {}).get(action.dest, action.choices)
+                options = fields[action.dest].metadata.get("options")
+                among = f"; one of {', '.join(map(str, options))}" if options else ""
+                action.help = f"{action.help}{alone}{among} (default: {fields[action.dest].default})".replace("%", "%%")
         if action.dest in fields or action.dest in ("config", "debug"):
             action.default = argparse.SUPPRESS  # the namespace holds only what was given
     args = vars(parser.parse_args(argv))
@@ -235,14 +293,14 @@ def parse_dataclass(cls, argv=None, description=None, choices=None, numbers_as_t
         for key, value in values.items():
             if key not in fields:
                 parser.error(f"--config: unknown field {key!r}{did_you_mean(key, fields)}")
-            kind, allowed = _base_type(fields[key].type), (choices or {}).get(key, _literal(fields[key].type))
+            kind, allowed = _base_type(fields[key].type), _literal(fields[key].type)
             if value is not None and not (isinstance(value, kind) or (kind is float and isinstance(value, int))
                                           or (key in numbers_as_text and isinstance(value, (int, float)))):
                 parser.error(f"--config: field {key!r} must be {kind.__name__}, got {value!r}")
             if allowed and value not in allowed:
                 parser.error(f"--config: {key} {value!r} is not one of {sorted(allowed)}{did_you_mean(value, allowed)}")
     values.update(args)
-    return cls(**values), set(values)
+    return check_settings(cls(**values)), set(values)
 
 
 def _parser_class():
@@ -250,6 +308,14 @@ def _parser_class():
 
     class Parser(HfArgumentParser):
         """HfArgumentParser whose errors suggest the closest flag or choice and end the run as a UserError."""
+
+        @staticmethod
+        def _parse_dataclass_field(parser, f):  # argparse is given its own keywords only
+            import copy
+            import types
+            clean = copy.copy(f)
+            clean.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k not in OURS})
+            HfArgumentParser._parse_dataclass_field(parser, clean)
 
         def error(self, message):
             options = [s for a in self._actions for s in a.option_strings]
@@ -417,210 +483,3 @@ def rank_zero_first(fn):
         result = result if dist.get_rank() == 0 else fn()
         dist.barrier()
     return result
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files that survive a kill: a reader sees the old version or the new one, never half of one
-# ---------------------------------------------------------------------------------------------------------------
-
-def atomic_write(path, text):
-    """Write a text file through a temporary file and a rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove(path):
-    """Delete a folder so that a kill half-way leaves nothing that looks complete: rename it to *.old.tmp (atomic),
-    then delete; leftover *.tmp folders are cleared by the next run."""
-    doomed = f"{path}.old.tmp"
-    os.replace(path, doomed)
-    fsync_dir(os.path.dirname(path))
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What a run computes from: content fingerprints, whatever the path's spelling
-# ---------------------------------------------------------------------------------------------------------------
-
-WHOLE = 64 * 2**20  # files up to this size are hashed whole; larger ones by size and samples (model weights)
-
-
-def git_commit(folder=None):
-    """The git commit of the code in `folder` (default: this file's), with "+changes" when tracked files differ
-    from it; None outside a git work tree."""
-    import subprocess
-    folder = folder or os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
-def fingerprint(path):
-    """A content fingerprint of a file or folder ('' for '', "hub:<name>" for what is not on disk), the same
-    however the path is spelled and wherever the folder is moved or copied. Files up to 64 MiB are hashed whole;
-    larger ones by their size, their first and last 4 MiB and 16 samples between (cheap for model weights)."""
-    if not path:
-        return ""
-    if not os.path.exists(path):
-        return f"hub:{path}"
-    files = [path] if os.path.isfile(path) else []
-    for folder, subfolders, names in os.walk(path):
-        subfolders.sort()
-        files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".") and ".tmp" not in n]
-    h = hashlib.sha256()
-    for name in files:
-        size = os.path.getsize(name)
-        h.update(f"{os.path.relpath(name, path) if name != path else ''}:{size}\n".encode())
-        with open(name, "rb") as fh:
-            if size <= WHOLE:
-                for block in iter(lambda: fh.read(2**20), b""):
-                    h.update(block)
-            else:
-                for offset in [0, size - 4 * 2**20] + [size * i // 17 for i in range(1, 17)]:
-                    fh.seek(offset)
-                    h.update(fh.read(4 * 2**20 if offset in (0, size - 4 * 2**20) else 2**16))
-    return h.hexdigest()[:32]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Output folders: one writer at a time, never someone else's folder, a run known by what it computes
-# ---------------------------------------------------------------------------------------------------------------
-
-LOCK = ".lock"
-
-
-class FolderLock:
-    """An exclusive lock on an output folder (flock on folder/.lock), taken by rank 0 for the whole job; the other
-    ranks of the job share it. A second job is refused with the holder's host, pid, start time and command. A
-    lock whose holder died is released by the OS: the next run takes it over and says so."""
-
-    def __init__(self, folder, rank):
-        self.folder, self.rank, self.fd, self.created = folder, rank, None, False
-
-    def __enter__(self):
-        import torch.distributed as dist
-        message = None
-        if self.rank == 0:
-            message = self._acquire()
-        box = [message]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            raise UserError(box[0])
-        return self
-
-    def _acquire(self):
-        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
-            return f"{self.folder} is a file, not a folder; choose another --output_dir"
-        self.created = not os.path.exists(self.folder)
-        path = os.path.join(self.folder, LOCK)
-        while True:
-            try:
-                os.makedirs(self.folder, exist_ok=True)
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:  # a read-only or foreign-owned place, a path through a file
-                self._undo_create()
-                return f"cannot write in {self.folder} ({e.strerror}); choose another --output_dir"
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 4096).decode(errors="replace").strip()
-                os.close(fd)
-                self._undo_create()
-                return (f"{self.folder} is in use by another run ({holder or 'holder unknown'}); wait for it to end, "
-                        f"or stop it, or choose another --output_dir")
-            except OSError as e:  # Lustre without flock (ENOSYS), NFS without a lock daemon (ENOLCK), ...
-                if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                print(f"warning: {self.folder}: this filesystem cannot lock files ({e.strerror}): the folder is not "
-                      "locked, so make sure no other job writes in it", file=sys.stderr, flush=True)
-                break
-            if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break  # the file we locked is still the lock file (a releasing run may have just deleted it)
-            os.close(fd)
-        left = os.read(fd, 4096).decode(errors="replace").strip()
-        if left:
-            print(f"note: {self.folder} was locked by a run that ended without releasing it ({left}); taking it "
-                  "over", file=sys.stderr, flush=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:300]}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, ", ".join(f"{k} {v}" for k, v in me.items()).encode(), 0)
-        os.fsync(fd)
-        self.fd = fd
-        return None
-
-    def _undo_create(self):
-        if self.created:  # a failed start leaves no folder behind where there was none
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-    def __exit__(self, kind, error, tb):
-        if self.fd is not None:
-            started = any(f != LOCK for f in os.listdir(self.folder))
-            if error is not None and self.created and not started:
-                self._undo_create()
-            else:
-                os.remove(os.path.join(self.folder, LOCK))
-            os.close(self.fd)  # releases the lock
-            self.fd = None
-        return False
-
-
-def read_marker(folder, marker, what):
-    """The saved settings of the project's run in `folder` (its marker file: config.json, manifest.json, ...), or
-    None for a folder that does not exist or is empty. A folder that holds other files, and no marker, is not
-    ours: refused, never touched."""
-    if not os.path.isdir(folder):
-        if os.path.exists(folder):
-            raise UserError(f"{folder} is a file, not a folder; choose another --output_dir")
-        return None
-    path = os.path.join(folder, marker)
-    if not os.path.exists(path):
-        foreign = sorted(f for f in os.listdir(folder) if f != LOCK)
-        if foreign:
-            raise UserError(f"{folder} exists and holds files this project did not write ({', '.join(foreign[:5])}"
-                            f"{', ...' if len(foreign) > 5 else ''}), and no {marker}; choose another --output_dir")
-        return None
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is unreadable ({e}); it does not say which {what} this folder holds, so it is left "
-                        "alone: choose another --output_dir") from None
-
-
-def differences(saved, mine, fingerprints, resumable):
-    """What differs between a saved run and this one, outside `resumable`: paths compare by their content
-    fingerprints (saved under "_fingerprints"), everything else by value -> [(field, theirs, mine)]."""
-    out = []
-    for key, value in mine.items():
-        if key in resumable or key.startswith("_"):
-            continue
-        if key in fingerprints and "_fingerprints" in saved:  # folders saved before fingerprints compare by value
-            if saved["_fingerprints"].get(key) != fingerprints[key]:
-                out.append((key, saved.get(key), value))
-        elif saved.get(key) != value:
-            out.append((key, saved.get(key), value))
-    return out
