@@ -50,8 +50,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from xml.sax.saxutils import escape
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
+
 import utils
-from utils import arg
+from utils import DEVICES, arg
 
 
 @dataclass
@@ -87,7 +89,7 @@ class ExperimentConfig:
     tables_only: bool = arg(False, "no runs: write results.md and the plots again from each results.json in "
                                    "--figures (after a change to the tables, or without the runs folder)")
     cache_dir: str = arg("", "datasets cache folder")
-    device: str = arg("auto", "auto | cpu | cuda")
+    device: str = arg("auto", "where to run", options=DEVICES)
 
 
 def parse_config(argv=None):

@@ -72,7 +72,8 @@ def command_line():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes, 1-2 repetitions: a smoke run")
     parser.add_argument("--large", action="store_true", help="item 2 at T=1024, H=2048 (bf16 on a GPU)")
-    parser.add_argument("--out", default="bench.json", help="where the results go (JSON)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.json"),
+                        help="where the results go (JSON; default: beside this file)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads, fixed for every item")
     parser.add_argument("--tiny_world", "--tiny-world", default="tiny_world",
                         help="the offline tiny world (built on first use)")
@@ -100,6 +101,8 @@ import losses  # noqa: E402
 import models  # noqa: E402
 import score  # noqa: E402
 import sepo  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
+
 import rundir  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 
 import bench
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 MIB = 2**20
 
 
@@ -58,7 +58,7 @@ def ratios(obj, path=""):
 def test_quick_run(world, tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, os.path.join(HERE, "bench.py"), "--quick", "--out", str(out), "--threads", "1",
+    cmd = [sys.executable, os.path.join(HERE, "benchmarks", "bench.py"), "--quick", "--out", str(out), "--threads", "1",
            "--tiny_world", os.path.dirname(world["data"]), "--cache_dir", world["cache"]]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -130,7 +130,7 @@ def test_large_says_what_it_measures_and_needs_a_gpu(tmp_path):
     """bench.py --large is a GPU run: without one it says what it would measure and stops (exit 1)."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: --large would run")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--large"], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "benchmarks", "bench.py"), "--large"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "measures item 2 on a GPU" in proc.stderr and "no GPU is visible" in proc.stderr
 

@@ -1,44 +1,31 @@
 """The offline tiny world: a synthetic preference task whose deciding tokens are known, a tokenizer and tiny models
 built locally in seconds, the SFT model both papers start from, and a programmatic judge of generated answers.
 
-    python tiny.py [--root tiny_world] [--seed 0]      # build (or re-use) the world and print its paths
+    python -m tiny [--root tiny_world] [--seed 0]      # build (or re-use) the world and print its paths
 
-It is what `python train.py` and `python sepo_pipeline.py` use when no model is given, and what the tests and the
-miniature study (experiments.py) run on. Nothing of the methods lives here.
+It is what `python train.py`, `python sepo_pipeline.py` and `python onpolicy.py` use when no model is given (they
+import it only then: a run on a real model needs none of it), and what the tests and the miniature study
+(studies/experiments.py) run on. Nothing of the methods lives here.
 
 The synthetic task: three kinds of pairs whose preference is decided by one key word or number, located by
 `*_key_spans` ([start, end) characters in each response); `synthetic_reward` judges any answer from its prompt.
 """
 
-import argparse
 import fcntl
 import json
 import os
 import random
 import re
 import shutil
-import sys
-import time
 
 
 
-def command_line():
-    """`python tiny.py`'s flags (defined above the slow imports, so that --help answers at once)."""
-    parser = argparse.ArgumentParser(description="build (or re-use) the offline tiny world and print its paths")
-    parser.add_argument("--root", default="tiny_world", help="the folder of the world")
-    parser.add_argument("--seed", type=int, default=0, help="the seed of everything in it")
-    return parser
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-
-if __name__ == "__main__":
-    command_line().parse_args()  # --help and a mistyped flag answer here, before torch loads
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import data  # noqa: E402
-from utils import log0, on_rank_zero, rank_zero_first  # noqa: E402
+import data
+from utils import log0, on_rank_zero, rank_zero_first
 
 WORLD_VERSION = 2  # bump when anything the tiny world writes changes, so old folders are rebuilt
 
@@ -587,16 +574,3 @@ def synthetic_reward_of(model_path, prompts, device, max_new_tokens=40, batch_si
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
     return greedy_synthetic_reward(model, tokenizer, prompts, device, max_new_tokens, batch_size)
-
-
-def main(argv=None):
-    args = command_line().parse_args(argv)
-    t0 = time.time()
-    for name, path in build_tiny_world(args.root, args.seed).items():
-        print(f"{name:15s} {path}")
-    print(f"tiny world ready in {time.time() - t0:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ import rundir
 import train
 import utils
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 ENV.pop("DEBUG", None)
@@ -334,8 +334,9 @@ def test_a_non_finite_loss_stops_before_the_step_or_is_skipped(world, tmp_path, 
 # 8, 10. Fast answers; the study's folders
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", [["train.py"], ["score.py"], ["sepo_pipeline.py"], ["experiments.py"],
-                                    ["data.py", "check"], ["tiny.py"], ["bench.py"]])
+@pytest.mark.parametrize("script", [["train.py"], ["score.py"], ["sepo_pipeline.py"], ["onpolicy.py"],
+                                    ["studies/experiments.py"], ["studies/real_study.py"], ["data.py", "check"],
+                                    ["tiny/__main__.py"], ["benchmarks/bench.py"]])
 def test_help_answers_before_torch_is_imported(script, tmp_path):
     proc = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, script[0]), *script[1:], "--help"],
                           env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=120)

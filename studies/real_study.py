@@ -31,8 +31,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
+
 import utils
-from utils import arg
+from utils import DEVICES, DTYPES, arg
 
 
 @dataclass
@@ -63,13 +65,13 @@ class RealStudyConfig:
     global_batch_size: int = arg(32, "pairs per optimizer step (one epoch of the pairs)")
     micro_batch_size: int = arg(8, "pairs per forward")
     dtype: str = arg("fp32", "compute dtype of training, sampling and evaluation (bf16 on a CPU with avx512_bf16 "
-                             "is no faster for this model, and 15x slower without native bf16)")
+                             "is no faster for this model, and 15x slower without native bf16)", options=DTYPES)
     quick: bool = arg(False, "every stage on the tiny world (its SFT model, prompts and judge), 2 steps a run")
     tiny_world: str = arg("tiny_world", "folder of the tiny world (--quick)")
     collect: bool = arg(False, "train nothing: report the evaluations already in --figures (of other processes "
                                "or sessions too), marked complete or not")
     cache_dir: str = arg("", "datasets cache folder")
-    device: str = arg("auto", "auto | cpu | cuda")
+    device: str = arg("auto", "where to run", options=DEVICES)
 
 
 def parse_config(argv=None):

@@ -5,6 +5,9 @@ import json
 import os
 import random
 import shutil
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
 
 import rundir
 import utils

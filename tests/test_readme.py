@@ -4,7 +4,7 @@ and every file the README's file table names exists."""
 import os
 import re
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 LINK = re.compile(r"\[`(\w+\.py):(\d+)`\]\((\w+\.py)#L(\d+)\)")
 
 
