@@ -1,12 +1,10 @@
 """Preference data: load and check pairs, tokenize them with response masks, batch them.
 
-Layout of this file, top to bottom:
-  1. load_preferences      any source (JSONL / JSON / Parquet file, `save_to_disk` folder, hub name, in-memory rows)
-                           and any of TRL's three forms -> one explicit-prompt layout, every row checked.
-  2. tokenize_preferences  prompt ids + response ids, labels -100 on the prompt, TRL/SimPO truncation, cached `map`.
-  3. collate_pairs         chosen and rejected stacked into one padded batch, chosen rows first.
-  4. the command line      `python data.py check FILE [--form auto] [--skip_bad_rows] [--tokenizer PATH]`
-The offline tiny world (a synthetic task, a tokenizer and tiny models) is tiny.py.
+Top to bottom: 1. load_preferences: any source (JSONL / JSON / Parquet file, `save_to_disk` folder, hub name,
+in-memory rows) and any of TRL's three forms -> one explicit-prompt layout, every row checked; 2.
+tokenize_preferences: prompt ids + response ids, labels -100 on the prompt, TRL/SimPO truncation, a cached `map`; 3.
+batches: chosen and rejected rows in one padded batch, an epoch's order, each rank's micro-batches; 4. the command
+line: `python data.py check FILE [--form auto] [--skip_bad_rows] [--tokenizer PATH]`.
 
 TRL conventions followed (trl.data_utils, DPOTrainer.tokenize_row):
   - standard form: `prompt`, `chosen`, `rejected` strings; conversational form: lists of {role, content} messages,
@@ -518,8 +516,7 @@ def tokenize_preferences(ds, tokenizer, max_length=2048, max_prompt_length=1800,
     return out.remove_columns(["_trunc_prompt", "_trunc_response"]), stats
 
 
-def pad_id(tokenizer):
-    """The id that pads a batch: the tokenizer's pad token, else its EOS (never attended to, never labelled)."""
+def pad_id(tokenizer):  # the id that pads a batch: the pad token, else the EOS (never attended to nor labelled)
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
@@ -563,6 +560,42 @@ def collate_pairs(rows, pad_token_id, token_fields=(), pad_side="right", pad_to_
         is_float = any(isinstance(v, float) for row in vals for v in row)
         batch[f] = torch.tensor(pad(vals, 0), dtype=torch.float32 if is_float else torch.long)
     return batch
+
+
+def collate_indices(ds, indices, pad_id, token_fields=(), refs=None):
+    """collate_pairs of the pairs at `indices` (ds positions, in `index`); with `refs` ({position: (chosen,
+    rejected) values over each response}: a reference's log-probs) `ref` holds them aligned with the labels."""
+    rows = [ds[int(i)] for i in indices]
+    batch = collate_pairs(rows, pad_id, token_fields=token_fields)
+    batch["index"] = torch.tensor([int(i) for i in indices])
+    if refs is not None:
+        batch["ref"] = torch.zeros(batch["labels"].shape)
+        for side, offset in ((0, 0), (1, len(rows))):  # responses follow the prompt (right padding)
+            for j, (i, row) in enumerate(zip(indices, rows)):
+                values = refs[int(i)][side]
+                batch["ref"][offset + j, row["prompt_len"]:row["prompt_len"] + len(values)] = values
+    return batch
+
+
+def epoch_order(n_pairs, seed, epoch):  # a permutation seeded by (seed, epoch): the same on every rank and resume
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n_pairs, generator=g).tolist()
+
+
+def pair_lengths(ds):  # per tokenized pair, the longer of its two rows (what a batch of it is padded to)
+    return [max(len(c), len(r)) for c, r in zip(ds["chosen_input_ids"], ds["rejected_input_ids"])]
+
+
+def rank_micro_batches(order, step, steps_per_epoch, global_batch_size, micro_batch_size, rank, world, lengths=None):
+    """This rank's micro-batches (lists of pair indices) at a global step: the global batch cut into contiguous
+    per-rank slices, each into micro-batches. With `lengths` (pair_lengths) a rank's slice is sorted, longest first:
+    the same pairs (the gradient changes only by summation order), less padding, the largest micro-batch first."""
+    i = step % steps_per_epoch
+    per_rank = global_batch_size // world
+    mine = order[i * global_batch_size:(i + 1) * global_batch_size][rank * per_rank:(rank + 1) * per_rank]
+    if lengths is not None:
+        mine = sorted(mine, key=lambda j: -lengths[j])  # stable: equal lengths keep the epoch's order
+    return [mine[j:j + micro_batch_size] for j in range(0, per_rank, micro_batch_size)]
 
 
 # ---------------------------------------------------------------------------------------- 4. command line

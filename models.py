@@ -11,12 +11,15 @@ score.py scores with.
 import functools
 import hashlib
 import inspect
+import json
 import math
 import os
+import resource
+import shutil
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -34,11 +37,21 @@ class PolicyLogps(torch.nn.Module):
     soft-capping or a logit scale), only from the first response position on.
     """
 
-    def __init__(self, model, path, chunk_size, autocast=None, together=True):
+    def __init__(self, model, path, chunk_size, autocast=None, together=True, fp32_head=False):
         super().__init__()
         self.model, self.path, self.chunk_size, self.autocast = model, path, chunk_size, autocast
         self.checked = path != "chunked"
         self.together = together  # the ranks run their first forward in step (FSDP): decide the check together
+        # fp32_head (scoring, no gradient): the chunked path's products in float32 on a float32 copy of the head, kept
+        # out of the state dict; a bf16 logit is off by up to 0.06 at 30, more than SePO's per-token scores differ
+        weight = model.get_output_embeddings().weight
+        self.head32 = weight.detach().float() if fp32_head and weight.dtype != torch.float32 else None
+
+    @torch.no_grad()
+    def as_reference(self, **inputs):
+        """A LoRA run's reference: this very model with its adapters disabled (peft), no second copy in memory."""
+        with self.peft.disable_adapter():
+            return self(**inputs)
 
     def forward(self, input_ids, attention_mask, labels):
         """-> (per-token log-probs (B, T) float32, response mask (B, T)); with `autocast` (a dtype: one process
@@ -52,11 +65,14 @@ class PolicyLogps(torch.nn.Module):
         if self.path == "logits":
             return self.logits_path(input_ids, attention_mask, labels)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]  # (B, T, H)
-        logps, mask = losses.chunked_token_logps(hidden, self.model.get_output_embeddings().weight, labels,
-                                                 self.chunk_size)
+        low_precision = self.autocast is not None or hidden.dtype != torch.float32  # (the model's own logits are)
+        if self.head32 is not None:
+            hidden, weight = hidden.float(), self.head32
+        else:
+            weight = self.model.get_output_embeddings().weight
+        logps, mask = losses.chunked_token_logps(hidden, weight, labels, self.chunk_size)
         if not self.checked:
-            self.check_head(input_ids[:1], attention_mask[:1], labels[:1],
-                            low_precision=self.autocast is not None or hidden.dtype != torch.float32)
+            self.check_head(input_ids[:1], attention_mask[:1], labels[:1], low_precision=low_precision)
         return logps, mask
 
     @torch.no_grad()
@@ -176,10 +192,17 @@ def load_model(path, cfg, mesh, device, trainable):
     from transformers import AutoConfig, AutoModelForCausalLM
     world, rank = mesh.size(), dist.get_rank()
     config = AutoConfig.from_pretrained(path)
+    dtype = compute_dtype(cfg.dtype, device)
+    # a frozen reference sharded on GPUs is kept in bf16: FSDP computes in bf16 from its shards anyway (the policy's
+    # too), so it is the same model at half the memory. Not in a world of one, whose policy computes under an autocast
+    # over fp32 weights (its norms and residual stream in fp32): the reference must do the same to equal it at step 0
+    store = torch.bfloat16 if not trainable and dtype == torch.bfloat16 and device.type == "cuda" and world > 1 \
+        else torch.float32
+    attention = {"attn_implementation": getattr(cfg, "attn_implementation", "sdpa")}
 
     def read():  # rank 0 (or a world of one) reads the weights; a file that cannot be read stops every rank
         try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(path, dtype=store, **attention)
         except ValueError as e:
             if "Unrecognized configuration class" in str(e):
                 raise UserError(f"{path}: {type(config).__name__} has no causal-LM head that AutoModelForCausalLM "
@@ -188,9 +211,11 @@ def load_model(path, cfg, mesh, device, trainable):
         except Exception as e:  # a damaged model.safetensors (SafetensorError), a weight of the wrong shape, ...
             raise UserError(f"{path}: the model could not be loaded ({reason(e)}); is a weight file damaged or "
                             "cut short?") from None
-    source = on_rank_zero(read, share=False)
+    lora = trainable and getattr(cfg, "lora_r", 0) > 0
+    source = on_rank_zero(lambda: add_lora(read(), cfg).get_base_model() if lora else read(), share=False)
     with torch.device("meta"):
-        model = source if world == 1 else AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = source if world == 1 else AutoModelForCausalLM.from_config(config, dtype=store, **attention)
+    peft = (add_lora(model, cfg) if world > 1 else source.peft) if lora else None  # (the same modules, with adapters)
     if cfg.activation_checkpointing and trainable:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -198,9 +223,9 @@ def load_model(path, cfg, mesh, device, trainable):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-    dtype = compute_dtype(cfg.dtype, device)
     wrapped = PolicyLogps(model, choose_logp_path(cfg.logp_path, model), cfg.chunk_size,
                           autocast=dtype if world == 1 and dtype != torch.float32 else None)
+    object.__setattr__(wrapped, "peft", peft)  # not a submodule: FSDP shards the model once
     if world == 1:
         wrapped.to(device)
     else:
@@ -222,6 +247,67 @@ def load_model(path, cfg, mesh, device, trainable):
     return wrapped
 
 
+def peak_memory_mib(device):
+    """The peak memory since the last line (a GPU's allocated memory; a CPU process's resident set, since its
+    start)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def memory_estimate(config, cfg, world, reference, device):
+    """A line estimating the peak memory per rank of the first long step, before it runs: the sharded state (fp32
+    weights, gradients and AdamW's two moments: 16 bytes a parameter; a frozen reference: 2 on a GPU in bf16, 4
+    else), and the saved activations of one micro-batch at --max_length (about 34 h bytes a token per layer in 16
+    bits with a memory-efficient attention, Korthikanti et al. 2022; with activation checkpointing, 2 h per layer
+    kept plus one layer's 34 h). An estimate to plan with, not a measurement (bench.py and the GPU check measure)."""
+    h, layers, gib = config.hidden_size, config.num_hidden_layers, 2**30
+    half = device.type == "cuda" and cfg.dtype != "fp32"  # 16-bit activations and reference
+    state = _parameter_count(config) * (16 + (2 if half else 4) * reference) / world
+    tokens = 2 * cfg.micro_batch_size * cfg.max_length  # chosen and rejected rows
+    per_layer = 34 * h * tokens * (1 if half else 2)
+    activations = (2 * h * tokens * layers * (1 if half else 2) + per_layer) if cfg.activation_checkpointing else \
+        per_layer * layers
+    return (f"memory per rank, estimated for a micro-batch of {cfg.micro_batch_size} pairs at {cfg.max_length} "
+            f"tokens: {(state + activations) / gib:.1f} GiB ({state / gib:.1f} GiB of sharded state, "
+            f"{activations / gib:.1f} GiB of activations {'with' if cfg.activation_checkpointing else 'without'} "
+            "activation checkpointing)")
+
+
+def _parameter_count(config):
+    """A decoder's parameters from its config: embeddings (twice unless tied), attention and MLP per layer."""
+    h, v, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    inner = getattr(config, "intermediate_size", 4 * h)
+    attention = 2 * h * h + 2 * h * (h // heads) * kv
+    mlp = 3 * h * inner
+    return v * h * (1 if getattr(config, "tie_word_embeddings", False) else 2) + layers * (attention + mlp + 2 * h)
+
+
+def lora_config(cfg):
+    """peft's LoraConfig from --lora_r, --lora_alpha, --lora_dropout, --lora_target_modules."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise UserError("--lora_r needs the peft package: pip install peft") from None
+    targets = cfg.lora_target_modules
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      target_modules=targets if targets == "all-linear" else targets.split(","), task_type="CAUSAL_LM")
+
+
+def add_lora(model, cfg):
+    """LoRA adapters on a causal LM, injected in place (the model's own modules then compute with them; its other
+    weights are frozen) -> the PeftModel, also kept as model.peft. The adapters' initial values are drawn from
+    torch's generator (set_up seeds it), on rank 0, and broadcast with the weights."""
+    from peft import get_peft_model
+    peft = get_peft_model(model, lora_config(cfg))
+    object.__setattr__(model, "peft", peft)
+    return peft
+
+
 def shard(wrapped, mesh, mp, trainable, path):
     """FSDP2: each decoder layer, then the root."""
     layer_classes = set(getattr(wrapped.model, "_no_split_modules", None) or [])
@@ -233,6 +319,123 @@ def shard(wrapped, mesh, mp, trainable, path):
         # reference never runs backward, so everything (its root included) is resharded after forward
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=not trainable or i < len(layers) - 1)
     fully_shard(wrapped, mesh=mesh, mp_policy=mp, **({} if trainable else {"reshard_after_forward": True}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizers: SePO's requirement (the oracle selects positions of the policy's tokens), and the way around it
+# ---------------------------------------------------------------------------------------------------------------
+
+def tokenizer_differences(a, b):
+    """What differs between two tokenizers in ways that change token ids: vocabulary and special tokens."""
+    diffs = []
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        diffs.append(f"vocabulary ({len(va)} vs {len(vb)} tokens, {len(va.keys() ^ vb.keys())} differ)")
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        if getattr(a, name, None) != getattr(b, name, None):
+            diffs.append(f"{name} ({getattr(a, name, None)!r} vs {getattr(b, name, None)!r})")
+    return diffs
+
+
+def check_tokenizers(oracle_tok, policy_tok, oracle, policy, cross_tokenizer):
+    """Stop when the oracle cannot select positions of the policy's tokens (the paper's limitation) unless
+    cross_tokenizer; warn when only the chat templates differ (the oracle would read a format it was not trained
+    on). Returns True when the vocabularies differ (and cross_tokenizer allows it)."""
+    diffs = tokenizer_differences(oracle_tok, policy_tok)
+    if diffs and not cross_tokenizer:
+        raise UserError(f"the oracle ({oracle}) and the policy ({policy}) have different tokenizers: "
+                         f"{'; '.join(diffs)}. SePO selects token positions, so they must match (the paper's "
+                         "stated limitation); pass --cross_tokenizer to map selections through character offsets")
+    if not diffs and getattr(oracle_tok, "chat_template", None) != getattr(policy_tok, "chat_template", None):
+        log0(f"warning: {oracle} and {policy} share a vocabulary but not a chat template; the oracle scores the "
+             "data rendered with the policy's template (train the oracle with --tokenizer set to the policy, as "
+             "sepo_pipeline.py does)")
+    return bool(diffs)
+
+
+def map_across_tokenizers(src_spans, src_selected, src_scores, dst_spans, align_tail=True):
+    """Carry a selection from one tokenization of a response to another through character spans.
+
+    src_spans (n, 2), dst_spans (m, 2): [start, end) in the response text per token, [-1, -1] for tokens outside
+    it (template tokens, EOS). A destination token is selected when it overlaps a selected source token's span; its
+    score is the overlap-weighted mean of the source scores it overlaps. align_tail (both responses end with their
+    EOS, not cut by truncation): the trailing span-less tokens (an end-of-turn token, the EOS) are paired from the
+    end. Returns (selected (m,) bool, scores (m,) float, covered (m,) bool: tokens with text that some source token
+    overlaps).
+    """
+    a_s, b_s = src_spans[:, 0].double(), src_spans[:, 1].double()
+    a_d, b_d = dst_spans[:, 0].double(), dst_spans[:, 1].double()
+    # overlap[j, i] = characters shared by destination token j and source token i
+    overlap = (torch.minimum(b_d[:, None], b_s[None]) - torch.maximum(a_d[:, None], a_s[None])).clamp(min=0)
+    overlap[dst_spans[:, 0] < 0] = 0
+    overlap[:, src_spans[:, 0] < 0] = 0
+    selected = (overlap * src_selected[None].double()).sum(1) > 0
+    weight = overlap.sum(1)
+    scores = (overlap @ src_scores.double()) / weight.clamp(min=1)
+    if align_tail:
+        j, i = len(dst_spans) - 1, len(src_spans) - 1
+        while j >= 0 and i >= 0 and dst_spans[j, 0] < 0 and src_spans[i, 0] < 0:
+            selected[j], scores[j] = src_selected[i], src_scores[i]
+            j, i = j - 1, i - 1
+    return selected, scores.float(), (weight > 0) | (dst_spans[:, 0] < 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# To and from Hugging Face folders: the export of a run, the weights of a checkpoint for evaluation
+# ---------------------------------------------------------------------------------------------------------------
+
+def export(out_dir, model, tokenizer, model_path, step, rank, dtype="auto", lora=None):
+    """A Hugging Face folder (safetensors + config + tokenizer) at out_dir/final, with run.json naming the step it
+    holds; `model` the (possibly FSDP-sharded) Hugging Face module; dtype: "auto" (the source checkpoint's: bf16
+    stays bf16), "bf16" or "fp32". Parameters are gathered one at a time to rank 0's CPU memory; the other ranks
+    never hold the whole model. Written to final.tmp and renamed. With `lora` (peft's LoraConfig of the run): the
+    adapters merged into a plain model that AutoModelForCausalLM loads, and the adapter alone in final/adapter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        config = AutoConfig.from_pretrained(model_path)
+        if dtype == "auto":  # the source checkpoint's dtype
+            dtype = getattr(config, "dtype", None) or torch.float32
+            dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        else:
+            dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+            config.dtype = dtype
+        out = os.path.join(out_dir, "final")
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if lora is not None:  # the trained adapters on the base model, then merged into its weights
+            from peft import get_peft_model
+            peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), lora)
+            peft.get_base_model().load_state_dict(sd)
+            peft.save_pretrained(os.path.join(tmp, "adapter"))
+            sd = peft.merge_and_unload().state_dict()
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
+        plain.tie_weights()
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        rundir.atomic_write(os.path.join(tmp, "run.json"), json.dumps({"step": step}))
+        if os.path.exists(out):  # a run resumed after its export: retire the old folder first
+            rundir.remove(out)
+        os.replace(tmp, out)
+        rundir.fsync_dir(out_dir)
+        log0(f"exported {out}")
+    dist.barrier()
+
+
+def load_weights(model, path):
+    import torch.distributed.checkpoint as dcp
+    """The weights of a checkpoint (DCP shards, keys `model.<Hugging Face key>`) or of an exported folder into a
+    plain Hugging Face model -> the model, in eval mode (evaluations of checkpoints along a run)."""
+    if os.path.exists(os.path.join(path, "trainer_state.json")):
+        sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+        dcp.load({"model": sd}, checkpoint_id=path)
+        model.load_state_dict({k[len("model."):]: v for k, v in sd.items()})
+    else:
+        from transformers import AutoModelForCausalLM
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(path).state_dict())
+    return model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,6 +563,7 @@ def sample(model, prompt_ids, seeds, max_new_tokens, temperature=1.0, top_p=1.0,
     tokens = torch.full((P * K, max_new_tokens), pad_id, device=device)
     length = torch.zeros(P * K, dtype=torch.long, device=device)
     ended = torch.zeros(P * K, dtype=torch.bool, device=device)
+    mask = torch.cat([mask, mask.new_ones(P * K, max_new_tokens)], 1)  # every step's mask, made once: (P K, L + new)
     live = torch.arange(P * K, device=device)  # the rows still generating
     for t in range(max_new_tokens):
         y = nucleus_pick(logits, u[live, t], temperature, top_p)
@@ -367,15 +571,16 @@ def sample(model, prompt_ids, seeds, max_new_tokens, temperature=1.0, top_p=1.0,
         length[live] += 1
         stop = torch.isin(y, eos)
         ended[live[stop]] = True
-        if t == max_new_tokens - 1 or bool(stop.all()):
+        stopped = int(stop.sum())  # the one wait for the device per token
+        if t == max_new_tokens - 1 or stopped == len(live):
             break
-        if bool(stop.any()):  # finished rows leave the batch and the cache
+        if stopped:  # finished rows leave the batch and the cache
             keep = (~stop).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            live, mask, position, y = live[keep], mask[keep], position[keep], y[keep]
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)
+            live, position, y = live[keep], position[keep], y[keep]
         position = position + 1
-        logits = model(input_ids=y[:, None], attention_mask=mask, position_ids=position[:, None], **given).logits[:, -1]
+        logits = model(input_ids=y[:, None], attention_mask=mask[live, :L + t + 1], position_ids=position[:, None],
+                       **given).logits[:, -1]
     tokens, length, ended = tokens.cpu(), length.tolist(), ended.tolist()
     return [[(tokens[p * K + k, :length[p * K + k]].tolist(), ended[p * K + k]) for k in range(K)] for p in range(P)]
 

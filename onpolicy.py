@@ -10,6 +10,8 @@ per prompt from the policy itself, score each with a reward model, keep the best
 
 --reward is a sequence-classification reward model (its scalar output on the (prompt, response) rendered with its
 own chat template) or a Python callable `module:function` / `path/to/file.py:function`, (prompt, response) -> float.
+--samples FILE takes samples drawn elsewhere (vLLM, ...; docs/onpolicy.md has the format and a script) instead of
+drawing them: they are scored, paired and written exactly as the policy's own.
 
 Output folder:
     blocks/block_NNNNNN.jsonl  per block of prompts: every sample's text, token count, EOS flag and score (written
@@ -56,6 +58,10 @@ class OnPolicyConfig:
                        check=Check(lambda v: 0 < v <= 1, "must lie in (0, 1]"))
     max_new_tokens: int = arg(1024, "response tokens at most; a response cut here has no EOS", check=AT_LEAST_1)
     seed: int = arg(42, "sample k of source row r draws from a generator seeded by (seed, r, k)")
+    samples: str = arg("", "samples drawn elsewhere (vLLM, ...) instead of by the policy: a JSONL file, one line per "
+                           "sample: row (the prompt's row in --prompts), sample (0..K-1), text, and optionally ended "
+                           "(default true) and n_tokens (default: counted with --model's tokenizer, whose policy is "
+                           "then never loaded); the sampling settings above are not used ('' = sample here)")
     reward: str = arg("", "a sequence-classification reward model (folder or hub name), or a callable "
                           "(prompt, response) -> float as module:function or path/to/file.py:function ('' = "
                           "tiny:synthetic_reward on the tiny world)")
@@ -74,6 +80,8 @@ class OnPolicyConfig:
                               "world)")
     dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), of the policy and the reward model", options=DTYPES)
     device: str = arg("auto", "where to run", options=DEVICES)
+    attn_implementation: str = arg("sdpa", "attention kernel of the policy and the reward model",
+                                   options=("sdpa", "eager", "flash_attention_2"))
     threads: int = arg(0, "CPU threads per process (0 = as train.py)", check=NON_NEGATIVE)
     dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
                             check=AT_LEAST_1)
@@ -83,6 +91,7 @@ class OnPolicyConfig:
 
 # resumable=True above marks the settings of the merge alone (the pairing): a rerun with other values merges the
 # samples again; everything that decides the samples themselves is in identity() below.
+SAMPLING = ("temperature", "top_p", "max_new_tokens", "seed")  # what --samples replaces (refused beside it)
 # without --model: the tiny world's shapes (train.py's max_prompt_length) and its judge
 TINY = dict(max_new_tokens=40, max_prompt_length=64, batch_size=64, block_size=512, reward="tiny:synthetic_reward",
             key_spans="tiny:synthetic_key_spans")
@@ -139,16 +148,18 @@ def check_reward_model(path, flag="--reward"):
                         "multi-objective model in a callable, module:function)")
 
 
-def reward_model_scorer(path, device, dtype, batch_size):
+def reward_model_scorer(path, device, dtype, batch_size, attention="sdpa"):
     """A sequence-classification reward model -> scores(prompts, responses) -> [float]: each (prompt, response) is
     rendered with the reward model's own chat template (or, without one, encoded as a text pair), batched with
     right padding, scored without gradients; the score is its single output at the last token."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, attn_implementation=attention)
+        model = model.to(device).eval()
     except Exception as e:
         raise UserError(f"--reward {path}: could not be loaded ({utils.reason(e)})") from None
+    model.config.use_cache = False  # a checkpoint's use_cache would build a KV cache every forward
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:  # HF pools at the last token that is not padding
@@ -171,6 +182,7 @@ def reward_model_scorer(path, device, dtype, batch_size):
                           return_tensors="pt").to(device)
             out += model(**enc).logits[:, 0].float().tolist()
         return out
+    scores.model = model  # (what it runs, for a look from outside)
     return scores
 
 
@@ -179,7 +191,8 @@ def reward_scorer(cfg, device, dtype):
     if is_callable_spec(cfg.reward):
         fn = utils.load_callable(cfg.reward, "--reward")
         return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
-    return reward_model_scorer(cfg.reward, device, dtype, cfg.reward_batch_size)
+    return reward_model_scorer(cfg.reward, device, dtype, cfg.reward_batch_size,
+                               getattr(cfg, "attn_implementation", "sdpa"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,43 +222,36 @@ def blocks(cfg, prompts):
 
 def load_models(cfg, device, dtype):
     """(the reward's scores function, the policy) for sampling; the reward first, so that a reward model that
-    cannot load fails before the policy loads."""
+    cannot load fails before the policy loads. With --samples, no policy (None): nothing is sampled."""
     from transformers import AutoModelForCausalLM
     scores = reward_scorer(cfg, device, dtype)
+    if cfg.samples:
+        return scores, None
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
+                                                     attn_implementation=cfg.attn_implementation).to(device).eval()
     except Exception as e:
         raise UserError(f"--model {cfg.model}: could not be loaded ({utils.reason(e)})") from None
     return scores, model
 
 
-def sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, scores, model, rank):
+def sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, scores, model, rank, given=None):
     """Sample and score this rank's missing blocks (todo); one JSONL line per sample (row, sample, response,
-    n_tokens, ended, score), in prompt order, written through a temporary file."""
-    eos, pad = models.eos_token_ids(model, tokenizer), data.pad_id(tokenizer)
+    n_tokens, ended, score), in prompt order, written through a temporary file. given (--samples): the samples by
+    (row, sample), taken instead of drawn."""
     bar = tqdm(total=sum(len(range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))) for b in todo),
-               desc="sampling prompts", disable=rank != 0, dynamic_ncols=True)
+               desc="scoring prompts" if given else "sampling prompts", disable=rank != 0, dynamic_ncols=True)
     n_samples, n_tokens, t_sample, t_score = 0, 0, 0.0, 0.0
     for b in todo:
         idx = list(range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size)))
-        order = sorted(idx, key=lambda i: len(prompt_ids[i]))  # batches of similar lengths: little padding
-        drawn = {}
         t0 = time.perf_counter()
-        for s in range(0, len(order), cfg.batch_size):
-            batch = order[s:s + cfg.batch_size]
-            rows = [prompts[i]["row"] for i in batch]
-            out = models.sample(model, [prompt_ids[i] for i in batch], [[models.draw_seed(cfg.seed, r, k) for k in
-                         range(cfg.num_samples)] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                         eos, pad)
-            drawn.update(zip(batch, out))
-            bar.update(len(batch))
+        if given:
+            lines = [{"row": prompts[i]["row"], "sample": k, **given[prompts[i]["row"], k]} for i in idx
+                     for k in range(cfg.num_samples)]
+            bar.update(len(idx))
+        else:
+            lines = draw_block(cfg, idx, prompts, prompt_ids, tokenizer, model, bar)
         t1 = time.perf_counter()
-        lines = []
-        for i in idx:
-            for k, (ids, ended) in enumerate(drawn[i]):
-                text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).strip()
-                lines.append({"row": prompts[i]["row"], "sample": k, "response": text, "n_tokens": len(ids),
-                              "ended": ended})
         values = scores([prompts[i]["prompt"] for i in idx for _ in range(cfg.num_samples)],
                         [line["response"] for line in lines])
         for line, value in zip(lines, values):
@@ -257,8 +263,96 @@ def sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, scores, mode
         n_samples, n_tokens = n_samples + len(lines), n_tokens + sum(line["n_tokens"] for line in lines)
         store.write_text(b, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
     bar.close()
-    print(f"rank {rank}: {n_samples} samples, {n_tokens} tokens in {t_sample:.1f} s: {n_samples / t_sample:.1f} "
-          f"samples/s, {n_tokens / t_sample:.0f} tokens/s; scored in {t_score:.1f} s", flush=True)
+    if given:
+        print(f"rank {rank}: {n_samples} samples of {cfg.samples} scored in {t_score:.1f} s", flush=True)
+    else:
+        print(f"rank {rank}: {n_samples} samples, {n_tokens} tokens in {t_sample:.1f} s: "
+              f"{n_samples / max(t_sample, 1e-9):.1f} samples/s, {n_tokens / max(t_sample, 1e-9):.0f} tokens/s; "
+              f"scored in {t_score:.1f} s", flush=True)
+
+
+def draw_block(cfg, idx, prompts, prompt_ids, tokenizer, model, bar):
+    """The K samples of each prompt of a block (idx), drawn by the policy -> lines (row, sample, response, n_tokens,
+    ended), in prompt order."""
+    eos, pad = models.eos_token_ids(model, tokenizer), data.pad_id(tokenizer)
+    order = sorted(idx, key=lambda i: len(prompt_ids[i]))  # batches of similar lengths: little padding
+    drawn = {}
+    for s in range(0, len(order), cfg.batch_size):
+        batch = order[s:s + cfg.batch_size]
+        rows = [prompts[i]["row"] for i in batch]
+        out = models.sample(model, [prompt_ids[i] for i in batch], [[models.draw_seed(cfg.seed, r, k) for k in
+                            range(cfg.num_samples)] for r in rows], cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                            eos, pad)
+        drawn.update(zip(batch, out))
+        bar.update(len(batch))
+    lines = []
+    for i in idx:
+        for k, (ids, ended) in enumerate(drawn[i]):
+            text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).strip()
+            lines.append({"row": prompts[i]["row"], "sample": k, "response": text, "n_tokens": len(ids),
+                          "ended": ended})
+    return lines
+
+
+def read_samples(cfg, prompts, tokenizer):
+    """--samples, checked line by line -> {(row, sample): {response, n_tokens, ended}} for every prompt's K
+    samples. A line that is not an object, a row that is not a prompt's, a sample outside 0..K-1, a (row, sample)
+    given twice, a field of the wrong type, or a prompt without its K samples is one UserError naming the file, the
+    line (or the row) and the field. The response is stored stripped, as a sampled one; n_tokens, when absent, is
+    the text's tokens under --model's tokenizer, plus its EOS when it ended."""
+    path, K = cfg.samples, cfg.num_samples
+    if not os.path.isfile(path):
+        raise UserError(f"--samples {path}: no such file")
+    rows = {r: n for n, r in enumerate(prompts["row"])}
+    found, lines_of = {}, {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {n}"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise UserError(f"{where}: a {type(obj).__name__}, not an object with row, sample and text")
+
+            def need(name, ok, what, default=None):
+                if name not in obj and default is not None:
+                    return default
+                value = obj.get(name)
+                if name not in obj or not ok(value):
+                    raise UserError(f"{where}, field {name!r}: " + (f"must be {what}, got {json.dumps(value)[:60]}"
+                                                                   if name in obj else f"missing ({what})"))
+                return value
+            is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+            row = need("row", is_int, "an integer: the prompt's row in --prompts")
+            if row not in rows:
+                raise UserError(f"{where}, field 'row': {row} is not the row of a prompt of --prompts {cfg.prompts} "
+                                f"({len(prompts)} prompts{', after --max_prompts' if cfg.max_prompts else ''})")
+            k = need("sample", lambda v: is_int(v) and 0 <= v < K, f"an integer in 0..{K - 1} (--num_samples {K})")
+            if (row, k) in found:
+                raise UserError(f"{where}, field 'sample': row {row}, sample {k} again (line {lines_of[row][k]} has "
+                                "it)")
+            text = need("text", lambda v: isinstance(v, str), "text: the response")
+            ended = need("ended", lambda v: isinstance(v, bool), "true or false", default=True)
+            n_tokens = need("n_tokens", lambda v: is_int(v) and v >= 0, "a count of tokens", default=-1)
+            found[row, k] = {"response": text.strip(), "n_tokens": n_tokens, "ended": ended, "_text": text}
+            lines_of.setdefault(row, {})[k] = n
+    for row in rows:
+        if len(lines_of.get(row, {})) != K:
+            where = lines_of.get(row, {})
+            raise UserError(f"{path}, field 'sample': row {row} has {len(where)} samples"
+                            + (f" (lines {', '.join(str(n) for n in sorted(where.values()))})" if where else "")
+                            + f", --num_samples is {K}")
+    counting = [key for key, s in found.items() if s["n_tokens"] < 0]
+    if counting:
+        ids = tokenizer([found[key]["_text"] for key in counting], add_special_tokens=False)["input_ids"]
+        for key, x in zip(counting, ids):
+            found[key]["n_tokens"] = len(x) + found[key]["ended"]
+    for s in found.values():
+        del s["_text"]
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -333,14 +427,15 @@ def write_pairs(cfg, store, prompts, conversational, key_spans, samples_file, pa
 # ---------------------------------------------------------------------------------------------------------------
 
 def identity(cfg, tokenizer, dtype):
-    """What decides the blocks' contents, by content (not by path); the pairing settings are apart."""
+    """What decides the blocks' contents, by content (not by path); the pairing settings are apart. With --samples,
+    the samples file's fingerprint stands for the policy and the sampling settings."""
     reward = callable_fingerprint(cfg.reward) if is_callable_spec(cfg.reward) else rundir.fingerprint(cfg.reward)
-    return {"policy": rundir.fingerprint(cfg.model), "tokenizer": data.tokenizer_hash(tokenizer),
-            "prompts": rundir.fingerprint(cfg.prompts), "split": cfg.split, "form": cfg.form,
-            "skip_bad_rows": cfg.skip_bad_rows, "max_prompts": cfg.max_prompts,
-            "max_prompt_length": cfg.max_prompt_length, "num_samples": cfg.num_samples,
-            "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
-            "seed": cfg.seed, "reward": reward, "dtype": repr(dtype), "block_size": cfg.block_size}
+    sampling = {"samples": rundir.fingerprint(cfg.samples)} if cfg.samples else {
+        "policy": rundir.fingerprint(cfg.model), "max_prompt_length": cfg.max_prompt_length,
+        "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    return {**sampling, "tokenizer": data.tokenizer_hash(tokenizer), "prompts": rundir.fingerprint(cfg.prompts),
+            "split": cfg.split, "form": cfg.form, "skip_bad_rows": cfg.skip_bad_rows, "max_prompts": cfg.max_prompts,
+            "num_samples": cfg.num_samples, "reward": reward, "dtype": repr(dtype), "block_size": cfg.block_size}
 
 
 def main(argv=None):
@@ -353,8 +448,12 @@ def main(argv=None):
         raise UserError("onpolicy.py needs --reward: a reward model, or a callable as module:function")
     if not cfg.output_dir:
         raise UserError("onpolicy.py needs --output_dir")
+    unused = [f"--{k}" for k in SAMPLING if k in explicit]
+    if cfg.samples and unused:
+        raise UserError(f"{', '.join(unused)}: no effect with --samples (its samples were drawn elsewhere): drop "
+                        f"{'it' if len(unused) == 1 else 'them'}", code=2)
     return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device), cfg.threads,
-                        cfg.dist_timeout)
+                        cfg.dist_timeout, cfg.dtype, model_given=bool(cfg.model))
 
 
 def run(cfg, rank, world, device):
@@ -385,13 +484,17 @@ def run(cfg, rank, world, device):
     if conversational and not use_template:
         raise UserError(f"--prompts {cfg.prompts} holds conversations, and the policy {cfg.model} has no chat "
                         "template to render them")
-    prompt_ids = [data.encode_prompt(data.render_prompt(p, tokenizer, use_template), tokenizer,
-                                     cfg.max_prompt_length)[0] for p in prompts["prompt"]]
+    if cfg.samples:  # taken as they are: nothing to render or draw
+        given, prompt_ids = rank_zero_first(lambda: read_samples(cfg, prompts, tokenizer)), None
+    else:
+        given, prompt_ids = None, [data.encode_prompt(data.render_prompt(p, tokenizer, use_template), tokenizer,
+                                                      cfg.max_prompt_length)[0] for p in prompts["prompt"]]
     with rundir.FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it was
         mine = on_rank_zero(lambda: identity(cfg, tokenizer, dtype))
         saved = rundir.claim(cfg.output_dir, "manifest.json", mine, "samples of another run", key="identity")
         pairing = {k: getattr(cfg, k) for k in sorted(utils.resumable_fields(OnPolicyConfig))}
-        manifest = {"identity": mine, "paths": {k: getattr(cfg, k) for k in ("model", "prompts", "reward")},
+        paths = {k: getattr(cfg, k) for k in ("model", "prompts", "reward")}
+        manifest = {"identity": mine, "paths": {**paths, "samples": cfg.samples} if cfg.samples else paths,
                     "pairing": pairing}
         path = os.path.join(cfg.output_dir, "manifest.json")
         if saved and saved.get("complete") and saved.get("pairing") == pairing:
@@ -405,7 +508,8 @@ def run(cfg, rank, world, device):
                 rundir.remove_leftovers(os.path.join(cfg.output_dir, "*.jsonl.tmp*"))  # a merge's killed write
                 rundir.atomic_write(path, json.dumps({**manifest, "complete": False}, indent=2))
             dist.barrier()
-            together(lambda: todo and sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, *loaded, rank))
+            together(lambda: todo and sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, *loaded, rank,
+                                                    given))
             dist.barrier()
             if rank == 0:
                 summary = merge(cfg, store, prompts, conversational)

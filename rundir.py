@@ -10,9 +10,10 @@ killed job resumes there. No method, data or model code here.
                  first missing block, a damaged block is named and computed again, leftovers are removed, rank 0
                  decides what is missing (train.py's reference log-probs, score.py's shards, onpolicy.py's samples)
     checkpoints  model and optimizer shards (torch.distributed.checkpoint), RNG states and a trainer state, written to
-                 step_N.tmp and renamed; resume from the newest intact one; the metrics file; the export
+                 step_N.tmp and renamed; resume from the newest intact one; the metrics file and its trackers
+The Hugging Face export of a run (final/, with run.json naming its step) is models.export.
 
-torch is imported inside the functions that need it (the flags of a command answer before torch loads).
+The commands import it after their flags are checked (torch takes seconds to load).
 """
 
 import contextlib
@@ -27,6 +28,12 @@ import shutil
 import socket
 import sys
 import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from utils import UserError, disk_full, log0, on_rank_zero
 
@@ -61,7 +68,6 @@ def atomic_write(path, text):
 
 def save_atomic(obj, path):
     """torch.save through a temporary file and a rename."""
-    import torch
     with writing(path, "wb") as fh:
         torch.save(obj, fh)
 
@@ -109,20 +115,6 @@ def read_json(path):
 WHOLE = 64 * 2**20  # files up to this size are hashed whole; larger ones by size and samples (model weights)
 
 
-def git_commit(folder=None):
-    """The git commit of the code in `folder` (default: this file's), with "+changes" when tracked files differ
-    from it; None outside a git work tree (a study records which code wrote its results)."""
-    import subprocess
-    folder = folder or os.path.dirname(os.path.abspath(__file__))
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-
-
 def fingerprint(path):
     """A content fingerprint of a file or folder ('' for '', "hub:<name>" for what is not on disk), the same
     however the path is spelled and wherever the folder is moved or copied. Files up to 64 MiB are hashed whole;
@@ -167,7 +159,6 @@ class FolderLock:
         self.folder, self.rank, self.fd, self.created = folder, rank, None, False
 
     def __enter__(self):
-        import torch.distributed as dist
         message = None
         if self.rank == 0:
             message = self._acquire()
@@ -275,8 +266,9 @@ def differences(saved, mine, resumable=()):
 
 def claim(folder, marker, mine, what, resumable=(), key=None, replaceable=None, hint=""):
     """The one check that a folder is this run's, made by rank 0 and followed by every rank -> the saved marker (or
-    None for a new folder). what: what the folder holds otherwise, in words; mine: what this run computes (paths by content under "_fingerprints"); key: the
-    marker's entry that holds it (None: the whole marker); resumable: fields that may change from run to run.
+    None for a new folder). what: what the folder holds otherwise, in words; mine: what this run computes (paths by
+    content under "_fingerprints"); key: the marker's entry that holds it (None: the whole marker); resumable:
+    fields that may change from run to run.
     A folder of another run is refused in one line that names what differs, unless replaceable() says it holds
     nothing to resume (a run that saved nothing: its settings are simply replaced, with a note)."""
     def check():
@@ -391,10 +383,6 @@ def save_checkpoint(out_dir, step, model, optimizer, trainer_state, rank_state, 
     (tensors and numbers only: loading runs no code), and trainer_state (JSON, with the step and every file's size,
     written last) into step_N.tmp, renamed to step_N once complete: a kill at any moment leaves the previous
     checkpoint intact, and a damaged one is recognised at resume. Keeps the newest keep_last (0: all)."""
-    import torch
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
     root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
@@ -431,7 +419,6 @@ def resume(found, model, optimizer, rank):
     (its trainer_state, this rank's rank_state or None when resuming on more ranks than saved). A checkpoint that
     is incomplete or unreadable on any rank is skipped with a warning that names it; when none is intact, the run
     stops."""
-    import torch.distributed as dist
     for path in reversed(found):
         problem = ""
         try:
@@ -451,9 +438,6 @@ def resume(found, model, optimizer, rank):
 
 def load_checkpoint(path, model, optimizer, rank):
     """One checkpoint -> (trainer_state, rank_state or None); raises when it is damaged."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     with open(os.path.join(path, "trainer_state.json")) as fh:
         trainer_state = json.load(fh)
     for name, size in trainer_state.get("files", {}).items():
@@ -472,25 +456,9 @@ def load_checkpoint(path, model, optimizer, rank):
     return trainer_state, saved
 
 
-def load_weights(model, path):
-    """The weights of a checkpoint (DCP shards, keys `model.<Hugging Face key>`) or of an exported folder into a
-    plain Hugging Face model -> the model, in eval mode (evaluations of checkpoints along a run)."""
-    if os.path.exists(os.path.join(path, "trainer_state.json")):
-        import torch.distributed.checkpoint as dcp
-        sd = {f"model.{k}": v for k, v in model.state_dict().items()}
-        dcp.load({"model": sd}, checkpoint_id=path)
-        model.load_state_dict({k[len("model."):]: v for k, v in sd.items()})
-    else:
-        from transformers import AutoModelForCausalLM
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(path).state_dict())
-    return model.eval()
-
-
 def rng_state():
     """Python's, NumPy's, torch's (and this rank's GPU's) generator states as tensors and numbers. Only this rank's
     device: a resume with another number of visible GPUs (CUDA_VISIBLE_DEVICES) still reads it."""
-    import numpy as np
-    import torch
     version, mt, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": torch.tensor(mt, dtype=torch.int64), "python_version": version, "python_gauss": gauss,
@@ -500,8 +468,6 @@ def rng_state():
 
 
 def set_rng_state(s):
-    import numpy as np
-    import torch
     random.setstate((s["python_version"], tuple(s["python"].tolist()), s["python_gauss"]))
     np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], s["numpy_has_gauss"],
                          s["numpy_gauss"]))
@@ -512,6 +478,105 @@ def set_rng_state(s):
             torch.cuda.current_device() else torch.zeros(0, dtype=torch.uint8)
     if len(cuda) and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
+
+
+class Meter:
+    """The metrics file's training lines: sums of per-pair metrics over micro-steps and ranks; `result()` turns them
+    into the logged averages. Its partial sums go into checkpoints, so a line after a resume covers the same pairs as
+    an uninterrupted run's; `tokens_timed` and `seconds` count only what this process read since the last line, and
+    the time its steps took (tokens/s)."""
+
+    def __init__(self, device):
+        self.sums, self.device = {}, device
+
+    def timed(self, seconds):
+        self.sums["seconds"] = self.sums.get("seconds", 0.0) + seconds
+
+    def add(self, losses_, metrics, tokens):
+        rows = {"loss": losses_.detach().float(), **{k: v.float() for k, v in metrics.items()}}
+        for suffix in ("", "_all"):  # over the selected tokens, and (selective methods) over all response tokens
+            if f"rewards_chosen{suffix}" in metrics:
+                chosen, rejected = metrics[f"rewards_chosen{suffix}"], metrics[f"rewards_rejected{suffix}"]
+                rows[f"margin{suffix}"] = chosen - rejected
+                rows[f"accuracy{suffix}"] = (chosen > rejected).float()
+        rows["n_pairs"] = torch.ones_like(rows["loss"])
+        for k, v in rows.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.sum()
+        for k in ("n_tokens", "tokens_timed"):
+            self.sums[k] = self.sums.get(k, 0.0) + tokens
+
+    def state(self):
+        """The partial sums for a checkpoint, each in its own type (float32 tensors stay float32, so that a resumed
+        run adds up exactly as an uninterrupted one); the timing is not kept."""
+        return {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.sums.items()
+                if k not in ("tokens_timed", "seconds")}
+
+    def load(self, sums):
+        self.sums = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in sums.items()}
+
+    def result(self):
+        seconds = self.sums.pop("seconds", 0.0)  # this rank's own time (the ranks step together)
+        keys = sorted(self.sums)
+        totals = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64).to(self.device) for k in keys])
+        dist.all_reduce(totals)
+        s = dict(zip(keys, totals.tolist()))
+        pairs = max(s.pop("n_pairs"), 1.0)
+        out = {"pairs": int(pairs), "tokens": int(s.pop("n_tokens")), "tokens_timed": s.pop("tokens_timed", 0.0),
+               "seconds": seconds}
+        for side in ("chosen", "rejected"):  # token-level selection ratio (ConfPO Fig. 8)
+            if f"selected_{side}" in s:
+                out[f"selected_ratio_{side}"] = s[f"selected_{side}"] / max(s[f"length_{side}"], 1.0)
+        if "empty" in s:
+            out["empty_pairs"] = int(s.pop("empty"))
+        if "tau_chosen" in s:
+            out["tau_mean"] = (s.pop("tau_chosen") + s.pop("tau_rejected")) / (2 * pairs)
+        for k, v in s.items():
+            if not (k.startswith("selected_") or k.startswith("length_")):
+                out[k] = v / pairs
+        self.sums = {}
+        return out
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to's choices -> the package each needs
+
+
+class Trackers:
+    """--report_to: the scalars of every metrics.jsonl line, also to TensorBoard (out_dir/tensorboard) and/or W&B
+    (rank 0 only; the run's config once). A resumed run continues the same logs: TensorBoard purges the events
+    after the step it resumes from (trim_metrics does the same to metrics.jsonl); W&B resumes its run, whose id is
+    kept in out_dir/wandb_id (WANDB_MODE=offline works without a network)."""
+
+    def __init__(self, out_dir, report_to, config, step):
+        self.tb = self.wandb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=step + 1 if step else 0)
+            self.tb.add_text("config", json.dumps(config, indent=1))
+        if "wandb" in report_to:
+            import wandb
+            path = os.path.join(out_dir, "wandb_id")
+            run_id = open(path).read().strip() if os.path.exists(path) else os.urandom(4).hex()
+            atomic_write(path, run_id)
+            self.wandb = wandb.init(id=run_id, resume="allow", dir=out_dir, config=config,
+                                    project=os.environ.get("WANDB_PROJECT", "confpo-sepo"),
+                                    name=os.path.basename(os.path.abspath(out_dir)))
+
+    def log(self, line):
+        """One metrics line: each number under <split>/<name>, at its step."""
+        scalars = {f"{line['split']}/{k}": v for k, v in line.items() if k not in ("step", "split")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, line["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=line["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(path):
@@ -545,34 +610,3 @@ def finished_at(out_dir):
     """The step at which final/ was exported (its run.json), or None."""
     saved = read_json(os.path.join(out_dir, "final", "run.json"))
     return saved.get("step") if isinstance(saved, dict) else None
-
-
-def export(out_dir, model, tokenizer, model_path, step, rank):
-    """A Hugging Face folder (safetensors + config + tokenizer) at out_dir/final, with run.json naming the step it
-    holds; `model` the (possibly FSDP-sharded) Hugging Face module. Parameters are gathered one at a time to rank
-    0's CPU memory; the other ranks never hold the whole model. Written to final.tmp and renamed."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        config = AutoConfig.from_pretrained(model_path)
-        dtype = getattr(config, "dtype", None) or torch.float32  # the source checkpoint's dtype (bf16 stays bf16)
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        plain.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}, assign=True)
-        plain.tie_weights()
-        out = os.path.join(out_dir, "final")
-        tmp = out + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        atomic_write(os.path.join(tmp, "run.json"), json.dumps({"step": step}))
-        if os.path.exists(out):  # a run resumed after its export: retire the old folder first
-            remove(out)
-        os.replace(tmp, out)
-        fsync_dir(out_dir)
-        log0(f"exported {out}")
-    dist.barrier()

@@ -20,6 +20,7 @@ Positions are in the policy's tokenization: the oracle, the reference and the po
 """
 
 import contextlib
+import html
 import json
 import math
 import os
@@ -84,7 +85,9 @@ class ScoreConfig:
     shard_size: int = arg(512, "pairs per shard file (the unit of resumption and of work split between ranks)",
                           check=AT_LEAST_1)
     device: str = arg("auto", "where to run", options=DEVICES)
-    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU)", options=DTYPES)
+    dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU); the head is float32 always", options=DTYPES)
+    attn_implementation: str = arg("sdpa", "attention kernel (flash_attention_2 needs the flash-attn package)",
+                                   options=("sdpa", "eager", "flash_attention_2"))
     dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
                             check=AT_LEAST_1)
     report: str = arg("", "write an HTML report here (of the first ratio pair)")
@@ -107,69 +110,9 @@ import confpo  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
-import report as html_report  # noqa: E402
 import sepo  # noqa: E402
 import rundir  # noqa: E402
 from utils import UserError, log0, on_rank_zero, rank_zero_first, run_in_group, together  # noqa: E402
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenizers: the paper's requirement, and the way around it
-# ---------------------------------------------------------------------------------------------------------------
-
-def tokenizer_differences(a, b):
-    """What differs between two tokenizers in ways that change token ids: vocabulary and special tokens."""
-    diffs = []
-    va, vb = a.get_vocab(), b.get_vocab()
-    if va != vb:
-        diffs.append(f"vocabulary ({len(va)} vs {len(vb)} tokens, {len(va.keys() ^ vb.keys())} differ)")
-    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        if getattr(a, name, None) != getattr(b, name, None):
-            diffs.append(f"{name} ({getattr(a, name, None)!r} vs {getattr(b, name, None)!r})")
-    return diffs
-
-
-def check_tokenizers(oracle_tok, policy_tok, oracle, policy, cross_tokenizer):
-    """Stop when the oracle cannot select positions of the policy's tokens (the paper's limitation) unless
-    cross_tokenizer; warn when only the chat templates differ (the oracle would read a format it was not trained
-    on). Returns True when the vocabularies differ (and cross_tokenizer allows it)."""
-    diffs = tokenizer_differences(oracle_tok, policy_tok)
-    if diffs and not cross_tokenizer:
-        raise UserError(f"the oracle ({oracle}) and the policy ({policy}) have different tokenizers: "
-                         f"{'; '.join(diffs)}. SePO selects token positions, so they must match (the paper's "
-                         "stated limitation); pass --cross_tokenizer to map selections through character offsets")
-    if not diffs and getattr(oracle_tok, "chat_template", None) != getattr(policy_tok, "chat_template", None):
-        log0(f"warning: {oracle} and {policy} share a vocabulary but not a chat template; the oracle scores the "
-             "data rendered with the policy's template (train the oracle with --tokenizer set to the policy, as "
-             "sepo_pipeline.py does)")
-    return bool(diffs)
-
-
-def map_across_tokenizers(src_spans, src_selected, src_scores, dst_spans, align_tail=True):
-    """Carry a selection from one tokenization of a response to another through character spans.
-
-    src_spans (n, 2), dst_spans (m, 2): [start, end) in the response text per token, [-1, -1] for tokens outside
-    it (template tokens, EOS). A destination token is selected when it overlaps a selected source token's span; its
-    score is the overlap-weighted mean of the source scores it overlaps. align_tail (both responses end with their
-    EOS, not cut by truncation): the trailing span-less tokens (an end-of-turn token, the EOS) are paired from the
-    end. Returns (selected (m,) bool, scores (m,) float, covered (m,) bool: tokens with text that some source token
-    overlaps).
-    """
-    a_s, b_s = src_spans[:, 0].double(), src_spans[:, 1].double()
-    a_d, b_d = dst_spans[:, 0].double(), dst_spans[:, 1].double()
-    # overlap[j, i] = characters shared by destination token j and source token i
-    overlap = (torch.minimum(b_d[:, None], b_s[None]) - torch.maximum(a_d[:, None], a_s[None])).clamp(min=0)
-    overlap[dst_spans[:, 0] < 0] = 0
-    overlap[:, src_spans[:, 0] < 0] = 0
-    selected = (overlap * src_selected[None].double()).sum(1) > 0
-    weight = overlap.sum(1)
-    scores = (overlap @ src_scores.double()) / weight.clamp(min=1)
-    if align_tail:
-        j, i = len(dst_spans) - 1, len(src_spans) - 1
-        while j >= 0 and i >= 0 and dst_spans[j, 0] < 0 and src_spans[i, 0] < 0:
-            selected[j], scores[j] = src_selected[i], src_scores[i]
-            j, i = j - 1, i - 1
-    return selected, scores.float(), (weight > 0) | (dst_spans[:, 0] < 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,12 +124,14 @@ def identity(cfg, score_tok, crossing, device):
     """Everything that decides the shards' contents: the models' and the data's contents, and how the data are
     read, tokenized and scored (not how their paths are spelled)."""
     scorers = {"model": cfg.model} if cfg.confpo else {"oracle": cfg.oracle, "reference": cfg.reference}
+    dtype = models.compute_dtype(cfg.dtype, device)
     return {"mode": "confpo" if cfg.confpo else "sepo",
-            "models": {k: rundir.fingerprint(v) for k, v in scorers.items()}, "data": rundir.fingerprint(cfg.data), "split": cfg.split, "form": cfg.form, "skip_bad_rows": cfg.skip_bad_rows,
-            "max_pairs": cfg.max_pairs, "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-            "beta": cfg.beta, "shard_size": cfg.shard_size, "batch_size": cfg.batch_size,
-            "dtype": repr(models.compute_dtype(cfg.dtype, device)), "scoring_tokenizer": data.tokenizer_hash(score_tok),
-            "offsets": crossing}
+            "models": {k: rundir.fingerprint(v) for k, v in scorers.items()}, "data": rundir.fingerprint(cfg.data),
+            "split": cfg.split, "form": cfg.form, "skip_bad_rows": cfg.skip_bad_rows, "max_pairs": cfg.max_pairs,
+            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "beta": cfg.beta,
+            "shard_size": cfg.shard_size, "batch_size": cfg.batch_size, "dtype": repr(dtype),
+            "scoring_tokenizer": data.tokenizer_hash(score_tok), "offsets": crossing,
+            **({"head": "float32"} if dtype != torch.float32 else {})}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,10 +139,15 @@ def identity(cfg, score_tok, crossing, device):
 # ---------------------------------------------------------------------------------------------------------------
 
 def load_scorer(path, cfg, device):
-    """A causal LM for inference that returns per-token log-probs (models.PolicyLogps), no FSDP: ranks split data."""
+    """A causal LM for inference that returns per-token log-probs (models.PolicyLogps), no FSDP: ranks split data.
+    No KV cache (a checkpoint's use_cache would build one every forward: +4 GB at 8B in bf16), and the head in
+    float32 whatever --dtype: Eq. 24 differences two models' log-probs, which a bf16 logit would round."""
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=models.compute_dtype(cfg.dtype, device)).to(device).eval()
-    return models.PolicyLogps(model, models.choose_logp_path("auto", model), chunk_size=None, together=False)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=models.compute_dtype(cfg.dtype, device),
+                                                 attn_implementation=cfg.attn_implementation).to(device).eval()
+    model.config.use_cache = False
+    return models.PolicyLogps(model, models.choose_logp_path("auto", model), chunk_size=None, together=False,
+                              fp32_head=True)
 
 
 def response_values(values, labels):
@@ -235,10 +185,12 @@ def score_blocks(cfg, store, todo, tokenized, pad_id, rank, device):
                mininterval=1.0)
     tokens, t0 = 0, time.perf_counter()
     for b in todo:
-        lines = []
-        end = min(len(tokenized), (b + 1) * cfg.shard_size)
-        for s in range(b * cfg.shard_size, end, cfg.batch_size):
-            rows = [tokenized[i] for i in range(s, min(s + cfg.batch_size, end))]
+        lines = {}
+        block = range(b * cfg.shard_size, min(len(tokenized), (b + 1) * cfg.shard_size))
+        lengths = data.pair_lengths(tokenized.select(block))
+        order = sorted(block, key=lambda i: -lengths[i - block.start])  # batches of similar lengths: little padding
+        for s in range(0, len(order), cfg.batch_size):
+            rows = [tokenized[i] for i in order[s:s + cfg.batch_size]]
             batch = {k: v.to(device) for k, v in data.collate_pairs(rows, pad_id).items()}
             inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
             with torch.no_grad():
@@ -248,14 +200,14 @@ def score_blocks(cfg, store, todo, tokenized, pad_id, rank, device):
                     scores = sepo.token_scores(oracle(**inputs)[0], reference(**inputs)[0], cfg.beta)
             per_row = response_values(scores.float().cpu(), batch["labels"].cpu())
             B = len(rows)
-            for i, row in enumerate(rows):
-                lines.append(json.dumps({"row": row["row"], "chosen_n": len(per_row[i]),
-                                         "rejected_n": len(per_row[B + i]), "chosen_scores": per_row[i],
-                                         "rejected_scores": per_row[B + i]}))
+            for i, (index, row) in enumerate(zip(order[s:s + cfg.batch_size], rows)):
+                lines[index] = json.dumps({"row": row["row"], "chosen_n": len(per_row[i]),
+                                           "rejected_n": len(per_row[B + i]), "chosen_scores": per_row[i],
+                                           "rejected_scores": per_row[B + i]})
             tokens += int(batch["attention_mask"].sum())
             bar.update(B)
             bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}", refresh=False)
-        store.write_text(b, "\n".join(lines) + "\n")
+        store.write_text(b, "\n".join(lines[i] for i in block) + "\n")
     bar.close()
 
 
@@ -333,7 +285,7 @@ def merge(cfg, store, scored_ds, policy_ds, eos_ids=None, end_id=None):
     policy_index = {r: i for i, r in enumerate(policy_ds["row"])} if tokenizer_crossing else None
     tally, report_name = Tally(), next(iter(files))
     sample_rows = set(random.Random(cfg.seed).sample(range(n_pairs), min(cfg.report_pairs, n_pairs)))
-    report = html_report.new_report(report_name)
+    report = new_report(report_name)
     written = set()
     with contextlib.ExitStack() as out:  # every selection file renamed into place at the end (a JSONL first)
         tmp = {name: out.enter_context(rundir.writing(os.path.join(cfg.output_dir, name) + (
@@ -346,7 +298,7 @@ def merge(cfg, store, scored_ds, policy_ds, eos_ids=None, end_id=None):
                     tmp[name].write(json.dumps(rec["out"]) + "\n")
                     written.add(rec["out"]["row"])
                     if name == report_name:
-                        html_report.collect_report(report, rec, sample_rows)
+                        collect_report(report, rec, sample_rows)
         if tokenizer_crossing:  # pairs the policy keeps but the oracle's tokenization dropped: nothing selected
             missing = [i for i, r in enumerate(policy_ds["row"]) if r not in written]
             for i in missing:
@@ -391,7 +343,7 @@ def block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos
                 # pair the trailing template tokens only when neither response was cut before its EOS
                 tail = (data.response_part(scored, side, "input_ids")[-1:] == [eos_ids[0]]
                         and data.response_part(target, side, "input_ids")[-1:] == [eos_ids[1]])
-                sel, scores, covered = map_across_tokenizers(
+                sel, scores, covered = models.map_across_tokenizers(
                     torch.tensor(data.response_part(scored, side, "offsets")), torch.tensor(sel), torch.tensor(scores),
                     torch.tensor(data.response_part(target, side, "offsets")), align_tail=tail)
                 has_text = torch.tensor([s >= 0 for s, _ in data.response_part(target, side, "offsets")])
@@ -452,14 +404,14 @@ def tokenizers(cfg):
         tok = AutoTokenizer.from_pretrained(cfg.model)
         return tok, tok, False
     oracle_tok = AutoTokenizer.from_pretrained(cfg.oracle)
-    diffs = tokenizer_differences(oracle_tok, AutoTokenizer.from_pretrained(cfg.reference))
+    diffs = models.tokenizer_differences(oracle_tok, AutoTokenizer.from_pretrained(cfg.reference))
     if diffs:
         raise UserError(f"the oracle and the reference must share a tokenizer (Eq. 24 compares the same token ids); "
                          f"they differ in: {'; '.join(diffs)}")
     if not cfg.policy:
         return oracle_tok, oracle_tok, False
     policy_tok = AutoTokenizer.from_pretrained(cfg.policy)
-    crossing = check_tokenizers(oracle_tok, policy_tok, cfg.oracle, cfg.policy, cfg.cross_tokenizer)
+    crossing = models.check_tokenizers(oracle_tok, policy_tok, cfg.oracle, cfg.policy, cfg.cross_tokenizer)
     return (oracle_tok if crossing else policy_tok), policy_tok, crossing
 
 
@@ -467,7 +419,7 @@ def main(argv=None):
     cfg, _ = parse_config(argv)
     check_config(cfg)
     return run_in_group(cfg.device, lambda rank, world, device: run(cfg, rank, world, device),
-                        timeout=cfg.dist_timeout)
+                        timeout=cfg.dist_timeout, dtype=cfg.dtype, model_given=True)
 
 
 def run(cfg, rank, world, device):
@@ -527,8 +479,141 @@ def finish(cfg, store, ds, tokenized, stats, score_tok, policy_tok, crossing, sc
                      f"{entry['key_rejected']['recall']:.3f})")
         log0(line)
     if cfg.report:
-        html_report.write_report(cfg, cfg.report, report, selection_stats, policy_tok)
+        write_report(cfg, cfg.report, report, selection_stats, policy_tok)
         log0(f"wrote {cfg.report}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The HTML report (--report): tokens coloured by score, selections outlined, known key tokens underlined,
+# histograms of scores (SePO Fig. 6) and of selected positions (ConfPO Fig. 12); one self-contained file
+# ---------------------------------------------------------------------------------------------------------------
+
+HISTOGRAM_PAIRS = 20000  # the report's histograms use the first pairs up to this many (memory stays bounded)
+
+
+def new_report(name):
+    """An empty report of the selection file `name`."""
+    return {"name": name, "pairs": [], "scores": {"chosen": [], "rejected": []},
+            "positions": {"chosen": [], "rejected": []}}
+
+
+def collect_report(report, rec, sample_rows):
+    """Keep what the report needs: the sampled pairs whole, and scores and selected positions of the first pairs."""
+    if rec["index"] in sample_rows:
+        report["pairs"].append(rec)
+    if rec["index"] < HISTOGRAM_PAIRS:
+        for side, (sel, scores) in rec["sides"].items():
+            report["scores"][side].extend(v for v in scores if math.isfinite(v))
+            report["positions"][side].extend(j / max(len(sel) - 1, 1) for j, s in enumerate(sel) if s)
+
+
+def _colour(score, scale, confpo_mode):
+    """Diverging colours: red for high oracle scores (or, for ConfPO, low confidence), blue for the other end."""
+    if not math.isfinite(score):
+        return "transparent"
+    if confpo_mode:  # score = log pi: probability 1 is white, probability 0 red
+        t = 1.0 - math.exp(min(score, 0.0))
+        return f"rgba(220,40,40,{0.85 * t:.3f})"
+    t = max(-1.0, min(1.0, score / scale)) if scale > 0 else 0.0
+    return f"rgba(220,40,40,{0.85 * t:.3f})" if t >= 0 else f"rgba(40,90,220,{-0.85 * t:.3f})"
+
+
+def _histogram_svg(series, title, bins=30, lo=None, hi=None, width=520, height=170):
+    """An inline SVG histogram of one or more named value lists, overlaid; each normalised to sum to 1."""
+    values = [v for _, vals, _ in series for v in vals]
+    if not values:
+        return f"<p>{html.escape(title)}: no values</p>"
+    lo = min(values) if lo is None else lo
+    hi = max(values) if hi is None else hi
+    hi = hi if hi > lo else lo + 1.0
+    counts = []
+    for name, vals, colour in series:
+        c = [0] * bins
+        for v in vals:
+            c[min(bins - 1, max(0, int((v - lo) / (hi - lo) * bins)))] += 1
+        counts.append((name, [x / max(len(vals), 1) for x in c], colour))
+    top = max(max(c) for _, c, _ in counts) or 1.0
+    w = (width - 40) / bins
+    parts = [f'<svg width="{width}" height="{height + 40}" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="20" y="14" font-size="13">{html.escape(title)}</text>']
+    for name, c, colour in counts:
+        for i, x in enumerate(c):
+            h = x / top * height
+            parts.append(f'<rect x="{30 + i * w:.1f}" y="{20 + height - h:.1f}" width="{w - 1:.1f}" height="{h:.1f}" '
+                         f'fill="{colour}" fill-opacity="0.55"><title>{html.escape(name)}: {x:.3f} in '
+                         f'[{lo + i * (hi - lo) / bins:.3g}, {lo + (i + 1) * (hi - lo) / bins:.3g})</title></rect>')
+    parts.append(f'<text x="30" y="{height + 36}" font-size="11">{lo:.3g}</text>'
+                 f'<text x="{width - 40}" y="{height + 36}" font-size="11">{hi:.3g}</text>')
+    for k, (name, _, colour) in enumerate(counts):
+        parts.append(f'<rect x="{width - 170}" y="{22 + 16 * k}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{width - 155}" y="{31 + 16 * k}" font-size="11">{html.escape(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+def token_texts(tokenizer, ids):
+    """The text each token adds, decoding prefixes: a character split over several byte-level tokens shows on the
+    token that completes it (decoding tokens one by one would show U+FFFD halves)."""
+    texts, done = [], ""
+    for i in range(len(ids)):
+        cur = tokenizer.decode(ids[:i + 1])
+        if cur.endswith("\ufffd") and i + 1 < len(ids):  # an incomplete character: wait for the next token
+            texts.append("")
+            continue
+        texts.append(cur[len(done):] if cur.startswith(done) else tokenizer.decode([ids[i]]))
+        done = cur
+    return texts
+
+
+def write_report(cfg, path, report, stats, tokenizer):
+    """One HTML file, no dependency: key-token precision, the two histograms, a sample of pairs token by token."""
+    name, entry = report["name"], stats[report["name"]]
+    magnitudes = sorted(abs(v) for side in ("chosen", "rejected") for v in report["scores"][side])
+    scale = magnitudes[int(0.99 * (len(magnitudes) - 1))] if magnitudes else 1.0
+    title = ("ConfPO selection under " + cfg.model) if cfg.confpo else f"SePO selection ({name})"
+    legend = ("colour: 1 - pi(y_t) (red = unsure); outlined: selected (pi <= tau)" if cfg.confpo else
+              "colour: score s(y_t) = beta log(pi_oracle / pi_ref) (red high, blue low); outlined: selected")
+    has_keys = "key_chosen" in entry
+    legend += "; green wavy underline: a known key token of the synthetic task" if has_keys else ""
+    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>", html.escape(title), "</title><style>",
+           "body{font-family:sans-serif;max-width:1100px;margin:20px auto;color:#222}",
+           ".resp{font-family:monospace;white-space:pre-wrap;line-height:1.9;border:1px solid #ddd;padding:6px}",
+           ".tok{padding:1px 0;border-radius:2px}.sel{outline:2px solid #111;outline-offset:-1px}",
+           ".key{text-decoration:underline wavy #0a0;text-underline-offset:4px}",
+           "h3{margin-bottom:4px}.meta{color:#666;font-size:13px}table{border-collapse:collapse}",
+           "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1><p class='meta'>{html.escape(legend)}. Hover a token for its value. "
+           f"Data: {html.escape(cfg.data)}; histograms over the first {HISTOGRAM_PAIRS} pairs at most.</p>"]
+    if has_keys:
+        out.append("<table><tr><th>known key tokens</th><th>precision</th><th>recall</th><th>key fraction</th>"
+                   "<th>selected fraction</th></tr>")
+        for side in ("chosen", "rejected"):
+            k = entry[f"key_{side}"]
+            out.append(f"<tr><td>{side}</td><td>{k['precision']:.3f}</td><td>{k['recall']:.3f}</td>"
+                       f"<td>{k['key_fraction']:.3f}</td><td>{k['selected_fraction']:.3f}</td></tr>")
+        out.append("</table><p class='meta'>A random selection of the same size has precision = key fraction.</p>")
+    colours = {"chosen": "#d62728", "rejected": "#1f77b4"}
+    out.append(_histogram_svg([(s, report["scores"][s], colours[s]) for s in colours],
+                              "log pi(y_t) of every response token" if cfg.confpo else
+                              "token scores s(y_t), chosen vs rejected (SePO Fig. 6)"))
+    out.append(_histogram_svg([(s, report["positions"][s], colours[s]) for s in colours],
+                              "selected tokens by relative position in the response (ConfPO Fig. 12)", bins=20,
+                              lo=0.0, hi=1.0))
+    for rec in sorted(report["pairs"], key=lambda r: r["out"]["row"]):
+        out.append(f"<h3>pair {rec['out']['row']}</h3>")
+        for side, (sel, scores) in rec["sides"].items():
+            ids = data.response_part(rec["target"], side, "input_ids")
+            keys = data.response_part(rec["target"], side, "key") if has_keys else [0] * len(ids)
+            spans = []
+            for text, s, v, k in zip(token_texts(tokenizer, ids), sel, scores, keys):
+                label = (f"{'log pi' if cfg.confpo else 'score'} {v:.3f}" + (" (selected)" if s else "")
+                         + (" (key token)" if k else ""))
+                classes = "tok" + (" sel" if s else "") + (" key" if k else "")
+                spans.append(f"<span class='{classes}' style='background:{_colour(v, scale, cfg.confpo)}'"
+                             f" title='{html.escape(label)}'>{html.escape(text)}</span>")
+            out.append(f"<p class='meta'>{side}: {sum(sel)} of {len(sel)} tokens selected "
+                       f"({sum(sel) / max(len(sel), 1):.0%})</p><div class='resp'>{''.join(spans)}</div>")
+    out.append("</body></html>")
+    rundir.atomic_write(path, "".join(out))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Shapes as in losses.py: (B, T), position t holds log pi(y_t | x, y_<t), masks Tr
 
 import json
 import os
-import sys
 
 import torch.nn.functional as F
 
@@ -104,9 +103,8 @@ def read_manifest(scores_dir):
 
 
 def provenance_problem(manifest, path, data_path, split, data_fingerprint, tokenizer_hash):
-    """Why the selections at `path` may not train on these data, in words, or None when they may: score.py's
-    manifest (beside them) must say that the scoring finished, on data of this content fingerprint and split, in
-    the positions of a tokenizer of this hash."""
+    """Why the selections at `path` may not train on these data, or None: score.py's manifest must say the scoring
+    finished, on data of this fingerprint and split, in the positions of a tokenizer of this hash."""
     scored = manifest.get("data", {})
     if not manifest.get("complete"):
         return f"{path}: the score.py run that writes it has not finished (see its manifest.json); run it again"
@@ -180,8 +178,3 @@ def select_all(tokenized):
     never scored, are evaluated over all their tokens."""
     return tokenized.map(lambda ex: {f"{side}_select": [int(x != IGNORE_INDEX) for x in ex[f"{side}_labels"]]
                                      for side in ("chosen", "rejected")})
-
-
-if __name__ == "__main__":
-    sys.exit("sepo.py holds the SePO method (Eq. 24-26); the whole pipeline is `python sepo_pipeline.py` "
-             "(the same flags as sepo.py had), and its stages are score.py and train.py --method sepo")

@@ -20,6 +20,7 @@ import os
 import shlex
 import sys
 from dataclasses import dataclass
+from typing import Optional
 
 import utils
 from utils import AT_LEAST_1, DEVICES, DTYPES, POSITIVE, Check, arg
@@ -59,6 +60,9 @@ class PipelineConfig:
     until: str = arg("policy", "the last stage to run (a study that trains its own policies from the selections "
                                "stops at scores)", options=("oracle", "scores", "policy"), resumable=True)
     cross_tokenizer: bool = arg(False, "allow an oracle tokenizer other than the policy's (map selections by text)")
+    activation_checkpointing: Optional[bool] = arg(None, "of every training stage (None = train.py's default: on "
+                                                         "with a model, off on the tiny world)", nargs="?",
+                                                   const=True, resumable=True)
     tiny_world: str = arg("tiny_world", "folder of the offline tiny world", resumable=True)
     cache_dir: str = arg("", "datasets cache folder", resumable=True)
     device: str = arg("auto", "where to run", options=DEVICES, resumable=True)
@@ -90,7 +94,7 @@ from utils import UserError, log0, on_rank_zero, rank_zero_first, run_in_group  
 # Without --data: small batches and learning rates that suit the tiny world (a policy lr of 1e-4 already collapses
 # the tiny policy: see the README)
 PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-5, sft_epochs=2,
-                     max_length=128, max_prompt_length=64)
+                     max_length=128, max_prompt_length=64, activation_checkpointing=False)
 PIPELINE_PATHS = ("data", "eval_data", "oracle_base", "policy")  # compared by their contents
 
 
@@ -119,7 +123,8 @@ def stage_argv(cfg):
             "--max_prompt_length", str(cfg.max_prompt_length), "--global_batch_size", str(cfg.global_batch_size),
             "--micro_batch_size", str(cfg.micro_batch_size), "--max_steps", str(cfg.max_steps), "--device",
             cfg.device, "--dtype", cfg.dtype, "--dist_timeout", str(cfg.dist_timeout), "--judge", "none",
-            "--save_final", "false"]  # a stage's result is its export: no optimizer state kept beside it
+            "--save_final", "false"] + ([] if cfg.activation_checkpointing is None else  # the result is the export
+                                        ["--activation_checkpointing", str(cfg.activation_checkpointing)])
 
 
 def scoring_argv(cfg, oracle, ref, ratios, scores_dir):
@@ -144,7 +149,8 @@ def main(argv=None):
     target data; train.py trains the policy with Eq. 26. Each stage is skipped when its output exists, and each
     training stage resumes from its own checkpoints: run the same command again after an interruption."""
     cfg, explicit = parse_config(argv)
-    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, explicit, rank), timeout=cfg.dist_timeout)
+    return run_in_group(cfg.device, lambda rank, world, device: run(cfg, explicit, rank), timeout=cfg.dist_timeout,
+                        dtype=cfg.dtype, model_given=bool(cfg.data))
 
 
 def run(cfg, explicit, rank):
@@ -165,7 +171,7 @@ def run(cfg, explicit, rank):
         models.check_source(getattr(cfg, flag), f"--{flag}")
     # before any training: can the oracle select the policy's tokens? With one vocabulary the oracle is trained
     # with the policy's tokenizer, so that it reads the data in the format the policy does
-    crossing = score.check_tokenizers(AutoTokenizer.from_pretrained(cfg.oracle_base),
+    crossing = models.check_tokenizers(AutoTokenizer.from_pretrained(cfg.oracle_base),
                                       AutoTokenizer.from_pretrained(cfg.policy), cfg.oracle_base, cfg.policy,
                                       cfg.cross_tokenizer)
     oracle_tokenizer = [] if crossing else ["--tokenizer", cfg.policy]
@@ -200,11 +206,14 @@ def stages(cfg, oracle_tokenizer, on_tiny_world, rank):
 
     held_out = ["--eval_data", cfg.eval_data] if cfg.eval_data else []  # the oracle's held-out loss and accuracy
     # Eq. 23: SFT on the chosen responses of D_m; the result is pi_ref
-    ref = stage("oracle_sft", ["--method", "sft", "--model", cfg.oracle_base, "--data", subset,
-                               "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs)] + oracle_tokenizer + held_out)
+    # the oracle's stages are exported in float32: Eq. 24 differences their log-probs, and a bf16 export would round
+    # away much of a small learning rate's update
+    ref = stage("oracle_sft", ["--method", "sft", "--model", cfg.oracle_base, "--data", subset, "--export_dtype",
+                               "fp32", "--lr", str(cfg.sft_lr), "--epochs", str(cfg.sft_epochs)] + oracle_tokenizer +
+                held_out)
     # the oracle: DPO on D_m from pi_ref
     oracle = stage("oracle_dpo", ["--method", "dpo", "--model", ref, "--data", subset, "--lr", str(cfg.dpo_lr),
-                                  "--beta", str(cfg.dpo_beta)] + held_out)
+                                  "--beta", str(cfg.dpo_beta), "--export_dtype", "fp32"] + held_out)
     if cfg.until == "oracle":
         return oracle
     # Eq. 24-25: score every token of the target data, keep the top / bottom k% of each response

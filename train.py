@@ -4,17 +4,15 @@
     python train.py --method dpo --max_steps 20       # any method on the same tiny world
     torchrun --standalone --nproc_per_node 8 train.py --method confpo \
         --model princeton-nlp/Llama-3-Base-8B-SFT --data princeton-nlp/llama3-ultrafeedback-armorm \
-        --beta 1.0 --gamma 2.0 --lr 6e-7 --activation_checkpointing --output_dir runs/confpo-llama3-base
+        --beta 1.0 --gamma 2.0 --lr 6e-7 --output_dir runs/confpo-llama3-base
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint $HEAD:29500 train.py ... --hybrid_shard
 
-Top to bottom: the config (every field is a flag, declared with its checks) and the method table; `train`: the
-set-up and the loop, whose save / halt / SIGTERM decisions are calls; then one micro-step, the metrics, the held-out
-evaluation and the data feeding. Each micro-step is one forward over chosen and rejected rows together. Under
-torchrun the model is sharded with FSDP2 (models.py); without torchrun variables it runs as a world of one, which
-trains the model itself. The run owns its output folder (rundir.py: a lock, its config.json, checkpoints written
-to a temporary folder and renamed, the metrics file, the export), writes nothing there before every check has
-passed, saves a checkpoint and stops at the next step boundary on SIGTERM, and resumes from its newest intact
-checkpoint when the same command runs again.
+Top to bottom: the config (every field a flag, declared with its checks) and the method table; `train`: set-up and
+the loop, whose save / halt / SIGTERM decisions are calls; one optimizer step and one micro-step (one forward over
+chosen and rejected rows together); the held-out evaluation; the data feeding. Under torchrun the model is sharded
+with FSDP2 (models.py); without, it runs as a world of one. The run owns its output folder (rundir.py), writes
+nothing there before every check has passed, saves and stops at the next step boundary on SIGTERM, and resumes from
+its newest intact checkpoint when the same command runs again.
 
 Defaults are the papers' (ConfPO App. D). Without --model the offline tiny world (tiny/) supplies the model and
 the data, and these change, where no flag or --config file sets them: global_batch_size 32, micro_batch_size 8, lr
@@ -23,12 +21,12 @@ the data, and these change, where no flag or --config file sets them: global_bat
 """
 
 import dataclasses
+import importlib.util
 import inspect
 import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 import warnings
@@ -44,6 +42,9 @@ MethodName = Literal["sft", "dpo", "ipo", "simpo", "cpo", "rrhf", "slic", "orpo"
                      "confpo_dpo", "confpo_rand", "sepo"]  # the keys of METHODS (test_train.py checks it)
 
 
+R = {"resumable": True}  # a setting that may change when a run resumes in the same folder
+
+
 @dataclass
 class Config:
     # what to train
@@ -51,34 +52,29 @@ class Config:
     model: str = arg("", "policy: a Hugging Face model name or folder ('' = the tiny offline world's llama-small)")
     ref_model: str = arg("", "reference model for DPO-style methods ('' = the initial policy)")
     tokenizer: str = arg("", "tokenizer (and chat template) to use ('' = the model's own); exported with the model")
-    data: str = arg("", "preference data: JSONL/JSON/Parquet file, save_to_disk folder or hub name ('' = the "
-                        "synthetic task)")
+    data: str = arg("", "preference data: JSONL/JSON/Parquet, save_to_disk folder or hub name ('' = synthetic task)")
     split: str = arg("train", "split of --data")
     eval_data: str = arg("", "held-out data ('' = --data's --eval_split, or the synthetic test set)")
     eval_split: str = arg("", "held-out split ('' = no held-out evaluation unless --eval_data is given)")
     form: str = arg("auto", "data form", options=FORMS)
-    skip_bad_rows: bool = arg(False, "skip (and count) bad rows instead of stopping at the first", resumable=True)
+    skip_bad_rows: bool = arg(False, "skip (and count) bad rows instead of stopping at the first", **R)
     selections: str = arg("", "SePO: token selections written by score.py (required for --method sepo)")
-    output_dir: str = arg("", "where checkpoints, metrics.jsonl and the final model go ('' = runs/<method>)",
-                          resumable=True)
-    tiny_world: str = arg("tiny_world", "folder of the offline tiny world, built on first use", resumable=True)
+    output_dir: str = arg("", "checkpoints, metrics.jsonl and the final model ('' = runs/<method>)", **R)
+    tiny_world: str = arg("tiny_world", "folder of the offline tiny world, built on first use", **R)
     # data shape (ConfPO App. D, following SimPO)
     max_length: int = arg(2048, "prompt + response tokens, responses cut from the right", check=AT_LEAST_1)
     max_prompt_length: int = arg(1800, "prompt tokens, cut from the left", check=AT_LEAST_1)
-    num_proc: int = arg(1, "processes for tokenization (datasets.map)", check=AT_LEAST_1, resumable=True)
-    cache_dir: str = arg("", "datasets cache folder ('' = Hugging Face's default)", resumable=True)
+    num_proc: int = arg(1, "processes for tokenization (datasets.map)", check=AT_LEAST_1, **R)
+    cache_dir: str = arg("", "datasets cache folder ('' = Hugging Face's default)", **R)
     # optimisation (ConfPO App. D: batch 128, 1 epoch, AdamW, cosine with 10% warm-up; clip 1.0 as SePO)
-    global_batch_size: int = arg(128, "preference pairs per optimizer step, over all ranks and micro-steps",
-                                 check=AT_LEAST_1)
+    global_batch_size: int = arg(128, "pairs per optimizer step, over all ranks and micro-steps", check=AT_LEAST_1)
     # micro_batch_size changes only the float summation order (ConfPO-rand draws per pair, whatever the micro-batch),
     # except for KTO, whose z_ref is estimated per micro-step over all ranks: KTO depends on micro-batches and ranks
-    micro_batch_size: int = arg(2, "pairs per rank per forward (the batch holds 2x rows: chosen and rejected)",
-                                check=AT_LEAST_1, resumable=True)
+    micro_batch_size: int = arg(2, "pairs per rank per forward (2x rows: chosen and rejected)", check=AT_LEAST_1, **R)
     epochs: int = arg(1, "passes over the data", check=AT_LEAST_1)
     max_steps: int = arg(-1, "optimizer steps (-1 = epochs x pairs // global_batch_size); sets the schedule length")
     halt_after: int = arg(0, "stop after this many steps in this invocation, with a checkpoint (0 = never); the "
-                             "schedule is unchanged, so a later run resumes exactly", check=NON_NEGATIVE,
-                          resumable=True)
+                             "schedule is unchanged, so a later run resumes exactly", check=NON_NEGATIVE, **R)
     lr: float = arg(6e-7, "peak learning rate (ConfPO Table 6, Llama-3-Base)",
                     check=Check(POSITIVE[0], "the learning rate must be a positive finite number"))
     warmup_ratio: float = arg(0.1, "linear warm-up fraction of the steps, then cosine decay to 0", check=UNIT)
@@ -109,48 +105,56 @@ class Config:
                                    options=("selected", "response"))
     # systems
     dtype: str = arg("auto", "compute dtype: auto (bf16 on GPU, fp32 on CPU)", options=DTYPES)
-    device: str = arg("auto", "where to run", options=DEVICES, resumable=True)
-    threads: int = arg(0, "CPU threads per process (0 = OMP_NUM_THREADS if you set it, else the cores available "
-                          "divided among this node's ranks)", check=NON_NEGATIVE, resumable=True)
-    precompute_ref: bool = arg(False, "reference methods: compute the reference's per-token log-probs once, in one "
-                                      "pass before training, into output_dir/ref_logps (resumable); training then "
-                                      "holds no reference model (as TRL's precompute_ref_log_probs)")
-    activation_checkpointing: bool = arg(False, "recompute decoder layers in backward (saves memory)", resumable=True)
-    logp_path: str = arg("auto", "chunked: log-probs from hidden states, never the full logits", resumable=True,
-                         options=("auto", "chunked", "logits"))
-    chunk_size: int = arg(0, "response tokens per vocabulary block in the log-prob computation (0 = as many as "
-                             "fit in 32 MiB of float32 logits on a CPU, 512 MiB on a GPU)", check=NON_NEGATIVE,
-                          resumable=True)
+    device: str = arg("auto", "where to run", options=DEVICES, **R)
+    threads: int = arg(0, "CPU threads per process (0 = OMP_NUM_THREADS if set, else the cores available divided "
+                          "among this node's ranks)", check=NON_NEGATIVE, **R)
+    precompute_ref: bool = arg(False, "reference methods: the reference's per-token log-probs computed once, before "
+                                      "training, into output_dir/ref_logps (resumable); no reference model in training "
+                                      "(as TRL's precompute_ref_log_probs)")
+    activation_checkpointing: Optional[bool] = arg(None, "recompute decoder layers in backward (None = on with "
+                                                         "--model, off on the tiny world)", nargs="?", const=True, **R)
+    attn_implementation: str = arg("sdpa", "attention kernel of every model loaded (flash_attention_2 needs the "
+                                           "flash-attn package)", options=("sdpa", "eager", "flash_attention_2"), **R)
+    group_by_length: bool = arg(True, "sort each rank's share of a step by length before cutting micro-batches", **R)
+    tf32: bool = arg(True, "on a GPU, float32 matmuls in TensorFloat-32 (with --dtype fp32)", **R)
+    export_dtype: str = arg("auto", "exported weights (auto: the source checkpoint's dtype)", options=DTYPES, **R)
+    lora_r: int = arg(0, "LoRA rank (peft; 0 = off, full training): the reference is the model with its adapters "
+                         "off", check=NON_NEGATIVE)
+    lora_alpha: float = arg(16.0, "LoRA alpha (the adapters' scale is alpha / r)", check=POSITIVE)
+    lora_dropout: float = arg(0.0, "LoRA dropout (set to 0 by --disable_dropout, as TRL)", check=BELOW_1)
+    lora_target_modules: str = arg("all-linear", "modules that get adapters: all-linear (every linear layer but the "
+                                                 "output head: the attention and MLP projections) or names, comma list")
+    report_to: str = arg("none", "also log metrics.jsonl's scalars to: none | tensorboard | wandb (a comma list)",
+                         check=Check(lambda v: set(v.split(",")) <= {"none", "tensorboard", "wandb"},
+                                     "must be none, tensorboard, wandb or a comma list of them"), **R)
+    logp_path: str = arg("auto", "chunked: log-probs from hidden states, never the full logits",
+                         options=("auto", "chunked", "logits"), **R)
+    chunk_size: int = arg(0, "response tokens per vocabulary block of the log-probs (0 = as many as fit in 32 MiB of "
+                             "float32 logits on a CPU, 512 MiB on a GPU)", check=NON_NEGATIVE, **R)
     disable_dropout: bool = arg(True, "set every dropout probability of policy and reference to 0 (as TRL)")
-    hybrid_shard: bool = arg(False, "replicate across nodes, shard within a node (2-D mesh)", resumable=True)
-    accumulate_unsharded: bool = arg(False, "FSDP: keep gradients unsharded across micro-steps and reduce them once "
-                                            "per step (less communication, but a full fp32 gradient per GPU: 32 GB "
-                                            "at 8B); the default reduce-scatters every micro-step", resumable=True)
+    hybrid_shard: bool = arg(False, "replicate across nodes, shard within a node (2-D mesh)", **R)
+    accumulate_unsharded: bool = arg(False, "FSDP: reduce gradients once per step, keeping them unsharded across "
+                                            "micro-steps (a full fp32 gradient per GPU: 32 GB at 8B)", **R)
     deterministic: bool = arg(False, "torch.use_deterministic_algorithms: the same bits on every run on a GPU too "
-                                     "(slower kernels; a CPU run is deterministic without it)", resumable=True)
+                                     "(slower kernels; a CPU run is deterministic without it)", **R)
     dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
-                            check=AT_LEAST_1, resumable=True)
+                            check=AT_LEAST_1, **R)
     # bookkeeping
-    log_every: int = arg(10, "steps between lines of metrics.jsonl", check=AT_LEAST_1, resumable=True)
-    eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)", check=AT_LEAST_1,
-                          resumable=True)
-    eval_max_pairs: int = arg(1000, "held-out pairs used per evaluation (0 = all)", check=NON_NEGATIVE,
-                              resumable=True)
-    save_every: int = arg(100, "steps between checkpoints (0 = none before the end)", check=NON_NEGATIVE,
-                          resumable=True)
-    save_final: bool = arg(True, "also save a checkpoint at the last step (to resume from; the result is the export "
-                                 "in final/, and a rerun finds the run finished either way)", resumable=True)
-    keep_last: int = arg(2, "checkpoints kept", check=NON_NEGATIVE, resumable=True)
-    resume: bool = arg(True, "continue from the newest checkpoint in output_dir if there is one", resumable=True)
-    export: bool = arg(True, "write a Hugging Face folder output_dir/final at the end", resumable=True)
-    judge: str = arg("auto", "after the export, score greedy answers: synthetic (the tiny world's task) | none | "
-                             "auto (synthetic when training on the tiny world)", options=("auto", "synthetic", "none"),
-                     resumable=True)
+    log_every: int = arg(10, "steps between lines of metrics.jsonl", check=AT_LEAST_1, **R)
+    eval_every: int = arg(100, "steps between held-out evaluations (and one at the end)", check=AT_LEAST_1, **R)
+    eval_max_pairs: int = arg(1000, "held-out pairs used per evaluation (0 = all)", check=NON_NEGATIVE, **R)
+    save_every: int = arg(100, "steps between checkpoints (0 = none before the end)", check=NON_NEGATIVE, **R)
+    save_final: bool = arg(True, "also save a checkpoint at the last step (the result is the export in final/; a "
+                                 "rerun finds the run finished either way)", **R)
+    keep_last: int = arg(2, "checkpoints kept", check=NON_NEGATIVE, **R)
+    resume: bool = arg(True, "continue from the newest checkpoint in output_dir if there is one", **R)
+    export: bool = arg(True, "write a Hugging Face folder output_dir/final at the end", **R)
+    judge: str = arg("auto", "after the export, score greedy answers with the tiny world's judge (auto: when training "
+                             "on the tiny world)", options=("auto", "synthetic", "none"), **R)
     skip_nonfinite: bool = arg(False, "skip (and count) an optimizer step whose loss or gradient norm is not finite, "
-                                      "instead of stopping the run there", resumable=True)
-    save_on_signal: bool = arg(True, "on SIGTERM (a scheduler's preemption): finish the step, save a checkpoint, "
-                                     "stop; a second SIGTERM stops at once (false: stop at once, as Ctrl-C)",
-                               resumable=True)
+                                      "instead of stopping the run there", **R)
+    save_on_signal: bool = arg(True, "on SIGTERM (a preemption): finish the step, save a checkpoint, stop; a SIGTERM "
+                                     "10 s after the first stops at once (false: stop at once, as Ctrl-C)", **R)
 
 
 PATH_FIELDS = ("model", "ref_model", "tokenizer", "data", "eval_data", "selections")  # compared by content
@@ -216,6 +220,8 @@ def resolve(cfg, explicit):
         import tiny
         tiny.fill_defaults(cfg, tiny.TRAIN_DEFAULTS, explicit)
     cfg.output_dir = cfg.output_dir or os.path.join("runs", cfg.method)
+    if cfg.activation_checkpointing is None:  # a real model's activations are what runs out of memory first
+        cfg.activation_checkpointing = bool(cfg.model)
     method = METHODS[cfg.method]
     if method.selections and not cfg.selections:
         raise UserError(f"--method {cfg.method} needs --selections: the token selections written by score.py "
@@ -232,6 +238,10 @@ def resolve(cfg, explicit):
             raise UserError(f"--{name} is not a parameter of {cfg.method} (it takes: {', '.join(takes) or 'none'})")
     if "threshold" in hparams:
         hparams["threshold"] = confpo.parse_threshold(hparams["threshold"])
+    for package in ({"peft"} if cfg.lora_r else set()) | (set(cfg.report_to.split(",")) - {"none"}):
+        if importlib.util.find_spec(package) is None:  # an optional extra: said now, before anything loads
+            raise UserError(f"{'--lora_r' if package == 'peft' else '--report_to ' + package} needs the {package} "
+                            f"package: pip install {package}")
     return hparams
 
 
@@ -239,7 +249,7 @@ def main(argv=None):
     cfg, explicit = parse_config(argv)
     hparams = resolve(cfg, explicit)
     return run_in_group(cfg.device, lambda rank, world, device: train(cfg, hparams, rank, world, device),
-                        cfg.threads, cfg.dist_timeout)
+                        cfg.threads, cfg.dist_timeout, cfg.dtype, model_given=bool(cfg.model))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,9 +259,12 @@ def main(argv=None):
 def train(cfg, hparams, rank, world, device):
     method = METHODS[cfg.method]
     on_tiny_world = not cfg.model
-    if cfg.deterministic:  # cuBLAS needs a fixed workspace for deterministic results
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if cfg.deterministic:  # (cuBLAS's fixed workspace is set before CUDA starts: utils.init_distributed)
         torch.use_deterministic_algorithms(True)
+        # nothing here reads memory before writing it: no NaN fill of every FSDP all-gather buffer
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if on_tiny_world:  # the offline tiny world's data and SFT start (its data checked first)
         import tiny
         tiny.training_start(cfg, method.chosen_only, main)
@@ -260,7 +273,12 @@ def train(cfg, hparams, rank, world, device):
                         f"({world} x {cfg.micro_batch_size})")
     with rundir.FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it was
         run = set_up(cfg, method, rank, world, device)
-        return loop(cfg, method, hparams, run, on_tiny_world, rank, world, device)
+        run.trackers = rundir.Trackers(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), run.step) if rank == 0 \
+            else None
+        try:
+            return loop(cfg, method, hparams, run, on_tiny_world, rank, world, device)
+        finally:
+            run.trackers and run.trackers.close()
 
 
 def set_up(cfg, method, rank, world, device):
@@ -274,10 +292,10 @@ def set_up(cfg, method, rank, world, device):
     mine = {**dataclasses.asdict(cfg), "_fingerprints": fingerprints}
     # what the folder holds decides collectives: rank 0 looks, every rank follows
     found = on_rank_zero(lambda: rundir.checkpoints(cfg.output_dir))
-    rundir.claim(cfg.output_dir, "config.json", mine, "the checkpoints or export of another run", utils.resumable_fields(Config),
-                 replaceable=lambda: not (found or os.path.exists(os.path.join(cfg.output_dir, "final", "config.json"))),
-                 hint=f"to continue it, run with its settings: python train.py --config "
-                      f"{os.path.join(cfg.output_dir, 'config.json')};")
+    rundir.claim(cfg.output_dir, "config.json", mine, "the checkpoints or export of another run",
+                 utils.resumable_fields(Config), hint=f"to continue it, run with its settings: python train.py "
+                 f"--config {os.path.join(cfg.output_dir, 'config.json')};", replaceable=lambda: not found and
+                 not os.path.exists(os.path.join(cfg.output_dir, "final", "config.json")))
     for flag, path in (("--model", cfg.model), ("--ref_model", cfg.ref_model), ("--tokenizer", cfg.tokenizer)):
         models.check_source(path, flag)
 
@@ -295,17 +313,20 @@ def set_up(cfg, method, rank, world, device):
     mesh = models.make_mesh(cfg, world, device)
     policy = models.load_model(cfg.model, cfg, mesh, device, trainable=True)
     ref = models.load_model(cfg.ref_model or cfg.model, cfg, mesh, device, trainable=False) if method.reference \
-        else None
+        and not cfg.lora_r else None  # with LoRA, the policy with its adapters off
     log0(f"policy {cfg.model}: log-probs via the {policy.path} path; reference: "
-         f"{(cfg.ref_model or cfg.model) if ref is not None else 'none'}")
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+         f"{(cfg.ref_model or cfg.model) if ref is not None else 'the policy, adapters off' if cfg.lora_r else 'none'}")
+    trained = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters alone
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     warmup = int(cfg.warmup_ratio * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, total, warmup))
     run = SimpleNamespace(tokenizer=tokenizer, pad_id=data.pad_id(tokenizer), ds=ds, refs={}, policy=policy, ref=ref,
-                          optimizer=optimizer, scheduler=scheduler, meter=Meter(device), step=0, skipped=0,
+                          optimizer=optimizer, scheduler=scheduler, meter=rundir.Meter(device), step=0, skipped=0,
                           total=total, steps_per_epoch=steps_per_epoch,
+                          lengths=data.pair_lengths(ds["train"]) if cfg.group_by_length else None,
                           metrics_path=os.path.join(cfg.output_dir, "metrics.jsonl"))
+    log0(models.memory_estimate(policy.model.config, cfg, world, ref is not None and not cfg.precompute_ref, device))
     if cfg.resume and on_rank_zero(lambda: rundir.finished_at(cfg.output_dir)) == total:  # exported at its end
         run.step = total
     elif found and cfg.resume:
@@ -324,33 +345,38 @@ def set_up(cfg, method, rank, world, device):
                 rundir.remove(old)
         rundir.trim_metrics(run.metrics_path, run.step)
         rundir.remove_leftovers(os.path.join(cfg.output_dir, "checkpoints", "*.tmp"))  # a save killed before its rename
-    if ref is not None and cfg.precompute_ref and run.step < total:
+    if method.reference and cfg.precompute_ref and run.step < total:
         # one pass of the reference, after config.json is written: a killed pass resumes in a folder known as ours
-        for split, pairs in ds.items():
-            identity = {"reference": fingerprints["ref_model"] or fingerprints["model"],
-                        "data": (fingerprints["eval_data"] or fingerprints["data"]) if split == "eval" else
-                        fingerprints["data"], "split": (cfg.eval_split or cfg.split) if split == "eval" else cfg.split,
-                        "pairs": len(pairs), "tokenizer": data.tokenizer_hash(tokenizer), "max_length": cfg.max_length,
-                        "max_prompt_length": cfg.max_prompt_length,
+        for split, pairs in ds.items():  # each block known by what it holds the log-probs of (blocks of else: cleared)
+            held_out = split == "eval"
+            identity = {"reference": fingerprints["ref_model"] or fingerprints["model"], "pairs": len(pairs),
+                        "data": held_out and fingerprints["eval_data"] or fingerprints["data"],
+                        "split": held_out and cfg.eval_split or cfg.split, "tokenizer": data.tokenizer_hash(tokenizer),
+                        "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
                         "dtype": repr(models.compute_dtype(cfg.dtype, device))}
             run.refs[split] = models.reference_logps(
-                ref, len(pairs), lambda idx, p=pairs: collate(p, idx, run.pad_id, Method(None), device),
-                os.path.join(cfg.output_dir, "ref_logps"), split, identity, cfg.micro_batch_size, rank, world)
+                ref or policy.as_reference, len(pairs),
+                lambda idx, p=pairs: collate(p, idx, run.pad_id, Method(None), device),
+                os.path.join(cfg.output_dir, "ref_logps"), split, identity, 4 * cfg.micro_batch_size, rank, world)
         run.ref = None  # no reference model during training
     return run
 
 
 def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
     """The optimizer steps from run.step to run.total, their metrics and checkpoints; then the export and the
-    synthetic judge, each done once however often the finished command is run again."""
+    synthetic judge, each done once however often the finished command runs again."""
     ds, total = run.ds, run.total
-    write = (lambda line: rundir.append_metrics(run.metrics_path, line)) if rank == 0 else (lambda line: None)
+
+    def write(line):  # a line of metrics.jsonl (rank 0), and of the trackers of --report_to
+        if rank == 0:
+            rundir.append_metrics(run.metrics_path, line)
+            run.trackers.log(line)
     if "eval" in ds and run.step == 0:  # the starting point, for comparison
         write({**evaluate(cfg, method, run, hparams, device, world), "step": 0, "split": "eval"})
     if run.step == total and run.step > 0:
         log0(f"{cfg.output_dir}: this run had already finished; only what is missing is done again")
     bar = tqdm(total=total, initial=run.step, disable=rank != 0, desc=cfg.method, dynamic_ncols=True)
-    t_last, halt_at = time.perf_counter(), run.step + cfg.halt_after if cfg.halt_after else None
+    halt_at = run.step + cfg.halt_after if cfg.halt_after else None
     utils.SIGTERM_STATE.update(defer=cfg.save_on_signal, pending=False)  # SIGTERM: save at the next step boundary
     try:
         while run.step < total:
@@ -359,9 +385,9 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
             step = run.step
             if step % cfg.log_every == 0 or step == total:
                 line = run.meter.result()
-                elapsed, t_last = time.perf_counter() - t_last, time.perf_counter()
                 line.update(step=step, split="train", lr=lr, grad_norm=grad_norm, skipped_steps=run.skipped,
-                            tokens_per_s=line.pop("tokens_timed") / elapsed, peak_memory_mib=peak_memory_mib(device))
+                            tokens_per_s=line.pop("tokens_timed") / max(line.pop("seconds"), 1e-9),
+                            peak_memory_mib=models.peak_memory_mib(device))
                 bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
                 write(line)
             if "eval" in ds and (step % cfg.eval_every == 0 or step == total):
@@ -370,7 +396,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                 log0(f"\nstep {step} eval: loss {line['loss']:.4f}" +
                      (f", reward accuracy {line['accuracy']:.3f}" if "accuracy" in line else ""))
             halting = halt_at is not None and step >= halt_at
-            signalled = cfg.save_on_signal and step < total and any_rank(utils.SIGTERM_STATE["pending"], device)
+            signalled = cfg.save_on_signal and step < total and utils.any_rank(utils.SIGTERM_STATE["pending"], device)
             if (cfg.save_every and step % cfg.save_every == 0) or (step == total and cfg.save_final) or halting \
                     or signalled:
                 save(cfg, run, rank)
@@ -393,7 +419,8 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
         bar.close()  # before any message: the bar's line ends first
     final = os.path.join(cfg.output_dir, "final")
     if cfg.export and not on_rank_zero(lambda: os.path.exists(os.path.join(final, "config.json"))):
-        rundir.export(cfg.output_dir, run.policy.model, run.tokenizer, cfg.model, run.step, rank)
+        models.export(cfg.output_dir, run.policy.model, run.tokenizer, cfg.model, run.step, rank, cfg.export_dtype,
+                      models.lora_config(cfg) if cfg.lora_r else None)
     if cfg.export and rank == 0 and (cfg.judge == "synthetic" or (cfg.judge == "auto" and on_tiny_world)) and \
             not any(line.get("split") == "generate" for line in rundir.read_metrics(run.metrics_path)):
         import tiny  # the synthetic task has a programmatic judge: greedy answers to held-out prompts, scored
@@ -405,21 +432,24 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
 def optimizer_step(cfg, method, hparams, run, rank, world, device):
     """One optimizer step over this rank's micro-batches of the global batch -> (gradient norm, its lr). A loss or
     gradient norm that is not finite stops the run before the weights change (or skips the step)."""
-    step = run.step
-    order = batch_order(len(run.ds["train"]), cfg, step // run.steps_per_epoch)
-    micro = rank_micro_batches(order, step, run.steps_per_epoch, cfg, rank, world)
+    step, t0 = run.step, time.perf_counter()
+    order = data.epoch_order(len(run.ds["train"]), cfg.seed, step // run.steps_per_epoch)
+    micro = data.rank_micro_batches(order, step, run.steps_per_epoch, cfg.global_batch_size, cfg.micro_batch_size,
+                                    rank, world, run.lengths)
     batches = [collate(run.ds["train"], idx, run.pad_id, method, device, run.refs.get("train")) for idx in micro]
     # Loss normaliser: FSDP averages gradients over ranks, so each rank scales by world / global count.
     if method.chosen_only:  # a token mean over the whole global batch (Hugging Face's SFT convention)
-        count = torch.tensor(float(sum(int((b["labels"][:b["labels"].shape[0] // 2] != -100).sum())
-                                       for b in batches)), device=device)
+        count = sum((b["labels"][:b["labels"].shape[0] // 2] != -100).sum() for b in batches).float()
         dist.all_reduce(count)
     else:  # a mean over the pairs of the global batch; empty-selection pairs count with loss 0
         count = torch.tensor(float(cfg.global_batch_size), device=device)
     not_finite = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
         if world > 1 and cfg.accumulate_unsharded:  # FSDP: reduce on the last micro-step only
-            run.policy.set_requires_gradient_sync(i == len(batches) - 1)
+            run.policy.set_requires_gradient_sync(last)
+        elif cfg.hybrid_shard:  # HSDP: reduce-scatter within the node every micro-step, across nodes once a step
+            run.policy.set_requires_all_reduce(last)
         per_pair, metrics = micro_step(method, run.policy, run.ref, batch, hparams, (cfg.seed, step))
         (per_pair.sum() * world / count).backward()
         not_finite += (~torch.isfinite(per_pair.detach())).sum()
@@ -443,23 +473,15 @@ def optimizer_step(cfg, method, hparams, run, rank, world, device):
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
+    run.meter.timed(time.perf_counter() - t0)  # tokens/s over the steps alone (no evaluation, no save)
     return float(grad_norm), lr
 
 
 def save(cfg, run, rank):
-    """A checkpoint of this step: the model and optimizer shards, the schedule, the skipped steps and this rank's
-    partial metric sums (rundir.save_checkpoint adds the RNG states)."""
+    """A checkpoint: model and optimizer shards, the schedule, the skipped steps, this rank's partial metric sums."""
     rundir.save_checkpoint(cfg.output_dir, run.step, run.policy, run.optimizer,
                            {"scheduler": run.scheduler.state_dict(), "skipped_steps": run.skipped},
                            {"meter": run.meter.state()}, rank, cfg.keep_last)
-
-
-def any_rank(flag, device):
-    """Whether a flag is set on any rank (a signal reaches the ranks at different moments; they must stop at the
-    same step)."""
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t)
 
 
 def cosine_with_warmup(step, total, warmup):
@@ -468,12 +490,6 @@ def cosine_with_warmup(step, total, warmup):
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def peak_memory_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,7 +512,7 @@ def micro_step(method, policy, ref, batch, hparams, draw_key):
             ref_logps = batch["ref"]
         else:
             with torch.no_grad():
-                ref_logps, _ = ref(**inputs)
+                ref_logps, _ = ref(**inputs) if ref is not None else policy.as_reference(**inputs)
         kw.update(ref_chosen_logps=ref_logps[:B], ref_rejected_logps=ref_logps[B:])
     for field, name in method.batch_fields.items():  # SePO: chosen_selected / rejected_selected
         kw[f"chosen_{name}"], kw[f"rejected_{name}"] = batch[field][:B].bool(), batch[field][B:].bool()
@@ -522,57 +538,7 @@ def forwarded_tokens(method, batch, valid=None):
     B = batch["input_ids"].shape[0] // 2
     pairs = torch.ones(B, dtype=torch.bool, device=batch["input_ids"].device) if valid is None else valid
     rows = torch.cat([pairs, torch.zeros_like(pairs) if method.chosen_only else pairs])
-    return int(batch["attention_mask"][rows].sum())
-
-
-class Meter:
-    """Sums of per-pair metrics over micro-steps and ranks; `result()` turns them into the logged averages. Its
-    partial sums go into checkpoints, so a line after a resume covers the same pairs as an uninterrupted run's;
-    `tokens_timed` counts only what this process read since the last line (tokens/s)."""
-
-    def __init__(self, device):
-        self.sums, self.device = {}, device
-
-    def add(self, losses_, metrics, tokens):
-        rows = {"loss": losses_.detach().float(), **{k: v.float() for k, v in metrics.items()}}
-        for suffix in ("", "_all"):  # over the selected tokens, and (selective methods) over all response tokens
-            if f"rewards_chosen{suffix}" in metrics:
-                chosen, rejected = metrics[f"rewards_chosen{suffix}"], metrics[f"rewards_rejected{suffix}"]
-                rows[f"margin{suffix}"] = chosen - rejected
-                rows[f"accuracy{suffix}"] = (chosen > rejected).float()
-        rows["n_pairs"] = torch.ones_like(rows["loss"])
-        for k, v in rows.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.sum()
-        for k in ("n_tokens", "tokens_timed"):
-            self.sums[k] = self.sums.get(k, 0.0) + float(tokens)
-
-    def state(self):
-        """The partial sums for a checkpoint, each in its own type (float32 tensors stay float32, so that a resumed
-        run adds up exactly as an uninterrupted one); tokens_timed is not kept."""
-        return {k: v.cpu() if torch.is_tensor(v) else v for k, v in self.sums.items() if k != "tokens_timed"}
-
-    def load(self, sums):
-        self.sums = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in sums.items()}
-
-    def result(self):
-        keys = sorted(self.sums)
-        totals = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64).to(self.device) for k in keys])
-        dist.all_reduce(totals)
-        s = dict(zip(keys, totals.tolist()))
-        pairs = max(s.pop("n_pairs"), 1.0)
-        out = {"pairs": int(pairs), "tokens": int(s.pop("n_tokens")), "tokens_timed": s.pop("tokens_timed", 0.0)}
-        for side in ("chosen", "rejected"):  # token-level selection ratio (ConfPO Fig. 8)
-            if f"selected_{side}" in s:
-                out[f"selected_ratio_{side}"] = s[f"selected_{side}"] / max(s[f"length_{side}"], 1.0)
-        if "empty" in s:
-            out["empty_pairs"] = int(s.pop("empty"))
-        if "tau_chosen" in s:
-            out["tau_mean"] = (s.pop("tau_chosen") + s.pop("tau_rejected")) / (2 * pairs)
-        for k, v in s.items():
-            if not (k.startswith("selected_") or k.startswith("length_")):
-                out[k] = v / pairs
-        self.sums = {}
-        return out
+    return batch["attention_mask"][rows].sum()  # a tensor: no wait for the device here
 
 
 def evaluate(cfg, method, run, hparams, device, world):
@@ -582,7 +548,7 @@ def evaluate(cfg, method, run, hparams, device, world):
     n = len(eval_ds) if not cfg.eval_max_pairs else min(len(eval_ds), cfg.eval_max_pairs)
     per_rank = math.ceil(n / world)
     idx = [dist.get_rank() * per_rank + j for j in range(per_rank)]
-    meter = Meter(device)
+    meter = rundir.Meter(device)
     policy.eval()
     with torch.no_grad():
         for s in range(0, per_rank, cfg.micro_batch_size):
@@ -595,7 +561,7 @@ def evaluate(cfg, method, run, hparams, device, world):
                       forwarded_tokens(method, batch, valid))
     policy.train()
     line = meter.result()
-    line.pop("tokens_timed")
+    line.pop("tokens_timed"), line.pop("seconds")
     return line
 
 
@@ -603,7 +569,7 @@ def evaluate(cfg, method, run, hparams, device, world):
 # Data feeding
 # ---------------------------------------------------------------------------------------------------------------
 
-def prepare_data(cfg, method, tokenizer, data_fingerprint=None):
+def prepare_data(cfg, method, tokenizer, data_fingerprint):
     """Tokenized train (and held-out) pairs, with SePO's selections attached. Rank 0 goes first and fills the
     datasets cache; the others then read it, so that N ranks do not tokenize N times (nor write the same files)."""
     def load(source, split):
@@ -611,9 +577,8 @@ def prepare_data(cfg, method, tokenizer, data_fingerprint=None):
                                    num_proc=cfg.num_proc, cache_dir=cfg.cache_dir or None)
         ds, stats = data.tokenize_preferences(ds, tokenizer, cfg.max_length, cfg.max_prompt_length, cfg.num_proc)
         named = source if os.path.isfile(source) else f"{source} [{split}]"  # a file is one split by itself
-        log0(f"{named}: {stats['kept']} pairs kept, {stats['dropped_empty']} dropped (empty response); of those "
-             f"kept, {stats['truncated_prompt']} have a truncated prompt and {stats['truncated_response']} a "
-             "truncated response")
+        log0(f"{named}: {stats['kept']} pairs kept, {stats['dropped_empty']} dropped (empty response); truncated: "
+             f"{stats['truncated_prompt']} prompts, {stats['truncated_response']} responses")
         return ds
 
     def load_all():
@@ -626,17 +591,14 @@ def prepare_data(cfg, method, tokenizer, data_fingerprint=None):
                 out["eval"] = sepo.select_all(out["eval"])
         return out
 
-    if method.selections:  # score.py's manifest: finished, on these very data, in this tokenizer's positions
-        manifest = sepo.read_manifest(os.path.dirname(os.path.abspath(cfg.selections)))
-        if manifest is None:
-            log0(f"warning: no manifest.json beside {cfg.selections}: cannot check that it selects tokens of these "
-                 "data and this tokenizer")
-        else:
-            problem = sepo.provenance_problem(manifest, cfg.selections, cfg.data, cfg.split,
-                                              data_fingerprint or rundir.fingerprint(cfg.data),
-                                              data.tokenizer_hash(tokenizer))
-            if problem:
-                raise UserError(problem)
+    # score.py's manifest beside the selections: finished, on these very data, in this tokenizer's positions
+    manifest = sepo.read_manifest(os.path.dirname(os.path.abspath(cfg.selections))) if method.selections else {}
+    if manifest is None:
+        log0(f"warning: no manifest.json beside {cfg.selections}: cannot check that it selects tokens of these "
+             "data and this tokenizer")
+    elif manifest and (problem := sepo.provenance_problem(manifest, cfg.selections, cfg.data, cfg.split,
+                                                          data_fingerprint, data.tokenizer_hash(tokenizer))):
+        raise UserError(problem)
     out = rank_zero_first(load_all)
     if len(out["train"]) < cfg.global_batch_size:
         raise UserError(f"{cfg.data}: {len(out['train'])} pairs, fewer than one global batch "
@@ -644,35 +606,10 @@ def prepare_data(cfg, method, tokenizer, data_fingerprint=None):
     return out
 
 
-def batch_order(n_pairs, cfg, epoch):
-    """The pair order of an epoch: a permutation seeded by (seed, epoch), the same on every rank and every resume."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    return torch.randperm(n_pairs, generator=g).tolist()
-
-
-def rank_micro_batches(order, step, steps_per_epoch, cfg, rank, world):
-    """The micro-batches (lists of pair indices) of this rank at a global step. The global batch is split into
-    contiguous per-rank slices, each into micro-batches: the same micro-batches as a 1-rank run's."""
-    i = step % steps_per_epoch
-    global_batch = order[i * cfg.global_batch_size:(i + 1) * cfg.global_batch_size]
-    per_rank = cfg.global_batch_size // world
-    mine = global_batch[rank * per_rank:(rank + 1) * per_rank]
-    return [mine[j:j + cfg.micro_batch_size] for j in range(0, per_rank, cfg.micro_batch_size)]
-
-
 def collate(ds, indices, pad_id, method, device, refs=None):
-    """A padded batch of the pairs at `indices`, chosen rows first; `index` holds the pairs' positions in ds, and
-    with `refs` (models.reference_logps) `ref` the reference's per-token log-probs, aligned with the labels."""
-    rows = [ds[int(i)] for i in indices]
-    batch = data.collate_pairs(rows, pad_id, token_fields=tuple(method.batch_fields))
-    batch["index"] = torch.tensor([int(i) for i in indices])
-    if refs is not None:
-        batch["ref"] = torch.zeros(batch["labels"].shape)
-        for side, offset in ((0, 0), (1, len(rows))):  # responses follow the prompt (right padding)
-            for j, (i, row) in enumerate(zip(indices, rows)):
-                values = refs[int(i)][side]
-                batch["ref"][offset + j, row["prompt_len"]:row["prompt_len"] + len(values)] = values
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """A micro-batch of the pairs at `indices` on the device (data.collate_indices; `index` stays on the CPU)."""
+    batch = data.collate_indices(ds, indices, pad_id, tuple(method.batch_fields), refs)
+    return {k: v if k == "index" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 if __name__ == "__main__":

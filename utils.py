@@ -194,14 +194,21 @@ class Terminated(KeyboardInterrupt):
 
 
 # train.py sets `defer` during its steps: SIGTERM then only sets `pending`, and the run saves a checkpoint at the
-# next step boundary before it stops (--save_on_signal); a second SIGTERM stops at once.
-SIGTERM_STATE = {"defer": False, "pending": False}
+# next step boundary before it stops (--save_on_signal). Signals within SIGTERM_WINDOW seconds of the first are the
+# same request: under `srun torchrun` each worker gets Slurm's SIGTERM and the agent's forwarded one (and a process
+# group's kill reaches it once more). A SIGTERM after the window stops at once, saving nothing.
+SIGTERM_STATE = {"defer": False, "pending": False, "first": 0.0}
+SIGTERM_WINDOW = 10.0
 
 
 def on_sigterm(signum, frame):
-    if SIGTERM_STATE["defer"] and not SIGTERM_STATE["pending"]:
-        SIGTERM_STATE["pending"] = True
-        return
+    now = time.monotonic()
+    if SIGTERM_STATE["defer"]:
+        if not SIGTERM_STATE["pending"]:
+            SIGTERM_STATE.update(pending=True, first=now)
+            return
+        if now - SIGTERM_STATE["first"] < SIGTERM_WINDOW:
+            return  # the same request again
     raise Terminated()
 
 
@@ -252,12 +259,12 @@ def _rank():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Config: transformers.HfArgumentParser builds the flags; a JSON file (--config) and explicit flags override defaults
+# Config: HfArgumentParser builds the flags; a JSON or YAML file (--config) and explicit flags override defaults
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_dataclass(cls, argv=None, description=None, numbers_as_text=()):
-    """Flags override --config FILE.json, which overrides the dataclass defaults -> (instance, names set explicitly),
-    every value checked against its declaration (arg: options, check; check_settings).
+    """Flags override --config FILE (.json, or .yaml / .yml), which overrides the dataclass defaults -> (instance,
+    names set explicitly), every value checked against its declaration (arg: options, check; check_settings).
 
     Every field is a flag (`--name` or `--name-with-hyphens`) with its help text; a bool is `--flag`, `--flag
     false` or (for a True default) `--no_flag`. numbers_as_text: text fields that a JSON file may also give as a
@@ -266,7 +273,8 @@ def parse_dataclass(cls, argv=None, description=None, numbers_as_text=()):
     real ones.
     """
     parser = _parser_class()(cls, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a JSON file of config fields (flags given here override it)")
+    parser.add_argument("--config", help="a JSON or YAML (.yaml, .yml) file of config fields (flags given here "
+                        "override it)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of errors")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for action in parser._actions:
@@ -285,15 +293,14 @@ def parse_dataclass(cls, argv=None, description=None, numbers_as_text=()):
     values = {}
     if "config" in args:
         path = args.pop("config")
-        try:
-            with open(path) as fh:
-                values = {k: v for k, v in json.load(fh).items() if not k.startswith("_")}  # _*: bookkeeping
-        except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"--config {path}: {e.strerror if isinstance(e, OSError) else e}")
+        values = {k: v for k, v in read_config(path, parser.error).items() if not k.startswith("_")}  # _*: bookkeeping
         for key, value in values.items():
             if key not in fields:
                 parser.error(f"--config: unknown field {key!r}{did_you_mean(key, fields)}")
             kind, allowed = _base_type(fields[key].type), _literal(fields[key].type)
+            number = _float_text(value) if kind is float and path.lower().endswith(YAML) else None
+            if number is not None:
+                values[key] = value = number  # YAML 1.1 reads 1e-6 (no dot) as text
             if value is not None and not (isinstance(value, kind) or (kind is float and isinstance(value, int))
                                           or (key in numbers_as_text and isinstance(value, (int, float)))):
                 parser.error(f"--config: field {key!r} must be {kind.__name__}, got {value!r}")
@@ -301,6 +308,47 @@ def parse_dataclass(cls, argv=None, description=None, numbers_as_text=()):
                 parser.error(f"--config: {key} {value!r} is not one of {sorted(allowed)}{did_you_mean(value, allowed)}")
     values.update(args)
     return check_settings(cls(**values)), set(values)
+
+
+YAML = (".yaml", ".yml")
+
+
+def read_config(path, error):
+    """A --config file's fields -> dict: JSON, or YAML (.yaml / .yml, read with yaml.safe_load; PyYAML is imported
+    only then, and is no dependency of the project). error(message) ends the run in one line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if path.lower().endswith(YAML):
+                try:
+                    import yaml
+                except ImportError:
+                    error(f"--config {path}: reading a YAML file needs PyYAML: pip install pyyaml (or give a .json "
+                          "file)")
+                try:
+                    values = yaml.safe_load(fh)
+                except yaml.YAMLError as e:
+                    error(f"--config {path}: not valid YAML ({' '.join(str(e).split())[:200]})")
+            else:
+                values = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        error(f"--config {path}: {e.strerror if isinstance(e, OSError) else e}")
+    if values is None:  # an empty YAML file
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        error(f"--config {path}: must hold a mapping of field names to values, not "
+              f"{'a ' + type(values).__name__ if not isinstance(values, dict) else 'keys that are not names'}")
+    return values
+
+
+def _float_text(text):
+    """The float a number written as text stands for ("1e-6", "3E-7"), or None (for anything else)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and text.strip().lower() not in ("inf", "nan") else None
 
 
 def _parser_class():
@@ -360,28 +408,60 @@ def _literal(t):
 DIST_TIMEOUT = 120  # minutes; nccl's default of 10 is shorter than what rank 0 may do alone while others wait
 
 
-def init_distributed(device="auto", threads=0, timeout=DIST_TIMEOUT):
+def init_distributed(device="auto", threads=0, timeout=DIST_TIMEOUT, dtype=None, model_given=False):
     """Process group from torchrun's environment, or a world of one; an existing group is reused. CPU threads:
     `threads` if given, else those the process may use, divided among the ranks on this node (cpu_threads).
     timeout: minutes a collective waits for the slowest rank (a hub download, tokenization, an export or a merge on
-    rank 0 alone). Returns (rank, world, device)."""
+    rank 0 alone). nccl for ranks on GPUs, bound to their device; gloo on CPUs and for a world of one (which needs
+    no GPU collective). Says once what it runs on (dtype: the --dtype flag, for that line). With model_given, a GPU
+    that this machine has but torch cannot use stops the run in one line (usable_cuda). Returns (rank, world,
+    device)."""
     import datetime
     import torch
     import torch.distributed as dist
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: --deterministic needs it
+    use_cuda = device == "cuda" or (device == "auto" and usable_cuda(model_given))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    where = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        return dist.get_rank(), dist.get_world_size(), where
     torch.set_num_threads(cpu_threads(threads))
     GROUP_MADE[0] = True
-    if "RANK" in os.environ:  # torchrun
+    minutes = datetime.timedelta(minutes=timeout)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun with several ranks
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout))
-    else:  # plain `python`: a world of one
-        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=datetime.timedelta(minutes=timeout))
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=minutes, **(
+            {"device_id": where} if use_cuda else {}))
+    else:  # plain `python` (or torchrun with one rank): a world of one
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=minutes)
+    kind = {"bf16": "bf16", "fp32": "fp32"}.get(dtype, "bf16" if use_cuda else "fp32")
+    log0(f"{dist.get_world_size()} rank(s) on {where.type}{f' (rank 0 on {where})' if use_cuda else ''}, compute "
+         f"dtype {kind}, backend {dist.get_backend()}, torch {torch.__version__}")
+    return dist.get_rank(), dist.get_world_size(), where
+
+
+def usable_cuda(model_given=False):
+    """Whether --device auto runs on CUDA. With a real model (model_given), a GPU that this machine has but torch
+    cannot use is one UserError saying why (a CPU build of torch, a driver older than the build): falling back to
+    the CPU without a word would train an 8B model there. CUDA_VISIBLE_DEVICES set empty hides the GPUs on purpose:
+    the CPU then, with a note."""
+    import torch
+    if torch.cuda.is_available():
+        return True
+    has_gpu = os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia/version")
+    if not (model_given and has_gpu):
+        return False
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        log0("note: CUDA_VISIBLE_DEVICES is empty: running on the CPU (pass --device cpu to say so)")
+        return False
+    why = (f"this torch ({torch.__version__}) is a CPU build: install a CUDA build of torch"
+           if torch.version.cuda is None else
+           f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use it: the NVIDIA driver may be older than "
+           "this build needs (nvidia-smi shows the driver's CUDA version)")
+    raise UserError(f"this machine has an NVIDIA GPU, but {why}; or pass --device cpu to run on the CPU")
 
 
 def cpu_threads(threads=0):
@@ -397,12 +477,12 @@ def cpu_threads(threads=0):
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def run_in_group(device, fn, threads=0, timeout=DIST_TIMEOUT):
-    """fn(rank, world, device) inside a process group, destroyed afterwards unless a caller already had one (the
-    SePO pipeline runs several stages in one group)."""
+def run_in_group(device, fn, threads=0, timeout=DIST_TIMEOUT, dtype=None, model_given=False):
+    """fn(rank, world, device) inside a process group (init_distributed), destroyed afterwards unless a caller
+    already had one (the SePO pipeline runs several stages in one group)."""
     import torch.distributed as dist
     owner = not dist.is_initialized()
-    rank, world, dev = init_distributed(device, threads, timeout)
+    rank, world, dev = init_distributed(device, threads, timeout, dtype, model_given)
     try:
         result = fn(rank, world, dev)
         if owner:
@@ -471,6 +551,16 @@ def together(fn):
     if error is not None:
         raise error
     return result
+
+
+def any_rank(flag, device):
+    """Whether a flag is set on any rank (a signal reaches the ranks at different moments; they must stop at the
+    same step)."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t)
 
 
 def rank_zero_first(fn):

@@ -1,10 +1,10 @@
 """Speed and memory, measured side by side in one run against the naive way and against TRL, with targets.
 
-    python bench.py                    # the whole table, about an hour on 2 CPU cores; writes bench.json
-    python bench.py --items 1,2,3,4,5,select    # the tiny-model items only: a few minutes
-    python bench.py --quick            # small shapes, one or two repetitions: a smoke run (test_bench.py)
-    python bench.py --large            # item 2 at T=1024, H=2048 (bf16 on a GPU; on a CPU, patience and 12 GB)
-    pip install -r requirements.txt -r requirements-bench.txt     # TRL and Liger-Kernel, for items 2, 3 and 6
+    python benchmarks/bench.py          # the whole table, about an hour on 2 CPU cores; writes benchmarks/bench.json
+    python benchmarks/bench.py --items 1,2,3,4,5,select    # the tiny-model items only: a few minutes
+    python benchmarks/bench.py --quick  # small shapes, one or two repetitions: a smoke run (tests/test_bench.py)
+    python benchmarks/bench.py --large  # item 2 at T=1024, H=2048 (bf16 on a GPU; on a CPU, patience and 12 GB)
+    pip install -r requirements.txt -r benchmarks/requirements-bench.txt   # TRL and Liger-Kernel: items 2, 3, 6
 
 Absolute times on a shared machine are noise; what is reported is ratios of variants measured in the same process,
 on the same inputs, interleaved (A B C, B C A, C A B, ...) so that drift hits every variant alike, after warm-up,
@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import glob
 import io
 import itertools
 import json
@@ -78,9 +79,9 @@ def command_line():
     parser.add_argument("--tiny_world", "--tiny-world", default="tiny_world",
                         help="the offline tiny world (built on first use)")
     parser.add_argument("--cache_dir", "--cache-dir", default="", help="datasets cache ('' = a temporary folder)")
-    parser.add_argument("--items", default="1,2,3,4,5,6,8,9,10,select", help="which items to run, comma-separated "
-                        "(6: real shapes against TRL, about 40 minutes; 8: memory breakdown; 9: loading on 2 ranks; "
-                        "10: generation)")
+    parser.add_argument("--items", default="1,2,3,4,5,6,8,9,10,11,12,select", help="which items to run, comma-"
+                        "separated (6: real shapes against TRL, about 40 minutes; 8: memory breakdown; 9: loading on 2 "
+                        "ranks; 10: generation; 11: micro-batches grouped by length; 12: LoRA against full DPO)")
     parser.add_argument("--generation_model", "--generation-model", default="", help="item 10 also on this model "
                         "(e.g. runs/real/assets/smollm2-135m-instruct, made by real_study.py)")
     parser.add_argument("--generation_prompts", "--generation-prompts", type=int, default=48, help="item 10's "
@@ -96,13 +97,12 @@ if __name__ == "__main__" and not (sys.argv[1:2] and sys.argv[1].endswith("_work
 import torch  # noqa: E402  (the imports that take seconds, after the early flag check above)
 import torch.nn.functional as F  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
 import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
 import score  # noqa: E402
 import sepo  # noqa: E402
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
-
 import rundir  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
@@ -122,7 +122,7 @@ TARGETS = {
     "load_memory": (1.3, "<="),  # item 9: 2 ranks' summed peak at load / (one model + its shards)
     "generation": (2.0, ">="),  # item 10: onpolicy.py's sampler / a loop of model.generate, tokens/s
 }
-SKIP_TRL = "skipped (pip install -r requirements-bench.txt)"
+SKIP_TRL = "skipped (pip install -r benchmarks/requirements-bench.txt)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def setup(args, work):
     tokenizer = AutoTokenizer.from_pretrained(model)
     pad_id = data.pad_id(tokenizer)
     with quiet():
-        ds = train.prepare_data(cfg, train.METHODS[cfg.method], tokenizer)["train"]
+        ds = train.prepare_data(cfg, train.METHODS[cfg.method], tokenizer, "")["train"]
     return {"paths": paths, "model": model, "train_file": train_file, "cfg": cfg, "device": device, "ds": ds,
             "pad_id": pad_id, "work": work}
 
@@ -447,7 +447,7 @@ def bench_steps(ctx, repeats, warmup):
     med = {m: statistics.median(t) for m, t in times.items()}
     obj = {m: statistics.median(t) for m, t in objective_times.items()}
     return {"model": os.path.basename(ctx["model"]), "pairs": B,
-            "tokens": train.forwarded_tokens(train.METHODS["simpo"], batch),
+            "tokens": int(train.forwarded_tokens(train.METHODS["simpo"], batch)),
             "loss": losses_seen, "losses_finite": all(math.isfinite(v) for v in losses_seen.values()),
             "median_s": med, "times_s": times, "ratio": {m: med[m] / med[b] for m, b in STEP_RATIOS.items()},
             "baseline": STEP_RATIOS, "objective_median_s": obj,
@@ -731,6 +731,7 @@ def real_worker(argv):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", type=int, default=0)
+    parser.add_argument("--lora", type=int, default=0)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     import datasets
@@ -763,7 +764,7 @@ def ours_run(args):
             "--micro_batch_size", str(REAL_PAIRS_PER_STEP), "--max_steps", str(args.steps), "--log_every", "1",
             "--save_every", "0", "--save_final", "false", "--export", "false", "--judge", "none", "--lr", "1e-6",
             "--threads", str(args.threads), "--device", "cpu", "--dtype", "fp32", "--warmup_ratio", "0"]
-    argv += ["--activation_checkpointing"] if args.ac else []
+    argv += ["--activation_checkpointing", "true" if args.ac else "false", "--lora_r", str(args.lora)]
     argv += ["--precompute_ref", "true"] if args.method == "dpo_once" else []
     if method == "sepo":
         argv += ["--selections", random_selections(args, out)]
@@ -852,11 +853,11 @@ def bench_real(ctx, quick, threads):
     return result
 
 
-def real_subprocess(kind, method, model, pairs, seq, ac, steps, threads, work, profile=False):
-    out = os.path.join(work, f"real-{kind}-{method}-{seq}-{ac}-{int(profile)}.json")
+def real_subprocess(kind, method, model, pairs, seq, ac, steps, threads, work, profile=False, lora=0):
+    out = os.path.join(work, f"real-{kind}-{method}-{seq}-{ac}-{int(profile)}-{lora}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "_real_worker", "--kind", kind, "--method", method, "--model",
            model, "--data", pairs, "--out", out, "--seq", str(seq), "--ac", str(ac), "--steps", str(steps),
-           "--threads", str(threads), "--profile", str(int(profile))]
+           "--threads", str(threads), "--profile", str(int(profile)), "--lora", str(lora)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "TRL_EXPERIMENTAL_SILENCE": "1"}
     proc = subprocess.run(cmd, env=env, cwd=HERE, capture_output=True, text=True, timeout=7200)
@@ -867,6 +868,26 @@ def real_subprocess(kind, method, model, pairs, seq, ac, steps, threads, work, p
     timed = r["steps"][1:] or r["steps"]
     r["tokens_per_s"] = sum(t for t, _ in timed) / sum(s for _, s in timed)
     return r
+
+
+def bench_lora(ctx, quick, threads):
+    """Item 12: DPO with LoRA (--lora_r 8, the reference = the policy with its adapters off) against full DPO (a
+    frozen reference beside the policy) on SmolLM2-135M's shapes at 256 tokens, each run a process of its own, in
+    turns: tokens/s and peak RSS, activation checkpointing off for both."""
+    model = real_model(ctx["work"], ctx["paths"]["tokenizer"], quick)
+    seq = 64 if quick else 256
+    pairs = long_pairs(ctx["work"], seq, REAL_PAIRS_PER_STEP * 4)
+    runs = {}
+    for r in range(1 if quick else 2):
+        for lora in (0, 8):
+            run = real_subprocess("ours", "dpo", model, pairs, seq, 0, 2 if quick else 3, threads, ctx["work"],
+                                  lora=lora)
+            runs.setdefault(f"lora{lora}", []).append(run)
+    best = {k: {"tokens_per_s": max(r["tokens_per_s"] for r in v), "peak_rss": min(r["peak_rss"] for r in v)}
+            for k, v in runs.items()}
+    return {"model": "SmolLM2-135M architecture" + (" (2 layers: --quick)" if quick else ""), "seq": seq,
+            "runs": best, "peak_ratio": best["lora8"]["peak_rss"] / best["lora0"]["peak_rss"],
+            "speed_ratio": best["lora8"]["tokens_per_s"] / best["lora0"]["tokens_per_s"]}
 
 
 def real_ratios(runs):
@@ -1139,6 +1160,53 @@ def bench_generation(ctx, quick, repeats, extra_model="", n_prompts=48):
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Item 11: micro-batches grouped by length (train.py --group_by_length)
+# ---------------------------------------------------------------------------------------------------------------
+
+def bench_grouping(ctx, quick, repeats):
+    """Pairs of real lengths, batched as train.py batches them, with and without --group_by_length: the share of
+    padding in the micro-batches of one epoch, and the tokens/s of a forward and backward over them (the real
+    tokens, padding excluded) on the tiny world's model. The pairs: the real study's on-policy pairs
+    (docs/real/train_pairs_*.jsonl) in SmolLM2's tokenizer where runs/real holds its assets, else in the tiny
+    world's tokenizer; 4 ranks' shares of a 32-pair step cut into micro-batches of 4, as on 4 GPUs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    root = os.path.dirname(HERE)
+    found = sorted(glob.glob(os.path.join(root, "docs", "real", "train_pairs_*.jsonl")))
+    source = found[-1] if found else ctx["train_file"]
+    smollm = os.path.join(root, "runs", "real", "assets", "smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(smollm if os.path.isdir(smollm) else ctx["model"])
+    with quiet():
+        ds = data.tokenize_preferences(data.load_preferences(source, cache_dir=ctx["cfg"].cache_dir), tok, 1024,
+                                       512)[0]
+    if quick:
+        ds = ds.select(range(min(64, len(ds))))
+    lengths, order, world, step_pairs, micro = data.pair_lengths(ds), data.epoch_order(len(ds), 0, 0), 4, 32, 4
+    steps = len(ds) // step_pairs
+    model = AutoModelForCausalLM.from_pretrained(ctx["model"]).train()
+    vocab = model.config.vocab_size
+    out = {"pairs": source.replace(root + os.sep, ""), "tokenizer": os.path.basename(tok.name_or_path), "steps": steps}
+    for name, by_length in (("plain", None), ("grouped", lengths)):
+        batches = [data.collate_indices(ds, m, data.pad_id(tok)) for s in range(steps) for r in range(world)
+                   for m in data.rank_micro_batches(order, s, steps, step_pairs, micro, r, world, by_length)]
+        real = sum(int(b["attention_mask"].sum()) for b in batches)
+        out[name] = {"padding_share": 1 - real / sum(b["input_ids"].numel() for b in batches), "tokens": real,
+                     "batches": batches}
+
+    def run(batches):
+        for b in batches[:len(batches) if not quick else 4]:
+            ids = b["input_ids"].clamp(max=vocab - 1)  # the tiny model's vocabulary (timing, not quality)
+            model(input_ids=ids, attention_mask=b["attention_mask"]).logits.float().logsumexp(-1).mean().backward()
+        model.zero_grad(set_to_none=True)
+    times = interleaved({k: (lambda k=k: run(out[k]["batches"])) for k in ("plain", "grouped")}, repeats)
+    for k in ("plain", "grouped"):
+        n = len(out[k]["batches"]) if not quick else 4
+        tokens = sum(int(b["attention_mask"].sum()) for b in out[k].pop("batches")[:n])
+        out[k]["tokens_per_s"] = tokens / statistics.median(times[k])
+    out["speedup"] = out["grouped"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
+    return out
+
+
 def loop_select_tokens(scores, mask, ratio):
     """Eq. 25 one response at a time, as the released scorer does."""
     out = torch.zeros_like(mask)
@@ -1223,6 +1291,18 @@ def table_rows(results):
                 ms = r["median_s"][name] * 1e3, r["median_s"]["naive"] * 1e3
                 add(label, f"{name} / naive, time", f"{ms[0]:.0f} / {ms[1]:.0f} ms", r["time_ratio"][name],
                     "logps_time" if ours else None)
+    lo = results.get("12_lora")
+    if lo:
+        runs = lo["runs"]
+        add("12 LoRA DPO", f"--lora_r 8 / full, peak RSS, {lo['model']}, {lo['seq']} tokens",
+            f"{runs['lora8']['peak_rss'] / 2**30:.2f} / {runs['lora0']['peak_rss'] / 2**30:.2f} GiB", lo["peak_ratio"])
+        add("12 LoRA DPO", "--lora_r 8 / full, tokens/s", f"{runs['lora8']['tokens_per_s']:.0f} / "
+            f"{runs['lora0']['tokens_per_s']:.0f} tok/s", lo["speed_ratio"])
+    g = results.get("11_grouping")
+    if g:
+        add("11 length grouping", f"grouped / plain, {g['pairs']} ({g['tokenizer']})",
+            f"padding {g['plain']['padding_share']:.1%} -> {g['grouped']['padding_share']:.1%}, "
+            f"{g['plain']['tokens_per_s']:.0f} -> {g['grouped']['tokens_per_s']:.0f} tok/s", g["speedup"])
     tp = results.get("3_trl_throughput")
     if tp and "ratio" in tp:
         t = tp["tokens_per_s"]
@@ -1383,6 +1463,16 @@ def main(argv=None):
                                                         n_prompts=args.generation_prompts)
             timing["10"] = time.perf_counter() - t0
             print(f"  item 10 done ({timing['10']:.0f} s)", flush=True)
+        if "12" in items:
+            t0 = time.perf_counter()
+            results["12_lora"] = bench_lora(ctx, q, args.threads)
+            timing["12"] = time.perf_counter() - t0
+            print(f"  item 12 done ({timing['12']:.0f} s)", flush=True)
+        if "11" in items:
+            t0 = time.perf_counter()
+            results["11_grouping"] = bench_grouping(ctx, q, repeats=1 if q else 3)
+            timing["11"] = time.perf_counter() - t0
+            print(f"  item 11 done ({timing['11']:.0f} s)", flush=True)
         if "select" in items:
             results["select_tokens"] = bench_select(8 if q else 32, 128 if q else 512, repeats=2 if q else 5)
     finally:

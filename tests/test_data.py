@@ -348,3 +348,25 @@ def test_key_masks_select_the_key_tokens(test_pairs, toks, kind):
             assert "".join(pair[side][a:b] for a, b in offs if a >= 0) == pair[side]
             assert all(tok.decode([i]) == pair[side][a:b] for i, (a, b) in zip(row[f"{side}_input_ids"], offs)
                        if a >= 0)
+
+
+def test_micro_batches_grouped_by_length_cover_the_same_pairs_with_less_padding():
+    """--group_by_length: each rank's share of a step is sorted by length (longest first) before it is cut into
+    micro-batches: the step covers the same pairs on every rank, and the padding shrinks."""
+    import random
+    from data import epoch_order, rank_micro_batches
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 400) for _ in range(64)]
+    order = epoch_order(64, 3, 0)
+    for world in (1, 2):
+        for step in (0, 1, 2):
+            plain = [rank_micro_batches(order, step, 4, 16, 2, r, world) for r in range(world)]
+            grouped = [rank_micro_batches(order, step, 4, 16, 2, r, world, lengths) for r in range(world)]
+            for a, b in zip(plain, grouped):  # per rank: the same pairs, sorted longest first
+                assert sorted(i for m in a for i in m) == sorted(i for m in b for i in m)
+                flat = [i for m in b for i in m]
+                assert [lengths[i] for i in flat] == sorted((lengths[i] for i in flat), reverse=True)
+            pad = lambda parts: sum(len(m) * max(lengths[i] for i in m) - sum(lengths[i] for i in m)  # noqa: E731
+                                    for micro in parts for m in micro)
+            assert pad(grouped) < pad(plain)
+    assert epoch_order(64, 3, 0) == order and epoch_order(64, 3, 1) != order  # seeded by (seed, epoch)

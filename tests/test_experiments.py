@@ -1,5 +1,5 @@
-"""experiments.py: the quick study produces every output; the KL estimate and checkpoint loading against slow,
-direct versions."""
+"""experiments.py: the quick study produces every output; the KL estimate (measures.py) and checkpoint loading
+against slow, direct versions."""
 
 import json
 import math
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import experiments
-import rundir
+import measures
+import models
 import tiny
 import train
 
@@ -123,11 +124,11 @@ def test_sequence_kl_and_answer_masks_match_a_slow_loop(world):
         run = [ids[i] for i in pos]
         assert tok.eos_token_id not in run[:-1] and (run[-1] == tok.eos_token_id or len(run) == 12)
         assert all(t == tok.pad_token_id for t in ids[pos[-1] + 1:])
-    fast = experiments.sequence_kl(model, sft, seqs, answer, tok.pad_token_id, batch_size=2)
+    fast = measures.sequence_kl(model, sft, seqs, answer, tok.pad_token_id, batch_size=2)
     slow = slow_sequence_kl(model, sft, seqs, answer, tok.pad_token_id)
     assert torch.allclose(fast.double(), torch.tensor(slow, dtype=torch.float64), rtol=1e-4, atol=1e-6)
     assert all(v > 0 for v in slow)
-    assert float(experiments.sequence_kl(model, model, seqs, answer, tok.pad_token_id).abs().max()) < 1e-6
+    assert float(measures.sequence_kl(model, model, seqs, answer, tok.pad_token_id).abs().max()) < 1e-6
 
 
 def test_checkpoint_weights_equal_the_exported_model(world, tmp_path):
@@ -138,9 +139,9 @@ def test_checkpoint_weights_equal_the_exported_model(world, tmp_path):
                 "--max_prompt_length", "64", "--lr", "1e-3", "--max_steps", "2", "--save_every", "1", "--keep_last",
                 "0", "--judge", "none", "--cache_dir", world["cache"]])
     base = lambda: AutoModelForCausalLM.from_pretrained(world["llama-tiny"])  # noqa: E731
-    from_checkpoint = rundir.load_weights(base(), str(out / "checkpoints" / "step_00000002")).state_dict()
+    from_checkpoint = models.load_weights(base(), str(out / "checkpoints" / "step_00000002")).state_dict()
     exported = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
-    first = rundir.load_weights(base(), str(out / "checkpoints" / "step_00000001")).state_dict()
+    first = models.load_weights(base(), str(out / "checkpoints" / "step_00000001")).state_dict()
     original = base().state_dict()
     for k, v in exported.items():
         assert torch.equal(from_checkpoint[k], v), k
@@ -150,7 +151,7 @@ def test_checkpoint_weights_equal_the_exported_model(world, tmp_path):
 
 @pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (0.37, 0.41), (-3.2, 17.0), (0.5, 0.5), (1e-4, 3e-4)])
 def test_ticks_cover_the_range_with_round_even_steps(lo, hi):
-    ticks = experiments._ticks(lo, hi)
+    ticks = measures._ticks(lo, hi)
     assert ticks[0] <= lo and ticks[-1] >= hi and 3 <= len(ticks) <= 12
     steps = [b - a for a, b in zip(ticks, ticks[1:])]
     assert max(steps) - min(steps) < 1e-9 * max(1.0, abs(hi))
@@ -162,12 +163,12 @@ def test_mean_token_logp_of_left_padded_answers_matches_each_answer_alone(world)
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(world["llama-tiny"]).eval()
     answers = [([5, 9, 11], [7, 8, 2], True), ([6], [10, 12, 13, 14], False), ([4, 4, 5, 6, 7], [3], True)]
-    ids, attention, answer = experiments.left_padded(answers, pad=0)
+    ids, attention, answer = measures.left_padded(answers, pad=0)
     assert ids.shape == (3, 6) and attention.sum(-1).tolist() == [6, 5, 6] and answer.sum(-1).tolist() == [3, 4, 1]
     alone = []  # one answer at a time, unpadded: the mean over its tokens of log pi(token | all before it)
     for prompt, a, _ in answers:
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([prompt + a])).logits[0].double(), -1)
         alone.append(sum(float(logp[len(prompt) + t - 1, tok]) for t, tok in enumerate(a)) / len(a))
-    got = experiments.mean_token_logp(model, answers, 0, torch.device("cpu"), batch_size=2)
+    got = measures.mean_token_logp(model, answers, 0, torch.device("cpu"), batch_size=2)
     assert abs(got - sum(alone) / 3) < 1e-5

@@ -17,14 +17,15 @@ LAYERS = {
     "confpo": ("", 1), "sepo": ("", 1),  # the methods
     "rundir": ("", 1),  # an output folder that survives kills: lock, claim, atomic files, block store, checkpoints
     "models": ("", 2),  # a causal LM as per-token log-probs, sharded with FSDP2; the reference pre-pass
-    "report": ("", 2),  # score.py's HTML report
     "tiny": ("tiny", 2),  # the offline tiny world (a package), imported by the commands only without --model
     "train": ("", 3),
     "score": ("", 4), "onpolicy": ("", 4),  # SePO's scores; on-policy pairs (sampled by the policy, scored by a reward)
-    "sepo_pipeline": ("", 5),
+    "sepo_pipeline": ("", 5), "generate": ("", 5),  # SePO end to end; the benchmarks' answers (imports onpolicy)
     "real_task": ("studies", 6), "measures": ("studies", 6),  # the real study's task; the studies' shared measures
-    "experiments": ("studies", 7), "real_study": ("studies", 8),  # the miniature study; the real model's study
+    "experiments_report": ("studies", 7), "real_report": ("studies", 7),  # the two studies' results files
+    "experiments": ("studies", 8), "real_study": ("studies", 8),  # the miniature study; the real model's study
     "bench": ("benchmarks", 7),  # speed and memory, side by side
+    "gpu_check": ("benchmarks", 7),  # the first GPU run's check: one verdict line per check
 }
 ONLY = {"losses": set(), "data": set(), "confpo": {"losses"}, "sepo": {"losses"}}
 

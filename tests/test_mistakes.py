@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import experiments
 import losses
+import measures
 import rundir
 import train
 import utils
@@ -36,7 +37,7 @@ def flags(**kw):
 def args(world, out, **extra):
     return flags(**{"model": world["llama-tiny"], "data": world["small"], "output_dir": out, "cache_dir": world["cache"],
                     "global_batch_size": 8, "micro_batch_size": 4, "lr": 1e-3, "max_steps": 2, "log_every": 1,
-                    "save_every": 0, "seed": 3, "judge": "none", **extra})
+                    "save_every": 0, "seed": 3, "judge": "none", "activation_checkpointing": False, **extra})
 
 
 def command(script, argv, cwd, timeout=300):
@@ -351,11 +352,11 @@ def test_quick_study_has_folders_of_its_own_and_results_are_keyed_by_configurati
     assert experiments.configure([]).figures == "docs/experiments"
     assert experiments.configure(["--quick", "--figures", "x"]).figures == "x"
     calls, path = [], str(tmp_path / "result.json")
-    assert experiments.cached(path, {"lr": 1}, lambda: calls.append(1) or {"r": 1}) == {"r": 1}
-    assert experiments.cached(path, {"lr": 1}, lambda: calls.append(1) or {"r": 2}) == {"r": 1}
+    assert measures.cached(path, {"lr": 1}, lambda: calls.append(1) or {"r": 1}) == {"r": 1}
+    assert measures.cached(path, {"lr": 1}, lambda: calls.append(1) or {"r": 2}) == {"r": 1}
     assert calls == [1]
     with pytest.raises(SystemExit, match="holds a result of another configuration"):
-        experiments.cached(path, {"lr": 2}, lambda: {"r": 3})
+        measures.cached(path, {"lr": 2}, lambda: {"r": 3})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -512,3 +513,113 @@ def test_help_says_which_defaults_the_tiny_world_changes():
     text = train.__doc__.replace("\n", " ")
     listed = dict(re.findall(r"(\w+) ([0-9.e-]+)[,( ]", text.split("these change", 1)[1]))
     assert {k: float(v) for k, v in listed.items()} == {k: float(v) for k, v in tiny.TRAIN_DEFAULTS.items()}
+
+
+def test_two_sigterms_to_a_torchrun_job_end_in_a_checkpoint_that_the_same_command_resumes(world, tmp_path):
+    """Under `srun torchrun`, a preemption reaches every worker twice (Slurm's SIGTERM and the agent's forwarded
+    one), and a kill of the process group once more: two SIGTERMs 50 ms apart to a 2-rank torchrun job's process
+    group. Signals within utils.SIGTERM_WINDOW are one request, so the workers finish the step and save (before
+    torchrun's shutdown timeout); the agent's own exit code is torchrun's, but the checkpoint is there, and the same
+    command resumes from it to the end of the run."""
+    out = tmp_path / "run"
+    argv = args(world, out, max_steps=60, epochs=30, global_batch_size=8, micro_batch_size=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), *argv]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 2) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    saved = rundir.checkpoints(out)
+    assert saved, stderr[-3000:]
+    assert "error: stopped by SIGTERM after step" in stderr, stderr[-3000:]
+    step = json.loads(open(os.path.join(saved[-1], "trainer_state.json")).read())["step"]
+    assert 2 <= step < 60
+    resumed = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {saved[-1]} at step {step}" in resumed.stdout + resumed.stderr
+    assert metrics(out)[-1]["step"] == 60
+
+
+def choice_fields():
+    """(script, config class, field, allowed values) of every choice-valued flag of every command and study."""
+    import dataclasses
+    import typing
+
+    import experiments
+    import onpolicy
+    import real_study
+    import score
+    import sepo_pipeline
+    configs = {"train.py": train.Config, "score.py": score.ScoreConfig, "onpolicy.py": onpolicy.OnPolicyConfig,
+               "sepo_pipeline.py": sepo_pipeline.PipelineConfig, "studies/experiments.py": experiments.ExperimentConfig,
+               "studies/real_study.py": real_study.RealStudyConfig}
+    out = []
+    for script, cls in configs.items():
+        for f in dataclasses.fields(cls):
+            allowed = f.metadata.get("options") or (typing.get_args(f.type) if typing.get_origin(f.type) is
+                                                   typing.Literal else None)
+            if allowed:
+                out.append((script, cls, f.name, allowed))
+    return out
+
+
+def test_every_choice_valued_flag_refuses_an_unknown_value_in_one_line_with_did_you_mean(world, tmp_path, capsys):
+    """`--dtype fp8x`, `--device gpux` and `--logp_path chnked` ran the whole job (the last skipping its head
+    check); `--dtype fp16` ran as auto. Every choice-valued flag of every script now refuses an unknown value in one
+    error line before anything loads, with the closest choices."""
+    import experiments
+    import onpolicy
+    import real_study
+    import score
+    import sepo_pipeline
+    mains = {"train.py": train.main, "score.py": score.main, "onpolicy.py": onpolicy.main,
+             "sepo_pipeline.py": sepo_pipeline.main, "studies/experiments.py": experiments.main,
+             "studies/real_study.py": real_study.main}
+    found = choice_fields()
+    assert {(s, n) for s, _, n, _ in found} >= {("train.py", "dtype"), ("train.py", "device"), ("train.py", "method"),
+                                                ("train.py", "logp_path"), ("train.py", "form"), ("score.py", "format"),
+                                                ("sepo_pipeline.py", "until"), ("onpolicy.py", "dtype"),
+                                                ("studies/real_study.py", "device")}
+    for script, _, name, allowed in found:
+        wrong = str(allowed[-1]) + "x"  # one letter off the last choice: the hint names it
+        code, line = cli_line(mains[script], [f"--{name}", wrong, "--output_dir", tmp_path / "never"], capsys)
+        assert code == 2 and f"did you mean {allowed[-1]}" in line, (script, name, line)
+        assert not (tmp_path / "never").exists()
+    code, line = cli_line(train.main, ["--dtype", "fp16"], capsys)
+    assert code == 2 and "fp16 is not supported: it needs loss scaling" in line
+    code, line = cli_line(train.main, ["--logp_path", "chnked"], capsys)
+    assert code == 2 and "did you mean chunked" in line
+    code, line = cli_line(train.main, ["--config", str(_write(tmp_path / "c.json", {"device": "gpux"}))], capsys)
+    assert code == 2 and "--device 'gpux'" in line  # a --config file goes through the same check
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_a_gpu_that_torch_cannot_use_stops_a_real_model_in_one_line(monkeypatch, capsys):
+    """--device auto fell back to the CPU without a word when CUDA was unusable; with a real model it now stops and
+    says why (a CPU build, or a driver older than the build). CUDA_VISIBLE_DEVICES set empty hides the GPUs on
+    purpose: the CPU, with a note. The tiny world never asks."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/nvidia0" or real(p))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(utils.UserError, match=r"has an NVIDIA GPU, but this torch .* is a CPU build"):
+        utils.usable_cuda(model_given=True)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    with pytest.raises(utils.UserError, match="the NVIDIA driver may be older than this build needs"):
+        utils.usable_cuda(model_given=True)
+    assert utils.usable_cuda(model_given=False) is False  # the tiny world: the CPU is the point
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert utils.usable_cuda(model_given=True) is False
+    assert "CUDA_VISIBLE_DEVICES is empty: running on the CPU" in capsys.readouterr().out

@@ -272,6 +272,87 @@ def test_kill_then_resume_gives_the_same_bytes(world, policy, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# --samples: samples drawn elsewhere (vLLM), scored and paired as the policy's own
+# ---------------------------------------------------------------------------------------------------------------
+
+def without(argv, *names):
+    """argv without the flags named (each with its value)."""
+    drop = {i for i, a in enumerate(argv) if a in names} | {i + 1 for i, a in enumerate(argv) if a in names}
+    return [a for i, a in enumerate(argv) if i not in drop]
+
+
+def as_samples_file(samples, path, keep=("ended", "n_tokens")):
+    """onpolicy.py's samples.jsonl in the --samples format: row, sample, text (and the optional fields kept)."""
+    lines = [{"row": s["row"], "sample": s["sample"], "text": s["response"], **{k: s[k] for k in keep}}
+             for s in samples]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def test_samples_from_elsewhere_give_the_same_pairs(world, policy, tmp_path, monkeypatch):
+    """The policy's own samples, written in the --samples format and given back: the same pairs.jsonl, byte for
+    byte, and the same summary, without the policy ever loading; without n_tokens (counted with the tokenizer) and
+    ended (true unless said), the pairs are still the same. The identity holds the file's fingerprint, not the
+    sampling settings."""
+    own, elsewhere, counted = str(tmp_path / "own"), str(tmp_path / "elsewhere"), str(tmp_path / "counted")
+    onpolicy.main(base(world, policy, own, max_prompts=16))
+    samples = read(os.path.join(own, "samples.jsonl"))
+    given = as_samples_file(samples, tmp_path / "given.jsonl")
+    import transformers
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the policy loaded with --samples"))
+    onpolicy.main(without(base(world, policy, elsewhere, max_prompts=16, samples=given), "--max_new_tokens"))
+    assert open(os.path.join(own, "pairs.jsonl"), "rb").read() == open(os.path.join(elsewhere, "pairs.jsonl"),
+                                                                        "rb").read()
+    assert outputs(own) == outputs(elsewhere)
+    mine, theirs = (json.load(open(os.path.join(d, "manifest.json"))) for d in (own, elsewhere))
+    assert mine["summary"] == theirs["summary"]
+    assert theirs["identity"]["samples"] and not {"temperature", "seed", "policy"} & set(theirs["identity"])
+    assert theirs["paths"]["samples"] == given
+    bare = as_samples_file(samples, tmp_path / "bare.jsonl", keep=() if all(s["ended"] for s in samples) else
+                           ("ended",))  # ended: true unless said
+    onpolicy.main(without(base(world, policy, counted, max_prompts=16, samples=bare), "--max_new_tokens"))
+    assert open(os.path.join(own, "pairs.jsonl"), "rb").read() == open(os.path.join(counted, "pairs.jsonl"),
+                                                                        "rb").read()
+    tok = transformers.AutoTokenizer.from_pretrained(policy)
+    for s, c in zip(samples, read(os.path.join(counted, "samples.jsonl"))):
+        assert c["n_tokens"] == len(tok(s["response"], add_special_tokens=False)["input_ids"]) + s["ended"]
+
+
+def test_a_bad_samples_file_is_one_line(world, policy, tmp_path, capsys):
+    """A row missing, a (row, sample) twice, a field of the wrong type, a count per row other than --num_samples, a
+    row that is no prompt's, a sampling flag beside --samples: one line each, naming the file, the line and the
+    field, and nothing written."""
+    import utils
+    K = 3
+    good = [{"row": r, "sample": k, "text": f"Sure. {r + k}."} for r in range(4) for k in range(K)]
+    out = str(tmp_path / "out")
+
+    def go(lines, **kw):
+        path = tmp_path / "given.jsonl"
+        path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+        capsys.readouterr()
+        argv = without(base(world, policy, out, max_prompts=4, num_samples=K, samples=path, **kw), "--max_new_tokens")
+        code = utils.cli(onpolicy.main, argv)
+        return Said(code, capsys.readouterr().err)
+    one_line(go(good[3:]), "given.jsonl, field 'sample': row 0 has 0 samples, --num_samples is 3")
+    one_line(go(good[:4] + good[5:]), "given.jsonl, field 'sample': row 1 has 2 samples (lines 4, 5), "
+             "--num_samples is 3")
+    one_line(go(good + [good[4]]), "given.jsonl line 13, field 'sample': row 1, sample 1 again (line 5 has it)")
+    one_line(go(good[:2] + [{**good[2], "text": 3}] + good[3:]), "given.jsonl line 3, field 'text': must be text")
+    one_line(go(good[:2] + [{**good[2], "ended": "yes"}] + good[3:]), "line 3, field 'ended': must be true or false")
+    one_line(go(good[:2] + [{**good[2], "n_tokens": 2.5}] + good[3:]), "line 3, field 'n_tokens': must be a count")
+    one_line(go(good[:2] + [{k: v for k, v in good[2].items() if k != "row"}] + good[3:]),
+             "line 3, field 'row': missing (an integer: the prompt's row in --prompts)")
+    one_line(go(good + [{"row": 9, "sample": 0, "text": "x"}]), "line 13, field 'row': 9 is not the row of a prompt")
+    one_line(go(good[:1] + [{"row": 0, "sample": 3, "text": "x"}]), "line 2, field 'sample': must be an integer in "
+             "0..2 (--num_samples 3)")
+    one_line(go(good[:1] + ["{not json"]), "given.jsonl line 2: not valid JSON")
+    one_line(go(good, temperature=0.5, seed=1), "--temperature, --seed: no effect with --samples", code=2)
+    assert not os.path.exists(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Mistakes: one line each, before any model loads where possible
 # ---------------------------------------------------------------------------------------------------------------
 

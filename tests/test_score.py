@@ -21,6 +21,7 @@ import torch
 
 import confpo
 import data
+import models
 import score
 import sepo
 import sepo_pipeline
@@ -152,7 +153,7 @@ def test_map_across_tokenizers_selects_the_known_spans(world):
             dst = torch.tensor(data.response_part(char[row], side, "offsets"))
             key = torch.tensor(data.response_part(bpe[row], side, "key")).bool()
             scores = torch.where(key, 1.0, -1.0)
-            sel, mapped, covered = score.map_across_tokenizers(src, key, scores, dst)
+            sel, mapped, covered = models.map_across_tokenizers(src, key, scores, dst)
             assert covered.all()
             (a, b), = pair[f"{side}_key_spans"]
             covered = set()
@@ -282,19 +283,19 @@ def test_selections_land_on_the_scored_tokens_in_training_batches(world, tmp_pat
 def test_map_across_tokenizers_weights_overlaps_and_pairs_template_tokens():
     src = torch.tensor([[0, 4], [4, 8], [-1, -1], [-1, -1]])  # two words, then <eot> and EOS
     dst = torch.tensor([[0, 2], [2, 6], [6, 8], [-1, -1], [-1, -1]])
-    selected, scores, covered = score.map_across_tokenizers(src, torch.tensor([False, True, True, False]),
+    selected, scores, covered = models.map_across_tokenizers(src, torch.tensor([False, True, True, False]),
                                                             torch.tensor([1.0, 3.0, 9.0, 5.0]), dst)
     assert selected.tolist() == [False, True, True, True, False]  # [2, 6) overlaps the selected [4, 8)
     torch.testing.assert_close(scores, torch.tensor([1.0, 2.0, 3.0, 9.0, 5.0]))  # (2 * 1 + 2 * 3) / 4 = 2
     assert covered.all()
     # a destination cut by truncation keeps no tail pairing: its template tokens take nothing from the source EOS
     cut = torch.tensor([[0, 2], [2, 5]])
-    selected, scores, covered = score.map_across_tokenizers(src, torch.tensor([True, False, False, True]),
+    selected, scores, covered = models.map_across_tokenizers(src, torch.tensor([True, False, False, True]),
                                                             torch.tensor([1.0, 3.0, 9.0, 5.0]), cut, align_tail=False)
     assert selected.tolist() == [True, True] and covered.all()
     # text that no source token covers (the source was truncated earlier) is reported
     short = torch.tensor([[0, 4], [-1, -1]])
-    _, _, covered = score.map_across_tokenizers(short, torch.tensor([True, True]), torch.tensor([1.0, 2.0]), dst,
+    _, _, covered = models.map_across_tokenizers(short, torch.tensor([True, True]), torch.tensor([1.0, 2.0]), dst,
                                                 align_tail=False)
     assert covered.tolist() == [True, True, False, True, True]
 
@@ -395,3 +396,35 @@ def test_exclude_eos_never_selects_the_end_of_turn_and_selects_floor_k_of_the_re
     with pytest.raises(utils.UserError, match="--exclude_eos applies to SePO"):
         score.check_config(score.parse_config(["--confpo", "--model", "m", "--data", "d", "--output_dir", "o",
                                                "--exclude_eos"])[0])
+
+
+def test_the_scorers_build_no_kv_cache_and_score_with_a_float32_head(world):
+    """A checkpoint's use_cache: true made every scoring forward build a KV cache (+4 GB at 8B in bf16); the
+    scorers now turn it off. SePO's scores (Eq. 24) difference two models' log-probs: with a bf16 body the head is
+    computed in float32 on a float32 copy of the output embedding, which rounds less than bf16 logits."""
+    import onpolicy
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForSequenceClassification
+    cfg = score.ScoreConfig(dtype="bf16", device="cpu")
+    scorer = score.load_scorer(world["llama-tiny"], cfg, torch.device("cpu"))
+    assert scorer.model.config.use_cache is False
+    assert scorer.model(input_ids=torch.tensor([[5, 6, 7]])).past_key_values is None
+    reward = os.path.join(world["root"], "reward-with-cache")
+    if not os.path.exists(reward):
+        LlamaForSequenceClassification(LlamaConfig(vocab_size=1024, hidden_size=16, intermediate_size=32,
+                                                   num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                                   use_cache=True)).save_pretrained(reward)
+        __import__("transformers").AutoTokenizer.from_pretrained(world["llama-tiny"]).save_pretrained(reward)
+    scores = onpolicy.reward_model_scorer(reward, torch.device("cpu"), torch.float32, 4)
+    assert scores.model.config.use_cache is False and len(scores(["Hi?"], ["Hello."])) == 1
+    # the float32 head against bf16 logits, both on the bf16 body, measured from the float32 model's own scores
+    rows = list(tokenized_rows(world, world["llama-tiny"]).values())[:4]
+    batch = data.collate_pairs(rows, 0)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    full = AutoModelForCausalLM.from_pretrained(world["llama-tiny"], dtype=torch.float32)
+    exact = models.PolicyLogps(full, "chunked", None, together=False)(**inputs)[0]
+    body = AutoModelForCausalLM.from_pretrained(world["llama-tiny"], dtype=torch.bfloat16)
+    mask = batch["labels"] != -100
+    with torch.no_grad():
+        head32 = (models.PolicyLogps(body, "chunked", None, together=False, fp32_head=True)(**inputs)[0] - exact)
+        head16 = (models.PolicyLogps(body, "chunked", None, together=False)(**inputs)[0] - exact)
+    assert head32[mask].abs().mean() < head16[mask].abs().mean()

@@ -438,8 +438,8 @@ def trained(root, name, flags, train_main):
             if dist.get_rank() == 0:
                 shutil.rmtree(run, ignore_errors=True)
             dist.barrier()
-            train_main([x for k, v in {**flags, "output_dir": run, "resume": False, "save_every": 0}.items()
-                        for x in (f"--{k}", str(v))])
+            train_main([x for k, v in {"activation_checkpointing": False, **flags, "output_dir": run, "resume": False,
+                                        "save_every": 0}.items() for x in (f"--{k}", str(v))])  # tiny: no need
             if dist.get_rank() == 0:  # the run's metrics (held-out losses included) stay with the model
                 shutil.copy(os.path.join(run, "metrics.jsonl"), os.path.join(run, "final", "metrics.jsonl"))
                 os.replace(os.path.join(run, "final"), path)

@@ -6,12 +6,17 @@ import sys
 import time
 
 
-def main(argv=None):
+def command_line():
+    """The flags (answered before torch loads)."""
     parser = argparse.ArgumentParser(prog="python -m tiny", description="build (or re-use) the offline tiny world and "
                                                                         "print its paths")
     parser.add_argument("--root", default="tiny_world", help="the folder of the world")
     parser.add_argument("--seed", type=int, default=0, help="the seed of everything in it")
-    args = parser.parse_args(argv)  # --help and a mistyped flag answer here, before torch loads
+    return parser
+
+
+def main(argv=None):
+    args = command_line().parse_args(argv)  # --help and a mistyped flag answer here, before torch loads
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
     import tiny
     t0 = time.time()
