@@ -47,10 +47,10 @@ class RealStudyConfig:
     key_spans: str = arg("real_study:vader_key_spans", "where an answer's reward is decided (module:function): the "
                                                       "key tokens of the selection precision")
     train_prompts: int = arg(1024, "training prompts (each gives a pair unless its samples tie)")
-    train_pairs: int = arg(512, "the first N pairs train every method, one epoch (0 = all)")
-    valid_prompts: int = arg(100, "validation prompts: the choice of each method's comparison setting")
-    test_prompts: int = arg(200, "test prompts: the final points")
-    curve_prompts: int = arg(100, "test prompts of the points during training (sampled answers only)")
+    train_pairs: int = arg(256, "the first N pairs train every method, one epoch (0 = all)")
+    valid_prompts: int = arg(64, "validation prompts: the choice of each method's comparison setting")
+    test_prompts: int = arg(128, "test prompts: the final points")
+    curve_prompts: int = arg(64, "test prompts of the points during training (sampled answers only)")
     max_new_tokens: int = arg(192, "answer tokens at most, in the pairs and the evaluation (the start's sampled "
                                    "answers end 98% of the time within 192)")
     temperature: float = arg(0.8, "sampling temperature of the pairs and of the evaluation's sampled answers")
@@ -60,8 +60,8 @@ class RealStudyConfig:
     methods: str = arg("dpo,simpo,confpo,confpo_rand,confpo_dpo,rdpo,sepo,sepo_noeos", "the methods compared")
     lrs: str = arg("3e-6,1e-5,3e-5", "the lr grid of every method with a setting of its own (seed 0); widened "
                                      "along LADDER while the best lies on an edge")
-    points: int = arg(3, "evaluations during each seed-0 run, plus its end")
-    global_batch_size: int = arg(32, "pairs per optimizer step (one epoch of the pairs)")
+    points: int = arg(2, "evaluations during each seed-0 run, plus its end")
+    global_batch_size: int = arg(16, "pairs per optimizer step (one epoch of the pairs)")
     micro_batch_size: int = arg(8, "pairs per forward")
     dtype: str = arg("fp32", "compute dtype of training, sampling and evaluation (bf16 on a CPU with avx512_bf16 "
                              "is no faster for this model, and 15x slower without native bf16)", options=DTYPES)
@@ -198,8 +198,8 @@ def setup(cfg, device):
     ctx.train_argv = ["--model", start, "--data", pairs, *ctx.shape, "--global_batch_size",
                       str(cfg.global_batch_size), "--micro_batch_size", str(cfg.micro_batch_size), "--dtype",
                       cfg.dtype, "--device", cfg.device, "--cache_dir", cfg.cache_dir, "--judge", "none",
-                      "--log_every", "1", "--eval_every", str(10**9), "--save_final", "false"] + \
-        (["--max_steps", "2"] if cfg.quick else [])
+                      "--log_every", "1", "--eval_every", str(10**9), "--save_final", "false",
+                      "--activation_checkpointing", "false"] + (["--max_steps", "2"] if cfg.quick else [])
     if cfg.quick:
         ctx.steps = 2
     ctx.key = {"start": rundir.fingerprint(start), "pairs": rundir.fingerprint(pairs), "reward": cfg.reward,
@@ -305,7 +305,7 @@ def oracle_selections(ctx, seed):
     argv = ["--data", ctx.pairs, "--oracle_base", ctx.start, "--policy", ctx.start, "--seed", str(seed),
             "--output_dir", out, "--until", "scores", *ctx.shape, "--global_batch_size", str(ctx.cfg.global_batch_size),
             "--micro_batch_size", str(ctx.cfg.micro_batch_size), "--dtype", ctx.cfg.dtype, "--device", ctx.cfg.device,
-            "--cache_dir", ctx.cfg.cache_dir]
+            "--cache_dir", ctx.cfg.cache_dir, "--activation_checkpointing", "false"]
     sepo_pipeline.main(argv + [x for k, v in flags.items() for x in (f"--{k}", str(v))])
     return os.path.join(out, "scores", sepo.selection_name(ORACLE["chosen_ratio"], ORACLE["rejected_ratio"]))
 
