@@ -304,14 +304,8 @@ def blocks(cfg, questions):
 def load_models(cfg, device, dtype):
     """(the reward's scores function or None, the model); the reward first, so that a reward model that cannot load
     fails before the model loads."""
-    from transformers import AutoModelForCausalLM
     scores = onpolicy.reward_scorer(cfg, device, dtype) if cfg.reward else None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
-                                                     attn_implementation=cfg.attn_implementation).to(device).eval()
-    except Exception as e:
-        raise UserError(f"--model {cfg.model}: could not be loaded ({utils.reason(e)})") from None
-    return scores, model
+    return scores, models.load_for_inference(cfg.model, dtype, device, cfg.attn_implementation)
 
 
 def answer_blocks(cfg, store, todo, questions, decoding, tokenizer, scores, model, rank):

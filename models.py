@@ -144,9 +144,8 @@ def check_source(path, flag):
     try:
         AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0][:200]
         raise UserError(f"{flag} {path}: no such folder, and no model of that name could be loaded from the Hugging "
-                        f"Face hub ({reason})") from None
+                        f"Face hub ({reason(e)})") from None
 
 
 def compute_dtype(flag, device):
@@ -255,6 +254,20 @@ def peak_memory_mib(device):
         torch.cuda.reset_peak_memory_stats(device)
         return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def load_for_inference(path, dtype, device, attn_implementation="sdpa", flag="--model", kind=None):
+    """A Hugging Face model for inference on one device (no FSDP: ranks split the data), in eval mode, with no KV
+    cache unless one is asked for (a checkpoint's use_cache would build one every forward of a scorer); a model that
+    cannot load is one UserError naming the flag. kind: the Auto class (AutoModelForCausalLM by default)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        model = (kind or AutoModelForCausalLM).from_pretrained(path, dtype=dtype,
+                                                               attn_implementation=attn_implementation)
+    except Exception as e:
+        raise UserError(f"{flag} {path}: could not be loaded ({reason(e)})") from None
+    model.config.use_cache = False
+    return model.to(device).eval()
 
 
 def memory_estimate(config, cfg, world, reference, device):

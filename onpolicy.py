@@ -155,11 +155,9 @@ def reward_model_scorer(path, device, dtype, batch_size, attention="sdpa"):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, attn_implementation=attention)
-        model = model.to(device).eval()
     except Exception as e:
         raise UserError(f"--reward {path}: could not be loaded ({utils.reason(e)})") from None
-    model.config.use_cache = False  # a checkpoint's use_cache would build a KV cache every forward
+    model = models.load_for_inference(path, dtype, device, attention, "--reward", AutoModelForSequenceClassification)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:  # HF pools at the last token that is not padding
@@ -223,16 +221,10 @@ def blocks(cfg, prompts):
 def load_models(cfg, device, dtype):
     """(the reward's scores function, the policy) for sampling; the reward first, so that a reward model that
     cannot load fails before the policy loads. With --samples, no policy (None): nothing is sampled."""
-    from transformers import AutoModelForCausalLM
     scores = reward_scorer(cfg, device, dtype)
     if cfg.samples:
         return scores, None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
-                                                     attn_implementation=cfg.attn_implementation).to(device).eval()
-    except Exception as e:
-        raise UserError(f"--model {cfg.model}: could not be loaded ({utils.reason(e)})") from None
-    return scores, model
+    return scores, models.load_for_inference(cfg.model, dtype, device, cfg.attn_implementation)
 
 
 def sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, scores, model, rank, given=None):

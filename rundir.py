@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from utils import UserError, disk_full, log0, on_rank_zero
+from utils import UserError, disk_full, log0, on_rank_zero, reason
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files that survive a kill: a reader sees the old version or the new one, never half of one
@@ -424,7 +424,7 @@ def resume(found, model, optimizer, rank):
         try:
             loaded = load_checkpoint(path, model, optimizer, rank)
         except Exception as e:  # a damaged checkpoint: any error of the readers
-            problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            problem = reason(e)
         verdicts = [None] * dist.get_world_size()
         dist.all_gather_object(verdicts, problem)
         bad = [(r, p) for r, p in enumerate(verdicts) if p]

@@ -142,10 +142,7 @@ def load_scorer(path, cfg, device):
     """A causal LM for inference that returns per-token log-probs (models.PolicyLogps), no FSDP: ranks split data.
     No KV cache (a checkpoint's use_cache would build one every forward: +4 GB at 8B in bf16), and the head in
     float32 whatever --dtype: Eq. 24 differences two models' log-probs, which a bf16 logit would round."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=models.compute_dtype(cfg.dtype, device),
-                                                 attn_implementation=cfg.attn_implementation).to(device).eval()
-    model.config.use_cache = False
+    model = models.load_for_inference(path, models.compute_dtype(cfg.dtype, device), device, cfg.attn_implementation)
     return models.PolicyLogps(model, models.choose_logp_path("auto", model), chunk_size=None, together=False,
                               fp32_head=True)
 

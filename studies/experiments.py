@@ -528,9 +528,7 @@ def configure(argv=None):
     """The study's config from flags, with --quick's defaults where the flags say nothing."""
     cfg, explicit = parse_config(argv)
     if cfg.quick:
-        for key, value in QUICK.items():
-            if key not in explicit:
-                setattr(cfg, key, value)
+        tiny.fill_defaults(cfg, QUICK, explicit)
     return cfg
 
 

@@ -267,7 +267,7 @@ def evaluate(ctx, model, split, n, greedy, step):
     sampled = generate(ctx, model, prompts, ctx.cfg.temperature)
     said, per = answer_metrics(ctx, prompts, sampled)
     ids, attention, answer = (x.to(ctx.device) for x in measures.left_padded(sampled, ctx.pad))
-    kl = measures.sequence_kl(model, ctx.start_model, ids, answer, ctx.pad, batch_size=32,
+    kl = measures.sequence_kl(model, ctx.start_model, ids, answer, ctx.pad, batch_size=8,
                                  attention_mask=attention)
     point = {"step": step, **summarize_answers(ctx, per, ""), "kl": float(kl.mean()),
              "distinct2": measures.distinct2(said), "start_logp": None, "prompts": n,
@@ -593,9 +593,7 @@ def main(argv=None):
                      key_spans="tiny:synthetic_key_spans", train_prompts=64, valid_prompts=8, test_prompts=12,
                      curve_prompts=6, max_new_tokens=24, seeds="0,1", points=1, global_batch_size=8,
                      micro_batch_size=4, dtype="fp32", lrs="1e-4,3e-4", cut_reward=0.0)
-        for key, value in quick.items():
-            if key not in explicit:
-                setattr(cfg, key, value)
+        tiny.fill_defaults(cfg, quick, explicit)
     return run_in_group(cfg.device, lambda rank, world, device: study(cfg, world, device), dtype=cfg.dtype,
                         model_given=not cfg.quick)
 
