@@ -305,11 +305,12 @@ def test_real_study_numbers_come_from_its_results_file():
 
 
 def bench_tables():
-    """benchmarks/bench.json and bench_generation.json as bench.py renders them (--table ... --markdown)."""
+    """benchmarks/bench.json, bench_generation.json and bench_extras.json as bench.py renders them (--table ...
+    --markdown)."""
     import bench
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        for name in ("bench.json", "bench_generation.json"):
+        for name in ("bench.json", "bench_generation.json", "bench_extras.json"):
             with open(os.path.join(HERE, "benchmarks", name), encoding="utf-8") as fh:
                 bench.print_table(bench.table_rows(json.load(fh))[0], markdown=True)
     return out.getvalue()
