@@ -14,13 +14,8 @@ TRL conventions followed (trl.data_utils, DPOTrainer.tokenize_row):
     the rendered conversation minus that prefix; prompt and response are tokenized separately and concatenated.
   - the response ends with exactly one EOS; labels are -100 on the prompt and equal to the ids on the response.
   - truncation keeps the end of the prompt and the start of each response (truncation_mode="keep_end").
-Choices where TRL leaves room (each also commented at its line):
-  - with a chat template, string pairs are wrapped as one user turn and one assistant turn (TRL leaves strings
-    untemplated: chat_template=False does that); conversations without a template render as "role: content\n\n".
-  - the response ends at the first EOS after its content, and what the template renders after it is dropped; a
-    template whose end-of-turn token is not the EOS keeps its token and gets one EOS appended.
-  - implicit prompts end after the last "\n\nAssistant:" of the shared prefix, else before its last whitespace.
-Repo-wide convention: response tokens (the final EOS included) are the positions where labels != -100.
+Where TRL leaves room, each choice is commented at its line (docs/data.md lists them). Repo-wide convention:
+response tokens (the final EOS included) are the positions where labels != -100.
 """
 import argparse
 import hashlib
@@ -34,12 +29,11 @@ import sys
 import warnings
 
 
-FORMS = ("auto", "standard", "conversational", "implicit")
+FORMS = ("auto", "standard", "conversational", "implicit")  # (utils.FORMS: data.py imports nothing of the project)
 
 
 def command_line():
-    """`python data.py check FILE ...`'s flags (defined above the slow imports, so that --help answers at once).
-    Every flag in both spellings, as HfArgumentParser gives train.py's and score.py's."""
+    """`python data.py check`'s flags, in both spellings (--skip_bad_rows, --skip-bad-rows), before slow imports."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="validate a preference dataset and print kept/dropped counts")

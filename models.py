@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import data
 import losses
 import rundir
 from utils import UserError, log0, on_rank_zero, reason
@@ -146,6 +147,17 @@ def check_source(path, flag):
     except (OSError, ValueError) as e:
         raise UserError(f"{flag} {path}: no such folder, and no model of that name could be loaded from the Hugging "
                         f"Face hub ({reason(e)})") from None
+
+
+def set_numerics(deterministic, tf32, device):
+    """--deterministic: torch's deterministic algorithms (cuBLAS's fixed workspace is set before CUDA starts, in
+    utils.init_distributed), without the NaN fill of uninitialized memory (nothing here reads memory before writing
+    it, and the fill would touch every FSDP all-gather buffer); --tf32: float32 matmuls on a GPU in TensorFloat-32."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
 
 def compute_dtype(flag, device):
@@ -416,7 +428,7 @@ def export(out_dir, model, tokenizer, model_path, step, rank, dtype="auto", lora
         out = os.path.join(out_dir, "final")
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        if lora is not None:  # the trained adapters on the base model, then merged into its weights
+        if lora:  # the trained adapters on the base model, then merged into its weights
             from peft import get_peft_model
             peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), lora)
             peft.get_base_model().load_state_dict(sd)
@@ -454,6 +466,17 @@ def load_weights(model, path):
 # ---------------------------------------------------------------------------------------------------------------
 # The reference pre-pass (train.py --precompute_ref): the frozen reference's log-probs, once, block by block
 # ---------------------------------------------------------------------------------------------------------------
+
+def reference_identity(cfg, fingerprints, split, n_pairs, tokenizer, device):
+    """What a split's reference blocks hold the log-probs of (train.py's config, its paths' fingerprints): blocks of
+    anything else are cleared."""
+    held_out = split == "eval"
+    return {"reference": fingerprints["ref_model"] or fingerprints["model"], "pairs": n_pairs,
+            "data": held_out and fingerprints["eval_data"] or fingerprints["data"],
+            "split": held_out and cfg.eval_split or cfg.split, "tokenizer": data.tokenizer_hash(tokenizer),
+            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "dtype": repr(compute_dtype(cfg.dtype, device))}
+
 
 def reference_logps(ref, n_pairs, batch_of, folder, split, identity, micro_batch_size, rank, world, block=256):
     """The reference's per-token log-probs of every pair -> {pair index: (chosen (n_w,), rejected (n_l,))}, over

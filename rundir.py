@@ -572,7 +572,10 @@ class Trackers:
         if self.wandb is not None:
             self.wandb.log(scalars, step=line["step"])
 
-    def close(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *error):
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

@@ -21,7 +21,6 @@ the data, and these change, where no flag or --config file sets them: global_bat
 """
 
 import dataclasses
-import importlib.util
 import inspect
 import json
 import math
@@ -118,15 +117,14 @@ class Config:
     group_by_length: bool = arg(True, "sort each rank's share of a step by length before cutting micro-batches", **R)
     tf32: bool = arg(True, "on a GPU, float32 matmuls in TensorFloat-32 (with --dtype fp32)", **R)
     export_dtype: str = arg("auto", "exported weights (auto: the source checkpoint's dtype)", options=DTYPES, **R)
-    lora_r: int = arg(0, "LoRA rank (peft; 0 = off, full training): the reference is the model with its adapters "
-                         "off", check=NON_NEGATIVE)
+    lora_r: int = arg(0, "LoRA rank (peft; 0 = off); the reference is the model with its adapters off",
+                      check=NON_NEGATIVE)
     lora_alpha: float = arg(16.0, "LoRA alpha (the adapters' scale is alpha / r)", check=POSITIVE)
     lora_dropout: float = arg(0.0, "LoRA dropout (set to 0 by --disable_dropout, as TRL)", check=BELOW_1)
-    lora_target_modules: str = arg("all-linear", "modules that get adapters: all-linear (every linear layer but the "
-                                                 "output head: the attention and MLP projections) or names, comma list")
-    report_to: str = arg("none", "also log metrics.jsonl's scalars to: none | tensorboard | wandb (a comma list)",
-                         check=Check(lambda v: set(v.split(",")) <= {"none", "tensorboard", "wandb"},
-                                     "must be none, tensorboard, wandb or a comma list of them"), **R)
+    lora_target_modules: str = arg("all-linear", "modules with adapters: all-linear (attention and MLP projections) "
+                                                 "or names, a comma list")
+    report_to: str = arg("none", "also log metrics.jsonl's scalars to tensorboard, wandb (a comma list)",
+                         check=utils.REPORT_TO, **R)
     logp_path: str = arg("auto", "chunked: log-probs from hidden states, never the full logits",
                          options=("auto", "chunked", "logits"), **R)
     chunk_size: int = arg(0, "response tokens per vocabulary block of the log-probs (0 = as many as fit in 32 MiB of "
@@ -238,10 +236,8 @@ def resolve(cfg, explicit):
             raise UserError(f"--{name} is not a parameter of {cfg.method} (it takes: {', '.join(takes) or 'none'})")
     if "threshold" in hparams:
         hparams["threshold"] = confpo.parse_threshold(hparams["threshold"])
-    for package in ({"peft"} if cfg.lora_r else set()) | (set(cfg.report_to.split(",")) - {"none"}):
-        if importlib.util.find_spec(package) is None:  # an optional extra: said now, before anything loads
-            raise UserError(f"{'--lora_r' if package == 'peft' else '--report_to ' + package} needs the {package} "
-                            f"package: pip install {package}")
+    utils.require({"--lora_r": "peft"} if cfg.lora_r else {}, {f"--report_to {t}": t for t in cfg.report_to.split(",")
+                                                              if t != "none"})  # optional extras, said before loading
     return hparams
 
 
@@ -259,12 +255,7 @@ def main(argv=None):
 def train(cfg, hparams, rank, world, device):
     method = METHODS[cfg.method]
     on_tiny_world = not cfg.model
-    if cfg.deterministic:  # (cuBLAS's fixed workspace is set before CUDA starts: utils.init_distributed)
-        torch.use_deterministic_algorithms(True)
-        # nothing here reads memory before writing it: no NaN fill of every FSDP all-gather buffer
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    models.set_numerics(cfg.deterministic, cfg.tf32, device)
     if on_tiny_world:  # the offline tiny world's data and SFT start (its data checked first)
         import tiny
         tiny.training_start(cfg, method.chosen_only, main)
@@ -273,12 +264,9 @@ def train(cfg, hparams, rank, world, device):
                         f"({world} x {cfg.micro_batch_size})")
     with rundir.FolderLock(cfg.output_dir, rank):  # one job at a time; a failed start leaves the folder as it was
         run = set_up(cfg, method, rank, world, device)
-        run.trackers = rundir.Trackers(cfg.output_dir, cfg.report_to, dataclasses.asdict(cfg), run.step) if rank == 0 \
-            else None
-        try:
+        with rundir.Trackers(cfg.output_dir, cfg.report_to if rank == 0 else "none", dataclasses.asdict(cfg),
+                             run.step) as run.trackers:  # --report_to, on rank 0
             return loop(cfg, method, hparams, run, on_tiny_world, rank, world, device)
-        finally:
-            run.trackers and run.trackers.close()
 
 
 def set_up(cfg, method, rank, world, device):
@@ -347,17 +335,11 @@ def set_up(cfg, method, rank, world, device):
         rundir.remove_leftovers(os.path.join(cfg.output_dir, "checkpoints", "*.tmp"))  # a save killed before its rename
     if method.reference and cfg.precompute_ref and run.step < total:
         # one pass of the reference, after config.json is written: a killed pass resumes in a folder known as ours
-        for split, pairs in ds.items():  # each block known by what it holds the log-probs of (blocks of else: cleared)
-            held_out = split == "eval"
-            identity = {"reference": fingerprints["ref_model"] or fingerprints["model"], "pairs": len(pairs),
-                        "data": held_out and fingerprints["eval_data"] or fingerprints["data"],
-                        "split": held_out and cfg.eval_split or cfg.split, "tokenizer": data.tokenizer_hash(tokenizer),
-                        "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-                        "dtype": repr(models.compute_dtype(cfg.dtype, device))}
-            run.refs[split] = models.reference_logps(
-                ref or policy.as_reference, len(pairs),
-                lambda idx, p=pairs: collate(p, idx, run.pad_id, Method(None), device),
-                os.path.join(cfg.output_dir, "ref_logps"), split, identity, 4 * cfg.micro_batch_size, rank, world)
+        for split, pairs in ds.items():
+            identity = models.reference_identity(cfg, fingerprints, split, len(pairs), tokenizer, device)
+            batch_of = lambda idx, p=pairs: collate(p, idx, run.pad_id, Method(None), device)  # noqa: E731
+            run.refs[split] = models.reference_logps(ref or policy.as_reference, len(pairs), batch_of, os.path.join(
+                cfg.output_dir, "ref_logps"), split, identity, 4 * cfg.micro_batch_size, rank, world)
         run.ref = None  # no reference model during training
     return run
 
@@ -420,7 +402,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
     final = os.path.join(cfg.output_dir, "final")
     if cfg.export and not on_rank_zero(lambda: os.path.exists(os.path.join(final, "config.json"))):
         models.export(cfg.output_dir, run.policy.model, run.tokenizer, cfg.model, run.step, rank, cfg.export_dtype,
-                      models.lora_config(cfg) if cfg.lora_r else None)
+                      cfg.lora_r and models.lora_config(cfg))
     if cfg.export and rank == 0 and (cfg.judge == "synthetic" or (cfg.judge == "auto" and on_tiny_world)) and \
             not any(line.get("split") == "generate" for line in rundir.read_metrics(run.metrics_path)):
         import tiny  # the synthetic task has a programmatic judge: greedy answers to held-out prompts, scored
@@ -477,11 +459,10 @@ def optimizer_step(cfg, method, hparams, run, rank, world, device):
     return float(grad_norm), lr
 
 
-def save(cfg, run, rank):
-    """A checkpoint: model and optimizer shards, the schedule, the skipped steps, this rank's partial metric sums."""
-    rundir.save_checkpoint(cfg.output_dir, run.step, run.policy, run.optimizer,
-                           {"scheduler": run.scheduler.state_dict(), "skipped_steps": run.skipped},
-                           {"meter": run.meter.state()}, rank, cfg.keep_last)
+def save(cfg, run, rank):  # model and optimizer shards, the schedule, skipped steps, this rank's partial metric sums
+    state = {"scheduler": run.scheduler.state_dict(), "skipped_steps": run.skipped}
+    rundir.save_checkpoint(cfg.output_dir, run.step, run.policy, run.optimizer, state, {"meter": run.meter.state()},
+                           rank, cfg.keep_last)
 
 
 def cosine_with_warmup(step, total, warmup):

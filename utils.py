@@ -59,6 +59,8 @@ def _tau(v):
 
 
 THRESHOLD = Check(_tau, "must be arithmetic, geometric or a probability in (0, 1]")  # confpo.parse_threshold's
+REPORT_TO = Check(lambda v: set(v.split(",")) <= {"none", "tensorboard", "wandb"},
+                  "must be none, tensorboard, wandb or a comma list of them")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "bf16", "fp32")  # fp16 is refused: it needs loss scaling, which no trainer here does
 FORMS = ("auto", "standard", "conversational", "implicit")
@@ -67,6 +69,15 @@ FORMS = ("auto", "standard", "conversational", "implicit")
 def resumable_fields(cls):
     """The fields of a config that may change when a run resumes (declared with resumable=True)."""
     return {f.name for f in dataclasses.fields(cls) if f.metadata.get("resumable")}
+
+
+def require(*needs):
+    """Optional extras (peft, tensorboard, wandb): each {flag: package} asked for must be installed; said in one
+    UserError before anything loads."""
+    import importlib.util
+    for flag, package in ((f, p) for need in needs for f, p in need.items()):
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"{flag} needs the {package} package: pip install {package}")
 
 
 def check_settings(cfg):
