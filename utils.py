@@ -2,8 +2,8 @@
 (torchrun or a world of one). No method, data or model code here; output folders are rundir.py's.
 
 torch is imported inside the functions that need it, so that `--help` and a mistyped flag answer before torch
-loads. Layers (test_layers.py holds them): losses, data, utils <- confpo, sepo, models, rundir, tiny, report <-
-train <- score, onpolicy <- sepo_pipeline <- studies, benchmarks. A module imports only from lower layers, from
+loads. Layers (tests/test_layers.py holds them): losses, data, utils <- confpo, sepo, rundir <- models, tiny <- train
+<- score, onpolicy <- sepo_pipeline, generate <- studies, benchmarks. A module imports only from lower layers, from
 inside a function neither.
 """
 
