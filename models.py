@@ -14,7 +14,6 @@ import inspect
 import json
 import math
 import os
-import resource
 import shutil
 
 import torch
@@ -256,30 +255,6 @@ def load_model(path, cfg, mesh, device, trainable):
     if not trainable:
         wrapped.requires_grad_(False)
     return wrapped
-
-
-def peak_memory_mib(device):
-    """The peak memory since the last line (a GPU's allocated memory; a CPU process's resident set, since its
-    start)."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def load_for_inference(path, dtype, device, attn_implementation="sdpa", flag="--model", kind=None):
-    """A Hugging Face model for inference on one device (no FSDP: ranks split the data), in eval mode, with no KV
-    cache unless one is asked for (a checkpoint's use_cache would build one every forward of a scorer); a model that
-    cannot load is one UserError naming the flag. kind: the Auto class (AutoModelForCausalLM by default)."""
-    from transformers import AutoModelForCausalLM
-    try:
-        model = (kind or AutoModelForCausalLM).from_pretrained(path, dtype=dtype,
-                                                               attn_implementation=attn_implementation)
-    except Exception as e:
-        raise UserError(f"{flag} {path}: could not be loaded ({reason(e)})") from None
-    model.config.use_cache = False
-    return model.to(device).eval()
 
 
 def memory_estimate(config, cfg, world, reference, device):

@@ -369,7 +369,7 @@ def loop(cfg, method, hparams, run, on_tiny_world, rank, world, device):
                 line = run.meter.result()
                 line.update(step=step, split="train", lr=lr, grad_norm=grad_norm, skipped_steps=run.skipped,
                             tokens_per_s=line.pop("tokens_timed") / max(line.pop("seconds"), 1e-9),
-                            peak_memory_mib=models.peak_memory_mib(device))
+                            peak_memory_mib=utils.peak_memory_mib(device))
                 bar.set_postfix(loss=f"{line['loss']:.4f}", tok_s=f"{line['tokens_per_s']:.0f}")
                 write(line)
             if "eval" in ds and (step % cfg.eval_every == 0 or step == total):

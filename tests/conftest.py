@@ -7,6 +7,9 @@ import pytest
 # One thread in the test process, as in the commands the tests start (their environment sets it too): results
 # compared bit for bit between the two come from the same float summation order.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite runs on the CPU, on a GPU machine too (a test that means a GPU says so): otherwise train.main without
+# --device would run on CUDA in bf16, and a 2-rank torchrun would bind cuda:1.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import tiny
 

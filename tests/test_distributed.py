@@ -192,18 +192,19 @@ def free_port():
 
 
 def test_hsdp_over_two_torchrun_agents_equals_one_rank(world, tmp_path):
-    """--hybrid_shard with two agents on localhost, as two nodes of one GPU each (replicate across nodes, shard
-    within one): the same parameters as one rank."""
+    """--hybrid_shard with two agents on localhost, as two nodes of two GPUs each (replicate across nodes, shard
+    within one), two micro-steps a step: the all-reduce across nodes runs on the last micro-step only
+    (set_requires_all_reduce), and the parameters are one rank's."""
     port, out = free_port(), tmp_path / "hsdp"
-    args = base_args(world, out, method="simpo", hybrid_shard="true", **EQUIV)
+    args = base_args(world, out, method="simpo", hybrid_shard="true", micro_batch_size=1, **EQUIV)
     agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={r}",
-                                "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                                "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
                                 os.path.join(HERE, "train.py"), *args], env=ENV, cwd=HERE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for agent in agents:
         _, err = agent.communicate(timeout=300)
         assert agent.returncode == 0, err[-3000:]
-    train.main(base_args(world, tmp_path / "one", method="simpo", **EQUIV))
+    train.main(base_args(world, tmp_path / "one", method="simpo", micro_batch_size=1, **EQUIV))
     assert_same_params(tmp_path / "one", out, atol=2e-6)
 
 
