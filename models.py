@@ -257,6 +257,20 @@ def load_model(path, cfg, mesh, device, trainable):
     return wrapped
 
 
+def load_for_inference(path, dtype, device, attn_implementation="sdpa", flag="--model", kind=None):
+    """A Hugging Face model for inference on one device (no FSDP: ranks split the data), in eval mode, with no KV
+    cache unless one is asked for (a checkpoint's use_cache would build one every forward of a scorer); a model that
+    cannot load is one UserError naming the flag. kind: the Auto class (AutoModelForCausalLM by default)."""
+    from transformers import AutoModelForCausalLM
+    try:
+        model = (kind or AutoModelForCausalLM).from_pretrained(path, dtype=dtype,
+                                                               attn_implementation=attn_implementation)
+    except Exception as e:
+        raise UserError(f"{flag} {path}: could not be loaded ({reason(e)})") from None
+    model.config.use_cache = False
+    return model.to(device).eval()
+
+
 def memory_estimate(config, cfg, world, reference, device):
     """A line estimating the peak memory per rank of the first long step, before it runs: the sharded state (fp32
     weights, gradients and AdamW's two moments: 16 bytes a parameter; a frozen reference: 2 on a GPU in bf16, 4

@@ -132,7 +132,7 @@ def scoring_argv(cfg, oracle, ref, ratios, scores_dir):
     return ["--oracle", oracle, "--reference", ref, "--policy", cfg.policy, "--data", cfg.data, "--split", cfg.split,
             "--beta", str(cfg.beta), "--ratios", ",".join(f"{rc}:{rl}" for rc, rl in ratios), "--output_dir",
             scores_dir, "--max_length", str(cfg.max_length), "--max_prompt_length", str(cfg.max_prompt_length),
-            "--cache_dir", cfg.cache_dir, "--device", cfg.device, "--dtype", cfg.dtype,
+            "--cache_dir", cfg.cache_dir, "--device", cfg.device, "--dtype", "fp32",  # (score.py's dtype says why)
             "--report", os.path.join(scores_dir, "report.html"),
             "--cross_tokenizer", str(cfg.cross_tokenizer), "--exclude_eos", str(cfg.exclude_eos)]
 

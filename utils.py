@@ -587,20 +587,6 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def load_for_inference(path, dtype, device, attn_implementation="sdpa", flag="--model", kind=None):
-    """A Hugging Face model for inference on one device (no FSDP: ranks split the data), in eval mode, with no KV
-    cache unless one is asked for (a checkpoint's use_cache would build one every forward of a scorer); a model that
-    cannot load is one UserError naming the flag. kind: the Auto class (AutoModelForCausalLM by default)."""
-    from transformers import AutoModelForCausalLM
-    try:
-        model = (kind or AutoModelForCausalLM).from_pretrained(path, dtype=dtype,
-                                                               attn_implementation=attn_implementation)
-    except Exception as e:
-        raise UserError(f"{flag} {path}: could not be loaded ({reason(e)})") from None
-    model.config.use_cache = False
-    return model.to(device).eval()
-
-
 def rank_zero_first(fn):
     """Run fn on rank 0, then on the other ranks: rank 0 fills the datasets cache, the others read it. A user error
     on rank 0 stops every rank. Only the error is broadcast: a Dataset pickles as paths into rank 0's cache, which
