@@ -111,7 +111,7 @@ class GenerateConfig:
     dtype: str = arg("auto", "auto (bf16 on GPU, fp32 on CPU), of the model and the reward model", options=DTYPES)
     device: str = arg("auto", "where to run", options=DEVICES)
     attn_implementation: str = arg("sdpa", "attention kernel of the model and the reward model",
-                                   options=("sdpa", "eager", "flash_attention_2"))
+                                   options=utils.ATTENTION)
     threads: int = arg(0, "CPU threads per process (0 = as train.py)", check=NON_NEGATIVE)
     dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
                             check=AT_LEAST_1)

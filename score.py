@@ -91,7 +91,7 @@ class ScoreConfig:
     dtype: str = arg("fp32", "compute dtype of the scorers (bf16 halves their memory, at the selections' cost)",
                      options=DTYPES)
     attn_implementation: str = arg("sdpa", "attention kernel (flash_attention_2 needs the flash-attn package)",
-                                   options=("sdpa", "eager", "flash_attention_2"))
+                                   options=utils.ATTENTION)
     dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
                             check=AT_LEAST_1)
     report: str = arg("", "write an HTML report here (of the first ratio pair)")

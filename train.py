@@ -113,7 +113,7 @@ class Config:
     activation_checkpointing: Optional[bool] = arg(None, "recompute decoder layers in backward (None = on with "
                                                          "--model, off on the tiny world)", nargs="?", const=True, **R)
     attn_implementation: str = arg("sdpa", "attention kernel of every model loaded (flash_attention_2 needs the "
-                                           "flash-attn package)", options=("sdpa", "eager", "flash_attention_2"), **R)
+                                           "flash-attn package)", options=utils.ATTENTION, **R)
     group_by_length: bool = arg(True, "sort each rank's share of a step by length before cutting micro-batches", **R)
     tf32: bool = arg(True, "on a GPU, float32 matmuls in TensorFloat-32 (with --dtype fp32)", **R)
     export_dtype: str = arg("auto", "exported weights (auto: the source checkpoint's dtype)", options=DTYPES, **R)

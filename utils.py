@@ -62,6 +62,7 @@ THRESHOLD = Check(_tau, "must be arithmetic, geometric or a probability in (0, 1
 REPORT_TO = Check(lambda v: set(v.split(",")) <= {"none", "tensorboard", "wandb"},
                   "must be none, tensorboard, wandb or a comma list of them")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")  # --attn_implementation (flash_attention_2: the flash-attn package)
 DTYPES = ("auto", "bf16", "fp32")  # fp16 is refused: it needs loss scaling, which no trainer here does
 FORMS = ("auto", "standard", "conversational", "implicit")
 

@@ -5,10 +5,8 @@ answer and each category its temperature, kill -9, 2 ranks and another batch siz
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -16,6 +14,7 @@ import generate
 import tiny
 import train
 import utils
+from test_onpolicy import killed_after_blocks
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -200,16 +199,7 @@ def test_kill_then_resume_gives_the_same_bytes(world, policy, tmp_path):
     src = questions(world, tmp_path, "alpaca_eval", n=60)
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     argv = base(world, policy, "alpaca_eval", src, killed, batch_size=1)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "generate.py"), *argv], env=ENV, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    blocks = os.path.join(killed, "blocks")
-    deadline = time.time() + 240
-    while time.time() < deadline and len([f for f in os.listdir(blocks) if f.endswith(".jsonl")]
-                                          if os.path.isdir(blocks) else []) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len([f for f in os.listdir(blocks) if f.endswith(".jsonl")])
+    done = killed_after_blocks("generate.py", argv, killed, 3, tmp_path)
     assert 3 <= done < 15 and not json.load(open(os.path.join(killed, "manifest.json")))["complete"]
     proc = command(argv, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -217,7 +207,7 @@ def test_kill_then_resume_gives_the_same_bytes(world, policy, tmp_path):
     expected = open(answer_file(full), "rb").read()
     assert open(answer_file(killed), "rb").read() == expected
     # a block holding garbage is named and answered again
-    damaged = os.path.join(blocks, "block_000002.jsonl")
+    damaged = os.path.join(killed, "blocks", "block_000002.jsonl")
     open(damaged, "w").write("garbage\n")
     manifest = json.load(open(os.path.join(killed, "manifest.json")))
     open(os.path.join(killed, "manifest.json"), "w").write(json.dumps({**manifest, "complete": False}))

@@ -243,16 +243,7 @@ def test_two_ranks_and_other_batches_give_the_same_bytes(world, policy, tmp_path
 def test_kill_then_resume_gives_the_same_bytes(world, policy, tmp_path):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     argv = base(world, policy, killed, max_prompts=80, block_size=4, batch_size=1)
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "onpolicy.py"), *argv], env=ENV, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    blocks = os.path.join(killed, "blocks")
-    deadline = time.time() + 240
-    while time.time() < deadline and len([f for f in os.listdir(blocks) if f.endswith(".jsonl")]
-                                          if os.path.isdir(blocks) else []) < 3:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len([f for f in os.listdir(blocks) if f.endswith(".jsonl")])
+    done = killed_after_blocks("onpolicy.py", argv, killed, 3, tmp_path)
     assert 3 <= done < 20 and not json.load(open(os.path.join(killed, "manifest.json")))["complete"]
     proc = command(argv, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -355,6 +346,20 @@ def test_a_bad_samples_file_is_one_line(world, policy, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # Mistakes: one line each, before any model loads where possible
 # ---------------------------------------------------------------------------------------------------------------
+
+def killed_after_blocks(script, argv, out, n, cwd):
+    """`script argv` killed with SIGKILL once out/blocks holds n finished blocks -> the blocks it had finished."""
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), *argv], env=ENV, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    blocks = os.path.join(out, "blocks")
+    finished = lambda: [f for f in os.listdir(blocks) if f.endswith(".jsonl")] if os.path.isdir(blocks) else []  # noqa
+    deadline = time.time() + 240
+    while time.time() < deadline and len(finished()) < n:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(finished())
+
 
 def one_line(proc, match, code=1):
     """A command's one error line (exit code 1, or 2 for a flag's value refused before anything runs)."""
