@@ -156,7 +156,7 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
             d.scatter_add_(-1, targets[s:s + ctx.chunk_size, None], g)
             d = d.to(ctx.dtype)
             grad_hidden.index_copy_(0, r, (d @ w).to(hidden.dtype))
-            grad_weight += (d.T @ h).float()
+            grad_weight.add_(d.T @ h)  # promoted to float32 inside the add: no float32 copy of the (V, H) product
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
