@@ -85,11 +85,9 @@ class ScoreConfig:
     shard_size: int = arg(512, "pairs per shard file (the unit of resumption and of work split between ranks)",
                           check=AT_LEAST_1)
     device: str = arg("auto", "where to run", options=DEVICES)
-    # Eq. 24's scores differ by a few hundredths of a nat between two models, and a bf16 forward rounds them: on the
-    # real pairs, top-30% selections overlapped float32's by 62% with bf16 logits, 66% with a bf16 body and a float32
-    # head (docs/sepo-pipeline.md). float32 by default, whatever the device; the head is float32 always.
-    dtype: str = arg("fp32", "compute dtype of the scorers (bf16 halves their memory, at the selections' cost)",
-                     options=DTYPES)
+    # Eq. 24's scores are a few hundredths of a nat, which a bf16 forward rounds: top-30% selections from bf16 kept
+    # 62% of float32's, 66% with a float32 head (docs/sepo-pipeline.md). So float32 on any device, the head always.
+    dtype: str = arg("fp32", "the scorers' dtype (bf16 halves their memory, at the selections' cost)", options=DTYPES)
     attn_implementation: str = arg("sdpa", "attention kernel (flash_attention_2 needs the flash-attn package)",
                                    options=utils.ATTENTION)
     dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
