@@ -487,14 +487,14 @@ def head_check_gaps(ctx, r):
     torch.backends.cuda.matmul.allow_tf32 = False
     r.set("check_head_tolerance_low_precision", 0.25)
     # score.load_scorer's model: bf16 weights, a float32 copy of the head (fp32_head). check_head compares the two
-    # bf16 paths; which tolerance does forward give it? (models.py passes low_precision from the hidden states after
-    # their cast to float32)
+    # bf16 paths, so forward must give it bf16's tolerance (low_precision is read before the cast to float32)
     scorer = models.PolicyLogps(copy_of(hot, torch.bfloat16), "chunked", None, together=False, fp32_head=True)
     flags, check = [], scorer.check_head
     scorer.check_head = lambda *a, low_precision: flags.append(low_precision) or check(*a, low_precision=low_precision)
     value, _, refused = gap(scorer, False)
     r.set("check_head_gap_scorer_bf16_fp32_head", value)
     r.set("check_head_low_precision_scorer_bf16_fp32_head", bool(flags and flags[0]))
+    r.expect(bool(flags and flags[0]), "check_head was given float32's tolerance for a bf16 scorer's two bf16 paths")
     r.expect(refused is None, f"check_head refused score.load_scorer's plain Llama (bf16 weights, fp32 head; "
              f"low_precision={flags[:1]}, so a tolerance of {0.25 if flags and flags[0] else 1e-3}): {refused}")
     # the negative control: the hot head's logits scaled by 1.5 inside its forward (a trained model's logits so
