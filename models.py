@@ -45,7 +45,8 @@ class PolicyLogps(torch.nn.Module):
         # fp32_head (scoring, no gradient): the chunked path's products in float32 on a float32 copy of the head, kept
         # out of the state dict; a bf16 logit is off by up to 0.06 at 30, more than SePO's per-token scores differ
         weight = model.get_output_embeddings().weight
-        self.head32 = weight.detach().float() if fp32_head and weight.dtype != torch.float32 else None
+        self.head32 = weight.detach().float() if fp32_head and path == "chunked" and weight.dtype != torch.float32 \
+            else None
 
     @torch.no_grad()
     def as_reference(self, **inputs):
@@ -273,13 +274,13 @@ def load_for_inference(path, dtype, device, attn_implementation="sdpa", flag="--
 
 def memory_estimate(config, cfg, world, reference, device):
     """A line estimating the peak memory per rank of the first long step, before it runs: the sharded state (fp32
-    weights, gradients and AdamW's two moments: 16 bytes a parameter; a frozen reference: 2 on a GPU in bf16, 4
-    else), and the saved activations of one micro-batch at --max_length (about 34 h bytes a token per layer in 16
-    bits with a memory-efficient attention, Korthikanti et al. 2022; with activation checkpointing, 2 h per layer
+    weights, gradients and AdamW's two moments: 16 bytes a parameter; a frozen reference: 2 sharded on GPUs in
+    bf16, 4 else), and the saved activations of one micro-batch at --max_length (about 34 h bytes a token per layer
+    in 16 bits with a memory-efficient attention, Korthikanti et al. 2022; with activation checkpointing, 2 h per layer
     kept plus one layer's 34 h). An estimate to plan with, not a measurement (bench.py and the GPU check measure)."""
     h, layers, gib = config.hidden_size, config.num_hidden_layers, 2**30
     half = device.type == "cuda" and cfg.dtype != "fp32"  # 16-bit activations and reference
-    state = _parameter_count(config) * (16 + (2 if half else 4) * reference) / world
+    state = _parameter_count(config) * (16 + (2 if half and world > 1 else 4) * reference) / world
     tokens = 2 * cfg.micro_batch_size * cfg.max_length  # chosen and rejected rows
     per_layer = 34 * h * tokens * (1 if half else 2)
     activations = (2 * h * tokens * layers * (1 if half else 2) + per_layer) if cfg.activation_checkpointing else \
@@ -430,7 +431,7 @@ def export(out_dir, model, tokenizer, model_path, step, rank, dtype="auto", lora
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         rundir.atomic_write(os.path.join(tmp, "run.json"), json.dumps({"step": step}))
-        if os.path.exists(out):  # a run resumed after its export: retire the old folder first
+        if os.path.exists(out):  # a final/ without its config.json (train.py exports when that is missing)
             rundir.remove(out)
         os.replace(tmp, out)
         rundir.fsync_dir(out_dir)
@@ -439,9 +440,9 @@ def export(out_dir, model, tokenizer, model_path, step, rank, dtype="auto", lora
 
 
 def load_weights(model, path):
-    import torch.distributed.checkpoint as dcp
     """The weights of a checkpoint (DCP shards, keys `model.<Hugging Face key>`) or of an exported folder into a
     plain Hugging Face model -> the model, in eval mode (evaluations of checkpoints along a run)."""
+    import torch.distributed.checkpoint as dcp
     if os.path.exists(os.path.join(path, "trainer_state.json")):
         sd = {f"model.{k}": v for k, v in model.state_dict().items()}
         dcp.load({"model": sd}, checkpoint_id=path)
@@ -463,7 +464,8 @@ def reference_identity(cfg, fingerprints, split, n_pairs, tokenizer, device):
     return {"reference": fingerprints["ref_model"] or fingerprints["model"], "pairs": n_pairs,
             "data": held_out and fingerprints["eval_data"] or fingerprints["data"],
             "split": held_out and cfg.eval_split or cfg.split, "tokenizer": data.tokenizer_hash(tokenizer),
-            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "form": cfg.form,
+            "skip_bad_rows": cfg.skip_bad_rows, "attention": cfg.attn_implementation,
             "dtype": repr(compute_dtype(cfg.dtype, device))}
 
 

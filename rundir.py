@@ -28,6 +28,7 @@ import shutil
 import socket
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -83,7 +84,9 @@ def fsync_dir(path):
 def remove(path):
     """Delete a folder so that a kill half-way leaves nothing that looks complete: rename it to *.old.tmp (atomic),
     then delete; leftover *.tmp folders are cleared by the next run."""
+    path = os.path.abspath(path)
     doomed = f"{path}.old.tmp"
+    shutil.rmtree(doomed, ignore_errors=True)  # what an earlier kill left, or the rename below would fail
     os.replace(path, doomed)
     fsync_dir(os.path.dirname(path))
     shutil.rmtree(doomed, ignore_errors=True)
@@ -102,7 +105,7 @@ def remove_leftovers(*patterns):
 def read_json(path):
     """A JSON file's contents, or None when it is missing or unreadable."""
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (OSError, ValueError):
         return None
@@ -124,8 +127,8 @@ def fingerprint(path):
     if not os.path.exists(path):
         return f"hub:{path}"
     files = [path] if os.path.isfile(path) else []
-    for folder, subfolders, names in os.walk(path):
-        subfolders.sort()
+    for folder, subfolders, names in os.walk(path):  # hidden and temporary folders too are left out (.git, .cache)
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and ".tmp" not in d)
         files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".") and ".tmp" not in n]
     h = hashlib.sha256()
     for name in files:
@@ -240,10 +243,14 @@ def read_marker(folder, marker):
             raise UserError(f"{folder} exists and holds files this project did not write ({', '.join(foreign[:5])}"
                             f"{', ...' if len(foreign) > 5 else ''}), and no {marker}; choose another --output_dir")
         return None
-    saved = read_json(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError) as e:
+        saved = reason(e)
     if not isinstance(saved, dict):
-        raise UserError(f"{path} is unreadable; it does not say what this folder holds, so it is left alone: "
-                        "choose another --output_dir")
+        raise UserError(f"{path} is unreadable ({saved if isinstance(saved, str) else 'not a JSON object'}); it does "
+                        "not say what this folder holds, so it is left alone: choose another --output_dir")
     return saved
 
 
@@ -359,7 +366,7 @@ def read_jsonl_block(path, check):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints, RNG states, the metrics file, the export
+# Checkpoints, RNG states, the metrics file, a finished run
 # ---------------------------------------------------------------------------------------------------------------
 
 def checkpoints(out_dir):
@@ -408,7 +415,7 @@ def save_checkpoint(out_dir, step, model, optimizer, trainer_state, rank_state, 
     except Exception as e:
         if disk_full(e, tmp):
             raise UserError(f"the disk is full: saving {final} failed ({type(e).__name__}). Free some space and run "
-                            f"the same command again; {last_checkpoint(out_dir).lower()}, intact",
+                            f"the same command again. {last_checkpoint(out_dir)}",
                             everywhere=False) from e
         raise
     dist.barrier()
@@ -537,9 +544,6 @@ class Meter:
         return out
 
 
-TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --report_to's choices -> the package each needs
-
-
 class Trackers:
     """--report_to: the scalars of every metrics.jsonl line, also to TensorBoard (out_dir/tensorboard) and/or W&B
     (rank 0 only; the run's config once). A resumed run continues the same logs: TensorBoard purges the events
@@ -555,7 +559,7 @@ class Trackers:
         if "wandb" in report_to:
             import wandb
             path = os.path.join(out_dir, "wandb_id")
-            run_id = open(path).read().strip() if os.path.exists(path) else os.urandom(4).hex()
+            run_id = Path(path).read_text().strip() if os.path.exists(path) else os.urandom(4).hex()
             atomic_write(path, run_id)
             self.wandb = wandb.init(id=run_id, resume="allow", dir=out_dir, config=config,
                                     project=os.environ.get("WANDB_PROJECT", "confpo-sepo"),

@@ -308,16 +308,17 @@ def parse_dataclass(cls, argv=None, description=None, numbers_as_text=()):
         values = {k: v for k, v in read_config(path, parser.error).items() if not k.startswith("_")}  # _*: bookkeeping
         for key, value in values.items():
             if key not in fields:
-                parser.error(f"--config: unknown field {key!r}{did_you_mean(key, fields)}")
+                parser.error(f"--config {path}: unknown field {key!r}{did_you_mean(key, fields)}")
             kind, allowed = _base_type(fields[key].type), _literal(fields[key].type)
             number = _float_text(value) if kind is float and path.lower().endswith(YAML) else None
             if number is not None:
                 values[key] = value = number  # YAML 1.1 reads 1e-6 (no dot) as text
             if value is not None and not (isinstance(value, kind) or (kind is float and isinstance(value, int))
                                           or (key in numbers_as_text and isinstance(value, (int, float)))):
-                parser.error(f"--config: field {key!r} must be {kind.__name__}, got {value!r}")
+                parser.error(f"--config {path}: field {key!r} must be {kind.__name__}, got {value!r}")
             if allowed and value not in allowed:
-                parser.error(f"--config: {key} {value!r} is not one of {sorted(allowed)}{did_you_mean(value, allowed)}")
+                parser.error(f"--config {path}: {key} {value!r} is not one of {sorted(allowed)}"
+                             f"{did_you_mean(value, allowed)}")
     values.update(args)
     return check_settings(cls(**values)), set(values)
 
@@ -342,7 +343,7 @@ def read_config(path, error):
                     error(f"--config {path}: not valid YAML ({' '.join(str(e).split())[:200]})")
             else:
                 values = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
         error(f"--config {path}: {e.strerror if isinstance(e, OSError) else e}")
     if values is None:  # an empty YAML file
         return {}

@@ -138,3 +138,22 @@ def test_metrics_after_the_last_checkpoint_are_dropped(tmp_path):
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
     rundir.trim_metrics(str(path), 2)
     assert rundir.read_metrics(str(path)) == [{"step": 1}, {"step": 2}]
+
+
+def test_a_fingerprint_follows_the_content_not_hidden_or_temporary_files_and_a_removal_survives_a_leftover(tmp_path):
+    """What the downloader's .cache/, a .git/ and a killed write's *.tmp leave beside a model do not change its
+    fingerprint; a byte of the model does. remove() succeeds where an earlier kill left X.old.tmp."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "weights.bin").write_bytes(b"abc")
+    before = rundir.fingerprint(str(model))
+    for extra in (".cache/huggingface/download/weights.bin.metadata", ".git/HEAD", "final.tmp/x", ".hidden"):
+        (model / extra).parent.mkdir(parents=True, exist_ok=True)
+        (model / extra).write_text("anything")
+    assert rundir.fingerprint(str(model)) == before
+    (model / "weights.bin").write_bytes(b"abd")
+    assert rundir.fingerprint(str(model)) != before
+    (tmp_path / "model.old.tmp" / "stale").mkdir(parents=True)
+    rundir.remove(str(model))
+    assert not model.exists() and not (tmp_path / "model.old.tmp").exists()
