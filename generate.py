@@ -194,7 +194,7 @@ def read_questions(cfg):
     else:
         questions = []
         for r, (where, row) in enumerate(read_rows(cfg.prompts)):
-            q = {"row": r}
+            q = {"row": r, "where": where}
             if cfg.benchmark == "alpaca_eval":
                 q["turns"] = [field(row, where, "instruction", str, "the instruction, non-empty text")]
                 q["dataset"] = field(row, where, "dataset", str, "text", optional=True)
@@ -211,9 +211,11 @@ def read_questions(cfg):
         ids = {}
         for q in questions:
             if "question_id" in q and q["question_id"] in ids:
-                raise UserError(f"{cfg.prompts} row {q['row']}, field 'question_id': {q['question_id']!r} again "
+                raise UserError(f"{q['where']}, field 'question_id': {q['question_id']!r} again "
                                 f"(row {ids[q['question_id']]} has it)")
             ids[q.get("question_id")] = q["row"]
+    for q in questions:
+        q.pop("where", None)
     return questions[:cfg.max_prompts] if cfg.max_prompts else questions
 
 
@@ -323,9 +325,10 @@ def answer_blocks(cfg, store, todo, questions, decoding, tokenizer, scores, mode
             t1 = time.perf_counter()
             if scores is not None:
                 asked = [(i, t) for i in range(len(block)) for t in range(len(turns[i]))]
-                values = score(cfg, scores, [conversation(block[i], [a["text"] for a in turns[i]], t)
-                                             for i, t in asked],
-                               [turns[i][t]["text"] for i, t in asked], [(block[i]["row"], t) for i, t in asked])
+                values = scores([conversation(block[i], [a["text"] for a in turns[i]], t) for i, t in asked],
+                                [turns[i][t]["text"] for i, t in asked],
+                                [f"row {block[i]['row']}, turn {t}" + (" (its prompt a conversation, a list of "
+                                                                       "messages)" if t else "") for i, t in asked])
                 for (i, t), value in zip(asked, values):
                     turns[i][t]["score"] = value
             t_answer, t_score = t_answer + t1 - t0, t_score + time.perf_counter() - t1
@@ -367,25 +370,6 @@ def answer_block(cfg, block, decoding, tokenizer, model):
                     text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=True).strip()
                     turns[i].append({"text": text, "n_tokens": len(ids), "ended": ended, "truncated": encoded[i][1]})
     return turns
-
-
-def score(cfg, scores, prompts, responses, where):
-    """The reward of each answer (where: its (row, turn)); a callable that fails on an answer, or a value that is not
-    finite, is one error line naming the row and the turn."""
-    if not onpolicy.is_callable_spec(cfg.reward):
-        values = scores(prompts, responses)
-    else:  # one answer at a time: a failure names its answer
-        values = []
-        for prompt, response, (row, t) in zip(prompts, responses, where):
-            try:
-                values += scores([prompt], [response])
-            except Exception as e:
-                raise UserError(f"--reward {cfg.reward} failed on row {row}, turn {t} ({utils.reason(e)}); the "
-                                "prompt of a later turn is a conversation, a list of messages") from None
-    for (row, t), value in zip(where, values):
-        if not math.isfinite(value):
-            raise UserError(f"--reward {cfg.reward} gave {value} for row {row}, turn {t}")
-    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -474,15 +458,15 @@ def main(argv=None):
 
 def run(cfg, rank, world, device):
     from transformers import AutoTokenizer
+    if not cfg.prompts and (cfg.model or cfg.benchmark != "prompts"):
+        raise UserError(f"generate.py --benchmark {cfg.benchmark} needs --prompts: the benchmark's question file "
+                        "(docs/generate.md says where each is)")
     if not cfg.model:  # the tiny world (rank 0 builds it once) and its SFT model
         import tiny
         paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
         if cfg.benchmark == "prompts":
             cfg.prompts = cfg.prompts or paths["test"]
         cfg.model = tiny.sft_model(cfg.tiny_world, paths, train.main, cache_dir=cfg.cache_dir, device=cfg.device)
-    if not cfg.prompts:
-        raise UserError(f"generate.py --benchmark {cfg.benchmark} needs --prompts: the benchmark's question file "
-                        "(docs/generate.md says where each is)")
     models.check_source(cfg.model, "--model")
     if onpolicy.is_callable_spec(cfg.reward):  # import the callable now: a mistake is found before anything loads
         utils.load_callable(cfg.reward, "--reward")

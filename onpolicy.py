@@ -185,12 +185,30 @@ def reward_model_scorer(path, device, dtype, batch_size, attention="sdpa"):
 
 
 def reward_scorer(cfg, device, dtype):
-    """--reward as scores(prompts, responses) -> [float]."""
+    """--reward as scores(prompts, responses, where=None) -> [float]. A callable that fails on a response, or a score
+    that is not finite, is one error line naming the response (where: a label for each, such as 'row 3, sample 1')."""
     if is_callable_spec(cfg.reward):
         fn = utils.load_callable(cfg.reward, "--reward")
-        return lambda prompts, responses: [float(fn(p, r)) for p, r in zip(prompts, responses)]
-    return reward_model_scorer(cfg.reward, device, dtype, cfg.reward_batch_size,
-                               getattr(cfg, "attn_implementation", "sdpa"))
+
+        def call(prompt, response, named):
+            try:
+                return float(fn(prompt, response))
+            except Exception as e:
+                raise UserError(f"--reward {cfg.reward} failed on {named} ({utils.reason(e)})") from None
+        score = lambda prompts, responses, where: list(map(call, prompts, responses, where))  # noqa: E731
+    else:
+        model = reward_model_scorer(cfg.reward, device, dtype, cfg.reward_batch_size,
+                                    getattr(cfg, "attn_implementation", "sdpa"))
+        score = lambda prompts, responses, where: model(prompts, responses)  # noqa: E731
+
+    def scores(prompts, responses, where=None):
+        where = where or [f"response {i}" for i in range(len(responses))]
+        values = score(prompts, responses, where)
+        for named, value in zip(where, values):
+            if not math.isfinite(value):
+                raise UserError(f"--reward {cfg.reward} gave {value} for {named}")
+        return values
+    return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,27 +252,28 @@ def sample_blocks(cfg, store, todo, prompts, prompt_ids, tokenizer, scores, mode
     bar = tqdm(total=sum(len(range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size))) for b in todo),
                desc="scoring prompts" if given else "sampling prompts", disable=rank != 0, dynamic_ncols=True)
     n_samples, n_tokens, t_sample, t_score = 0, 0, 0.0, 0.0
-    for b in todo:
-        idx = list(range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size)))
-        t0 = time.perf_counter()
-        if given:
-            lines = [{"row": prompts[i]["row"], "sample": k, **given[prompts[i]["row"], k]} for i in idx
-                     for k in range(cfg.num_samples)]
-            bar.update(len(idx))
-        else:
-            lines = draw_block(cfg, idx, prompts, prompt_ids, tokenizer, model, bar)
-        t1 = time.perf_counter()
-        values = scores([prompts[i]["prompt"] for i in idx for _ in range(cfg.num_samples)],
-                        [line["response"] for line in lines])
-        for line, value in zip(lines, values):
-            if not math.isfinite(value):
-                raise UserError(f"--reward {cfg.reward} gave {value} for row {line['row']}, sample {line['sample']} "
-                                f"({line['response'][:60]!r})")
-            line["score"] = value
-        t_sample, t_score = t_sample + t1 - t0, t_score + time.perf_counter() - t1
-        n_samples, n_tokens = n_samples + len(lines), n_tokens + sum(line["n_tokens"] for line in lines)
-        store.write_text(b, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
-    bar.close()
+    try:  # (the bar ends its line before an error is said)
+        for b in todo:
+            idx = list(range(b * cfg.block_size, min(len(prompts), (b + 1) * cfg.block_size)))
+            t0 = time.perf_counter()
+            if given:
+                lines = [{"row": prompts[i]["row"], "sample": k, **given[prompts[i]["row"], k]} for i in idx
+                         for k in range(cfg.num_samples)]
+                bar.update(len(idx))
+            else:
+                lines = draw_block(cfg, idx, prompts, prompt_ids, tokenizer, model, bar)
+            t1 = time.perf_counter()
+            values = scores([prompts[i]["prompt"] for i in idx for _ in range(cfg.num_samples)],
+                            [line["response"] for line in lines],
+                            [f"row {line['row']}, sample {line['sample']} ({line['response'][:60]!r})"
+                             for line in lines])
+            for line, value in zip(lines, values):
+                line["score"] = value
+            t_sample, t_score = t_sample + t1 - t0, t_score + time.perf_counter() - t1
+            n_samples, n_tokens = n_samples + len(lines), n_tokens + sum(line["n_tokens"] for line in lines)
+            store.write_text(b, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    finally:
+        bar.close()
     if given:
         print(f"rank {rank}: {n_samples} samples of {cfg.samples} scored in {t_score:.1f} s", flush=True)
     else:

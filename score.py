@@ -75,8 +75,8 @@ class ScoreConfig:
     threshold: str = arg("arithmetic", "--confpo: arithmetic | geometric | a probability",
                          check=THRESHOLD)
     strict: bool = arg(False, "--confpo: pi < tau instead of pi <= tau")
-    exclude_eos: bool = arg(False, "SePO: never select a response's final end-of-turn token; the top / bottom k of "
-                                   "its other tokens (a departure from the paper, off by default)")
+    exclude_eos: bool = arg(False, "SePO: never select a response's last token when it is the EOS (the end of turn "
+                                   "of ChatML templates); the top / bottom k of the rest (a departure, off by default)")
     save_scores: bool = arg(False, "also write each token's score into the selection files")
     format: str = arg("jsonl", "jsonl, or datasets (a save_to_disk folder per ratio pair)",
                       options=("jsonl", "datasets"))
@@ -132,7 +132,7 @@ def identity(cfg, score_tok, crossing, device):
             "split": cfg.split, "form": cfg.form, "skip_bad_rows": cfg.skip_bad_rows, "max_pairs": cfg.max_pairs,
             "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "beta": cfg.beta,
             "shard_size": cfg.shard_size, "batch_size": cfg.batch_size, "dtype": repr(dtype),
-            "scoring_tokenizer": data.tokenizer_hash(score_tok), "offsets": crossing,
+            "scoring_tokenizer": data.tokenizer_hash(score_tok), "offsets": crossing, "attn": cfg.attn_implementation,
             **({"head": "float32"} if dtype != torch.float32 else {})}
 
 
@@ -364,8 +364,7 @@ def block_records(cfg, b, rows, pickers, scored_ds, policy_ds, policy_index, eos
 
 
 def to_folder(path):
-    """--format datasets: the selection file path.jsonl (written) as a save_to_disk folder at path, written to
-    path.tmp and renamed."""
+    """--format datasets: the selection file path.jsonl (written) as a save_to_disk folder at path (via path.tmp)."""
     import datasets
     folder_tmp = path + ".tmp"
     shutil.rmtree(folder_tmp, ignore_errors=True)
@@ -391,8 +390,10 @@ def check_config(cfg):
         raise UserError("score.py needs --data")
     if not cfg.output_dir:
         raise UserError("score.py needs --output_dir")
-    if cfg.confpo and cfg.exclude_eos:
-        raise UserError("--exclude_eos applies to SePO's selection (Eq. 25), not to --confpo")
+    ignored = [flag for flag, given in (("--exclude_eos", cfg.exclude_eos), ("--policy", cfg.policy), ("--format "
+               "datasets", cfg.format != "jsonl"), ("--cross_tokenizer", cfg.cross_tokenizer)) if given]
+    if cfg.confpo and ignored:
+        raise UserError(f"{', '.join(ignored)}: SePO's (a policy's positions, Eq. 25's files), not --confpo's")
 
 
 def tokenizers(cfg):

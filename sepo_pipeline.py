@@ -66,7 +66,8 @@ class PipelineConfig:
     tiny_world: str = arg("tiny_world", "folder of the offline tiny world", resumable=True)
     cache_dir: str = arg("", "datasets cache folder", resumable=True)
     device: str = arg("auto", "where to run", options=DEVICES, resumable=True)
-    dtype: str = arg("auto", "compute dtype of every stage: auto (bf16 on GPU, fp32 on CPU)", options=DTYPES)
+    dtype: str = arg("auto", "compute dtype of the training stages: auto (bf16 on GPU, fp32 on CPU); scoring and "
+                     "the oracle's exports are fp32", options=DTYPES)
     dist_timeout: int = arg(120, "minutes a collective waits for the slowest rank (nccl's default is 10)",
                             check=AT_LEAST_1, resumable=True)
 
@@ -92,7 +93,7 @@ import train  # noqa: E402
 from utils import UserError, log0, on_rank_zero, rank_zero_first, run_in_group  # noqa: E402
 
 # Without --data: small batches and learning rates that suit the tiny world (a policy lr of 1e-4 already collapses
-# the tiny policy: see the README)
+# the tiny policy: see docs/sepo-pipeline.md)
 PIPELINE_TINY = dict(global_batch_size=32, micro_batch_size=8, sft_lr=1e-3, dpo_lr=1e-4, policy_lr=3e-5, sft_epochs=2,
                      max_length=128, max_prompt_length=64, activation_checkpointing=False)
 PIPELINE_PATHS = ("data", "eval_data", "oracle_base", "policy")  # compared by their contents
@@ -162,8 +163,7 @@ def run(cfg, explicit, rank):
         paths = rank_zero_first(lambda: tiny.build_tiny_world(cfg.tiny_world))
         cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
         cfg.oracle_base = cfg.oracle_base or paths["llama-tiny"]
-        cfg.policy = cfg.policy or tiny.sft_model(cfg.tiny_world, paths, train.main, cfg.seed, cfg.cache_dir,
-                                                  cfg.device)
+        cfg.policy = cfg.policy or tiny.sft_model(cfg.tiny_world, paths, train.main, cfg.cache_dir, cfg.device)
     if not (cfg.oracle_base and cfg.policy):
         raise UserError("sepo_pipeline.py needs --oracle_base and --policy (or neither, with no --data: the tiny "
                         "world)")

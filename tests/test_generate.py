@@ -284,7 +284,7 @@ def test_every_mistake_is_one_line(world, policy, tmp_path, capsys):
     one_line(*go("mt_bench", [{**ok, "turns": ["Add 2 and 3.", {"content": "x"}]}]), "field 'turns': turn 1 must "
              "be non-empty text")
     one_line(*go("mt_bench", [{k: v for k, v in ok.items() if k != "category"}]), "field 'category': missing")
-    one_line(*go("mt_bench", [ok, ok]), f"{q} row 1, field 'question_id': 1 again (row 0 has it)")
+    one_line(*go("mt_bench", [ok, ok]), f"{q} row 1 (line 2), field 'question_id': 1 again (row 0 has it)")
     one_line(*go("mt_bench", text=json.dumps(ok) + "\n{not json\n"), f"{q} line 2: not valid JSON")
     one_line(*go("mt_bench", [{**ok, "question_id": True}]), "field 'question_id': must be a string or an integer")
     one_line(*go("mt_bench", [ok], generator="a/b"), "--generator 'a/b': must be a file name")
@@ -292,12 +292,17 @@ def test_every_mistake_is_one_line(world, policy, tmp_path, capsys):
     capsys.readouterr()
     code = utils.cli(generate.main, flags(model=policy, benchmark="arena_hard", output_dir=out, device="cpu"))
     one_line(code, capsys.readouterr().err, "generate.py --benchmark arena_hard needs --prompts")
+    unbuilt = tmp_path / "no_world"  # without --model either: said before the tiny world is built
+    code = utils.cli(generate.main, flags(benchmark="mt_bench", tiny_world=str(unbuilt), output_dir=out, device="cpu"))
+    one_line(code, capsys.readouterr().err, "generate.py --benchmark mt_bench needs --prompts")
+    assert not unbuilt.exists()
     code = utils.cli(generate.main, base(world, policy, "mt_bench", str(tmp_path / "none.jsonl"), out))
     one_line(code, capsys.readouterr().err, "none.jsonl: no such file")
     assert not os.path.exists(out)  # no failed start left a folder behind
     # a reward that fails on an answer names it (here the tiny judge, given MT-Bench's second turn: a conversation)
     one_line(*go("mt_bench", [ok], where=str(tmp_path / "scored"), reward="tiny:synthetic_reward"),
-             "--reward tiny:synthetic_reward failed on row 0, turn 1 (TypeError")
+             "--reward tiny:synthetic_reward failed on row 0, turn 1 (its prompt a conversation, a list of messages) "
+             "(TypeError")
 
 
 def test_the_default_run_is_the_tiny_world_offline(world, policy, tmp_path, capsys):

@@ -414,6 +414,14 @@ def test_every_mistake_is_one_line(world, policy, reward_model, tmp_path, capsys
     conv.write_text(json.dumps({"prompt": [{"role": "user", "content": "Add 2 and 3."}]}) + "\n")
     one_line(go(model=no_template, prompts=conv), "has no chat template")
     assert not os.path.exists(tmp_path / "out")  # no failed start left a folder behind
+    # a callable that fails on a sample, or gives a score that is not finite, names the sample
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def boom(prompt, response):\n    raise ValueError('no opinion')\n\n\n"
+                       "def nan(prompt, response):\n    return float('nan')\n")
+    one_line(go(reward=f"{rewards}:boom", output_dir=str(tmp_path / "boom")),
+             f"--reward {rewards}:boom failed on row 0, sample 0 (")
+    one_line(go(reward=f"{rewards}:nan", output_dir=str(tmp_path / "nan")),
+             f"--reward {rewards}:nan gave nan for row 0, sample 0 (")
 
 
 def test_the_default_run_is_the_tiny_world_offline(world, policy, tmp_path, capsys):

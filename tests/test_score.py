@@ -393,7 +393,7 @@ def test_exclude_eos_never_selects_the_end_of_turn_and_selects_floor_k_of_the_re
             eos_kept += n - 1 in a[f"{side}_selected"]
     assert eos_kept > 0  # without the flag the end of turn is selected somewhere: the flag changes something
     assert json.loads((excluded / "manifest.json").read_text())["exclude_eos"] is True
-    with pytest.raises(utils.UserError, match="--exclude_eos applies to SePO"):
+    with pytest.raises(utils.UserError, match="--exclude_eos: SePO's"):
         score.check_config(score.parse_config(["--confpo", "--model", "m", "--data", "d", "--output_dir", "o",
                                                "--exclude_eos"])[0])
 

@@ -1,4 +1,4 @@
-"""Tests for tiny.py: the offline world builds in seconds, is re-used, is deterministic from its seed, never
+"""Tests for the tiny/ package: the offline world builds in seconds, is re-used, is deterministic from its seed, never
 overwrites a foreign folder; its models load and run; the synthetic task's judge and key spans."""
 import json
 import os
@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny
+import utils
 from data import collate_pairs, load_preferences, tokenize_preferences
 
 
@@ -78,7 +79,7 @@ def test_world_is_deterministic_from_the_seed(world, tmp_path):
 
 def test_world_never_overwrites_foreign_folders(tmp_path):
     (tmp_path / "data").mkdir()  # a folder without our manifest, e.g. the user's own data
-    with pytest.raises(FileExistsError):
+    with pytest.raises(utils.UserError, match="is not a tiny-world folder"):
         tiny.build_tiny_world(str(tmp_path), seed=0)
 
 

@@ -3,9 +3,9 @@ built locally in seconds, the SFT model both papers start from, and a programmat
 
     python -m tiny [--root tiny_world] [--seed 0]      # build (or re-use) the world and print its paths
 
-It is what `python train.py`, `python sepo_pipeline.py` and `python onpolicy.py` use when no model is given (they
-import it only then: a run on a real model needs none of it), and what the tests and the miniature study
-(studies/experiments.py) run on. Nothing of the methods lives here.
+It is what `python train.py`, `python sepo_pipeline.py`, `python onpolicy.py` and `python generate.py` use when no
+model is given (they import it only then: a run on a real model needs none of it), and what the tests and the
+miniature study (studies/experiments.py) run on. Nothing of the methods lives here.
 
 The synthetic task: three kinds of pairs whose preference is decided by one key word or number, located by
 `*_key_spans` ([start, end) characters in each response); `synthetic_reward` judges any answer from its prompt.
@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from utils import log0, on_rank_zero, rank_zero_first
+from utils import UserError, log0, on_rank_zero, rank_zero_first
 
 WORLD_VERSION = 2  # bump when anything the tiny world writes changes, so old folders are rebuilt
 
@@ -370,7 +370,7 @@ def _build_piece(path, seed, build):
                 return path
         shutil.rmtree(path)  # ours, but from another seed or version
     elif os.path.exists(path):
-        raise FileExistsError(f"{path} exists and is not a tiny-world folder; not overwriting it")
+        raise UserError(f"{path} exists and is not a tiny-world folder; not overwriting it (another --tiny_world)")
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     build(tmp)
@@ -385,8 +385,9 @@ def _build_piece(path, seed, build):
 
 def build_tiny_world(root="tiny_world", seed=0):
     """Create (or re-use) the offline world -> dict of paths: tokenizer, tokenizer_char, llama-tiny, llama-small,
-    neox-tiny (models with their tokenizer), data and data_independent (folders), train, test, train_independent,
-    test_independent (JSONL files of the two regimes)."""
+    neox-tiny (models with their tokenizer); data, data_independent, data_headroom and instructions (folders); train
+    and test (the minimal regime's), {train,valid,test}_{minimal,independent,headroom} and instructions_train (JSONL
+    files)."""
     os.makedirs(os.path.join(root, "models"), exist_ok=True)
     p = {"data": os.path.join(root, "data"), "tokenizer": os.path.join(root, "tokenizer"),
          "tokenizer_char": os.path.join(root, "tokenizer_char")}
@@ -451,17 +452,18 @@ def trained(root, name, flags, train_main):
     return path
 
 
-def sft_model(root, paths, train_main, seed=42, cache_dir="", device="auto"):
-    """llama-small fine-tuned on the chosen responses of the synthetic train set (SePO Eq. 23): the starting point
-    of `python train.py` and `python sepo_pipeline.py` -> root/models/llama-small-sft."""
+def sft_model(root, paths, train_main, cache_dir="", device="auto"):
+    """llama-small fine-tuned on the chosen responses of the synthetic train set (SePO Eq. 23), with seed 42: the
+    one starting point of every command on the tiny world, whatever the seed of the run that starts from it (as the
+    papers' seeds share one SFT model) -> root/models/llama-small-sft."""
     return trained(root, "llama-small-sft", {**TRAIN_DEFAULTS, "lr": 1e-3, "epochs": 2, "method": "sft",
                                             "model": paths["llama-small"], "data": paths["train"],
-                                            "tiny_world": root, "cache_dir": cache_dir, "seed": seed,
+                                            "tiny_world": root, "cache_dir": cache_dir, "seed": 42,
                                             "device": device}, train_main)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The hooks of the commands: what train.py, onpolicy.py and sepo_pipeline.py do without --model
+# The hooks of the commands: what train.py, onpolicy.py, generate.py and sepo_pipeline.py do without --model
 # ---------------------------------------------------------------------------------------------------------------
 
 def fill_defaults(cfg, defaults, explicit):
@@ -484,7 +486,7 @@ def training_start(cfg, chosen_only, train_main):
                      share=False)
     if not cfg.data:
         cfg.data, cfg.eval_data = paths["train"], cfg.eval_data or paths["test"]
-    cfg.model = paths["llama-small"] if chosen_only else sft_model(cfg.tiny_world, paths, train_main, cfg.seed,
+    cfg.model = paths["llama-small"] if chosen_only else sft_model(cfg.tiny_world, paths, train_main,
                                                                    cfg.cache_dir, cfg.device)
     return paths
 
