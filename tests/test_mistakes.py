@@ -138,7 +138,7 @@ def test_a_full_disk_during_a_save_is_one_clear_message(world, tmp_path, monkeyp
     monkeypatch.setattr(utils.shutil, "disk_usage", lambda p: namedtuple("u", "total used free")(1, 1, 0))
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"the disk is full: saving .*step_00000001 failed \(RuntimeError\)\. Free "
-                                         r"some space and run the same command again; there is no checkpoint yet"):
+                                         r"some space and run the same command again\. There is no checkpoint yet"):
         train.main(args(world, out, max_steps=2, save_every=1))
     assert rundir.checkpoints(out) == []
 
