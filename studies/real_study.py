@@ -362,14 +362,14 @@ def run(ctx, method, lr, seed, curve):
 
 def frontier(ctx, method):
     """Seed 0 over the lr grid (each run with its curve), widened along the ladder while the best validation
-    primary metric lies on an edge of what has run -> ({lr: run}, the comparison lr), or None (--collect, before
-    the grid is done)."""
+    primary metric lies on an edge of what has run -> ({lr: run}, the comparison lr); with --collect before the
+    grid is done, ({lr: run} of the runs finished, None)."""
     lrs, done = list(ctx.grid), {}
     while lrs:
         for lr in lrs:
             done[lr] = run(ctx, method, lr, 0, curve=True)
         if None in done.values():
-            return None
+            return {lr: r for lr, r in done.items() if r is not None}, None
         best = max(done, key=lambda lr: done[lr]["valid"]["primary"])
         i = ctx.ladder.index(best)
         lrs = [ctx.ladder[i - 1]] if best == min(done) and i > 0 else \
@@ -526,13 +526,13 @@ def study(cfg, world, device):
     for method in methods:  # the frontier of the methods with a setting of their own: seed 0 over the lr grid
         if method in FOLLOWS:
             continue
-        found = frontier(ctx, method)
-        if found is None:  # --collect, before this method's frontier is done
+        done, best = frontier(ctx, method)
+        for lr in sorted(done):  # with --collect before the grid is done, its finished runs, none compared yet
+            result["runs"].append({"method": method, "setting": {"lr": lr}, "seed": 0, "comparison": lr == best,
+                                   **done[lr]})
+        if best is None:
             continue
-        done, comparison[method] = found
-        for lr in sorted(done):
-            result["runs"].append({"method": method, "setting": {"lr": lr}, "seed": 0,
-                                   "comparison": lr == comparison[method], **done[lr]})
+        comparison[method] = best
         log0(f"{method}: comparison lr {comparison[method]:g} (validation primary "
              f"{done[comparison[method]]['valid']['primary']:.3f})")
     for method, leader in FOLLOWS.items():  # the controls at their leader's setting, seed 0 with its curve

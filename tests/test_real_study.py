@@ -103,6 +103,13 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
     assert partial["seeds_run"]["dpo"] == [0, 1] and partial["summary"]["dpo"] == results["summary"]["dpo"]
     assert not (tmp_path / "runs" / "runs" / "sepo").exists()  # nothing trained
     assert "Results so far" in (tmp_path / "fig" / "results.md").read_text()
+    # a method whose lr grid is not done yet: its finished runs reported, none of them its comparison setting
+    (tmp_path / "fig" / "evaluations" / "simpo_lr0.0003_seed0.json").unlink()
+    assert real_study.main(args + ["--collect"])
+    partial = json.loads((tmp_path / "fig" / "results.json").read_text())
+    simpo = [(r["setting"]["lr"], r["seed"], r["comparison"]) for r in partial["runs"] if r["method"] == "simpo"]
+    assert simpo == [(1e-4, 0, False)] and partial["seeds_run"]["simpo"] == []
+    assert "| simpo | 0.0001 |  |" in (tmp_path / "fig" / "results.md").read_text()
 
 
 def test_prompts_share_no_subject_between_the_sets_and_never_name_a_polarity():
