@@ -279,7 +279,7 @@ def memory_estimate(config, cfg, world, reference, device):
     in 16 bits with a memory-efficient attention, Korthikanti et al. 2022; with activation checkpointing, 2 h per layer
     kept plus one layer's 34 h). An estimate to plan with, not a measurement (bench.py and the GPU check measure)."""
     h, layers, gib = config.hidden_size, config.num_hidden_layers, 2**30
-    half = device.type == "cuda" and cfg.dtype != "fp32"  # 16-bit activations and reference
+    half = device.type == "cuda" and cfg.dtype != "fp32"  # 16-bit activations; a sharded reference too
     state = _parameter_count(config) * (16 + (2 if half and world > 1 else 4) * reference) / world
     tokens = 2 * cfg.micro_batch_size * cfg.max_length  # chosen and rejected rows
     per_layer = 34 * h * tokens * (1 if half else 2)

@@ -246,11 +246,12 @@ def read_marker(folder, marker):
     try:
         with open(path, encoding="utf-8") as fh:
             saved = json.load(fh)
+        problem = None if isinstance(saved, dict) else "not a JSON object"
     except (OSError, ValueError) as e:
-        saved = reason(e)
-    if not isinstance(saved, dict):
-        raise UserError(f"{path} is unreadable ({saved if isinstance(saved, str) else 'not a JSON object'}); it does "
-                        "not say what this folder holds, so it is left alone: choose another --output_dir")
+        problem = reason(e)
+    if problem:
+        raise UserError(f"{path} is unreadable ({problem}); it does not say what this folder holds, so it is left "
+                        "alone: choose another --output_dir")
     return saved
 
 

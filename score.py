@@ -142,8 +142,8 @@ def identity(cfg, score_tok, crossing, device):
 
 def load_scorer(path, cfg, device):
     """A causal LM for inference that returns per-token log-probs (models.PolicyLogps), no FSDP: ranks split data.
-    No KV cache (a checkpoint's use_cache would build one every forward: +4 GB at 8B in bf16), and the head in
-    float32 whatever --dtype: Eq. 24 differences two models' log-probs, which a bf16 logit would round."""
+    No KV cache (a checkpoint's use_cache would build one every forward: +4 GB at 8B in bf16), and on the chunked
+    path the head in float32 whatever --dtype: Eq. 24 differences log-probs, which a bf16 logit would round."""
     model = models.load_for_inference(path, models.compute_dtype(cfg.dtype, device), device, cfg.attn_implementation)
     return models.PolicyLogps(model, models.choose_logp_path("auto", model), chunk_size=None, together=False,
                               fp32_head=True)
@@ -243,7 +243,7 @@ def selectors(cfg):
         pick = lambda s, _: per_response(lambda v, m: confpo.confpo_mask(v, m, threshold, cfg.strict)[0], s)  # noqa
         return {"confpo.jsonl": (pick, pick)}
     # Eq. 25: the top k_w of each chosen response, the bottom k_l of each rejected one (NOTE(deviation): with
-    # --exclude_eos, of its tokens but the final end of turn, which is never selected)
+    # --exclude_eos, of its tokens but a final EOS, which is never selected)
     return {sepo.selection_name(rc, rl, cfg.format): (
         lambda s, drop, r=rc: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=True), s, drop),
         lambda s, drop, r=rl: per_response(lambda v, m: sepo.select_tokens(v, m, r, highest=False), s, drop))

@@ -84,6 +84,10 @@ def test_the_claim_refuses_another_run_and_foreign_files_and_lets_resumable_fiel
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(utils.UserError, match="holds files this project did not write"):
         in_group(lambda: rundir.claim(str(foreign), "config.json", mine, "another run"))
+    for text, why in (('"just text"', "not a JSON object"), ("{", "JSONDecodeError")):  # a damaged marker says why
+        (tmp_path / "run" / "config.json").write_text(text)
+        with pytest.raises(utils.UserError, match=rf"config.json is unreadable \({why}"):
+            claim(mine)
 
 
 def test_one_job_per_folder_and_a_failed_start_leaves_no_folder(tmp_path):

@@ -2,6 +2,8 @@
 overwrites a foreign folder; its models load and run; the synthetic task's judge and key spans."""
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import tiny
 import utils
 from data import collate_pairs, load_preferences, tokenize_preferences
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,10 @@ def test_world_never_overwrites_foreign_folders(tmp_path):
     (tmp_path / "data").mkdir()  # a folder without our manifest, e.g. the user's own data
     with pytest.raises(utils.UserError, match="is not a tiny-world folder"):
         tiny.build_tiny_world(str(tmp_path), seed=0)
+    done = subprocess.run([sys.executable, "-m", "tiny", "--root", str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT)  # the command: one error line, no traceback
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'data'} exists and is not a tiny-world folder; not overwriting it: choose another folder"]
 
 
 def test_synthetic_task_reward_and_spans(world):

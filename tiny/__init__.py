@@ -370,7 +370,7 @@ def _build_piece(path, seed, build):
                 return path
         shutil.rmtree(path)  # ours, but from another seed or version
     elif os.path.exists(path):
-        raise UserError(f"{path} exists and is not a tiny-world folder; not overwriting it (another --tiny_world)")
+        raise UserError(f"{path} exists and is not a tiny-world folder; not overwriting it: choose another folder")
     tmp = f"{path}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     build(tmp)

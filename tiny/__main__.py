@@ -19,11 +19,14 @@ def main(argv=None):
     args = command_line().parse_args(argv)  # --help and a mistyped flag answer here, before torch loads
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library, one folder up
     import tiny
-    t0 = time.time()
-    for name, path in tiny.build_tiny_world(args.root, args.seed).items():
-        print(f"{name:15s} {path}")
-    print(f"tiny world ready in {time.time() - t0:.1f}s")
-    return 0
+    import utils
+
+    def build(_):
+        t0 = time.time()
+        for name, path in tiny.build_tiny_world(args.root, args.seed).items():
+            print(f"{name:15s} {path}")
+        print(f"tiny world ready in {time.time() - t0:.1f}s")
+    return utils.cli(build, [])  # a mistake (a folder that is not a tiny world) is one error: line
 
 
 if __name__ == "__main__":
