@@ -82,6 +82,16 @@ def markdown(result, methods, oracle):
                            f"{num(p['primary_greedy'])} | {num(p['ended_greedy'])} | {num(p['distinct2'])} | "
                            f"{num(r['valid']['primary']) if last else ''} | "
                            f"{num(r['valid']['ended']) if last else ''} |")
+    cut = result["config"]["cut_reward"]  # the noise of the choice: the test answers' spread over the validation set
+    se = [statistics.stdev([a["sampled_reward"] if a["sampled_ended"] else cut for a in r["answers"]])
+          / math.sqrt(r["valid"]["prompts"]) for r in result["runs"] if r.get("valid") and len(r["answers"]) > 1]
+    if se:
+        se = statistics.median(se)
+        out += ["", f"A validation primary metric has a standard error of about {se:.3f} (the spread of a run's "
+                    f"primary scores over its test answers, over the validation set's "
+                    f"{result['start']['valid']['prompts']} prompts): two settings whose validation primaries differ "
+                    f"by less than about {1.96 * math.sqrt(2) * se:.2f} (the 95% half-width of an unpaired "
+                    "difference) are not told apart by the choice."]
     seeds = sorted({r["seed"] for r in result["runs"]})
     if not result["complete"]:
         out += ["", "**Results so far** (the study is still running): seeds run per method " + ", ".join(

@@ -4,6 +4,7 @@ as stand-ins for SmolLM2, the sentiment prompts and VADER), and results.json in 
 import json
 import math
 import os
+import re
 import shutil
 import xml.etree.ElementTree as ET
 
@@ -82,6 +83,7 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
     assert len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) >= 14  # 6 methods x 2 lrs, 2 controls
     table = (tmp_path / "fig" / "results.md").read_text()
     assert "| confpo_dpo |" in table and "nan" not in table
+    assert re.search(r"standard error of about 0\.\d{3} .* differ by less than about 0\.\d\d ", table)
     assert not list((tmp_path / "runs").rglob("checkpoints/step_*"))  # deleted once evaluated; none kept by a stage
     for piece in ("selection_confpo", "selection_sepo_seed0", "selection_sepo_seed1"):  # kept to resume
         assert (tmp_path / "fig" / "evaluations" / f"{piece}.json").exists()
