@@ -70,28 +70,31 @@ def markdown(result, methods, oracle):
            f"## Every run's points (seed 0, the lr grid; test prompts: {result['config']['curve_prompts']} during "
            f"training, sampled answers only, {start['prompts']} at the end)", "",
            "| method | lr | comparison | step | primary | reward | ended | reward LC | length | KL | primary greedy | "
-           "ended greedy | distinct-2 | validation primary (the choice) | validation ended |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           f"ended greedy | distinct-2 | validation primary ({result['start']['valid']['prompts']} prompts) | "
+           f"choice primary ({result['config']['choice_prompts']} validation prompts: the choice) | choice ended |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in result["runs"]:
         if r["seed"] == 0:
             for p in r["points"]:
-                last = p is r["points"][-1] and r.get("valid")
+                last, chosen = p is r["points"][-1] and r.get("valid"), r.get("choice") or {}
                 out.append(f"| {r['method']} | {r['setting']['lr']:g} | {'yes' if r['comparison'] else ''} | "
                            f"{p['step']} | {num(p['primary'])} | {num(p['reward'])} | {num(p['ended'])} | "
                            f"{num(p['reward_lc'])} | {num(p['length'], 1)} | {num(p['kl'], 2)} | "
                            f"{num(p['primary_greedy'])} | {num(p['ended_greedy'])} | {num(p['distinct2'])} | "
                            f"{num(r['valid']['primary']) if last else ''} | "
-                           f"{num(r['valid']['ended']) if last else ''} |")
-    cut = result["config"]["cut_reward"]  # the noise of the choice: the test answers' spread over the validation set
-    se = [statistics.stdev([a["sampled_reward"] if a["sampled_ended"] else cut for a in r["answers"]])
-          / math.sqrt(r["valid"]["prompts"]) for r in result["runs"] if r.get("valid") and len(r["answers"]) > 1]
-    if se:
-        se = statistics.median(se)
-        out += ["", f"A validation primary metric has a standard error of about {se:.3f} (the spread of a run's "
-                    f"primary scores over its test answers, over the validation set's "
-                    f"{result['start']['valid']['prompts']} prompts): two settings whose validation primaries differ "
-                    f"by less than about {1.96 * math.sqrt(2) * se:.2f} (the 95% half-width of an unpaired "
-                    "difference) are not told apart by the choice."]
+                           f"{num(chosen.get('primary')) if last and chosen else ''} | "
+                           f"{num(chosen.get('ended')) if last and chosen else ''} |")
+    cut = result["config"]["cut_reward"]  # the noise of a choice: the spread of the test answers' primary scores
+    spreads = [statistics.stdev([a["sampled_reward"] if a["sampled_ended"] else cut for a in r["answers"]])
+               for r in result["runs"] if r.get("valid") and len(r["answers"]) > 1]
+    if spreads:
+        sd = statistics.median(spreads)
+        for n, what in ((result["start"]["valid"]["prompts"], "validation point"),
+                        (result["config"]["choice_prompts"], "choice")):
+            out += ["", f"The {what}'s primary metric ({n} prompts) has a standard error of about "
+                        f"{sd / math.sqrt(n):.3f} (the spread of a run's primary scores over its test answers): two "
+                        f"settings closer than about {1.96 * math.sqrt(2 / n) * sd:.2f} (the 95% half-width of an "
+                        "unpaired difference) are not told apart by it."]
     seeds = sorted({r["seed"] for r in result["runs"]})
     if not result["complete"]:
         out += ["", "**Results so far** (the study is still running): seeds run per method " + ", ".join(

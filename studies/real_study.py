@@ -16,7 +16,7 @@ an answer that did not end as a failure (--cut_reward, VADER's minimum -1); besi
 the share of answers that ended, a length-controlled reward (the reward less the start's reward-length slope times
 the change in length), the sequence KL from the start, distinct-2, the start's mean token log-prob of the greedy
 answers, and the answer length. Each method's comparison setting is the lr of its grid with the best primary
-metric on the validation prompts, the grid widened until the best lies inside it. A repeat on a GPU with a larger
+metric on 240 validation prompts, the grid widened until the best lies inside it. A repeat on a GPU with a larger
 model and a reward model changes --model and --reward.
 """
 
@@ -48,7 +48,9 @@ class RealStudyConfig:
                                                       "key tokens of the selection precision")
     train_prompts: int = arg(1024, "training prompts (each gives a pair unless its samples tie)")
     train_pairs: int = arg(256, "the first N pairs train every method, one epoch (0 = all)")
-    valid_prompts: int = arg(64, "validation prompts: the choice of each method's comparison setting")
+    valid_prompts: int = arg(64, "validation prompts of each seed-0 run's validation point")
+    choice_prompts: int = arg(240, "validation prompts (the first --valid_prompts and more; each subject at most "
+                                   "twice) that choose each method's comparison setting, from its runs' final models")
     test_prompts: int = arg(128, "test prompts: the final points")
     curve_prompts: int = arg(64, "test prompts of the points during training (sampled answers only)")
     max_new_tokens: int = arg(192, "answer tokens at most, in the pairs and the evaluation (the start's sampled "
@@ -119,8 +121,8 @@ def vader_key_spans(prompt, response):
 # One epoch of the pairs per run; the lr is the knob, the objectives' own hyper-parameters are their defaults (DPO
 # beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta 0.1; R-DPO beta 0.1,
 # alpha 0.05; SePO beta 1, gamma 0 as the released code). Every method with a setting of its own runs the --lrs
-# grid on seed 0; while its best primary metric on the validation prompts lies on an edge of what has run, the
-# next lr of the ladder on that side runs too, so the choice lies inside the grid.
+# grid on seed 0; while its best primary metric on the --choice_prompts validation prompts lies on an edge of what has
+# run, the next lr of the ladder on that side runs too, so the choice lies inside the grid.
 LADDER = (3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 # The controls run at the setting chosen for the method they control, on every seed: ConfPO-rand selects as many
 # random tokens as ConfPO (ConfPO Table 2); SePO without its end of turn is SePO's selection less the end-of-turn
@@ -156,9 +158,11 @@ def setup(cfg, device):
     if cfg.quick:  # the tiny world as a stand-in: its SFT model, its prompts, its judge
         paths = tiny.build_tiny_world(cfg.tiny_world)
         start = tiny.sft_model(cfg.tiny_world, paths, train.main, cache_dir=cfg.cache_dir, device=cfg.device)
-        files = {}
+        files, choice = {}, None
         for split, n in (("train", cfg.train_prompts), ("valid", cfg.valid_prompts), ("test", cfg.test_prompts)):
-            rows = [{"prompt": r["prompt"]} for r in data.load_preferences(paths[f"{split}_minimal"])][:n]
+            rows = [{"prompt": r["prompt"]} for r in data.load_preferences(paths[f"{split}_minimal"])]
+            choice = rows[:cfg.choice_prompts] if split == "valid" else choice
+            rows = rows[:n]
             files[split] = os.path.join(cfg.figures, "prompts", f"{split}.jsonl")
             os.makedirs(os.path.dirname(files[split]), exist_ok=True)
             atomic_write(files[split], "".join(json.dumps(r) + "\n" for r in rows))
@@ -167,6 +171,7 @@ def setup(cfg, device):
         files = real_task.write_prompts(os.path.join(cfg.figures, "prompts"), {"train": cfg.train_prompts,
                                                                      "valid": cfg.valid_prompts,
                                                                      "test": cfg.test_prompts})
+        choice = real_task.prompts("valid", cfg.choice_prompts)  # the validation prompts' first rows, and more
     # the prompts, the pairs and every evaluation live beside the results (docs/real): a later session resumes from
     # them without the runs folder; the models and checkpoints stay in --output_dir
     pairs_dir = os.path.join(cfg.figures, "pairs")
@@ -206,6 +211,7 @@ def setup(cfg, device):
                "prompts": {s: len(p) for s, p in prompts.items()}, "max_new_tokens": cfg.max_new_tokens,
                "temperature": cfg.temperature, "top_p": cfg.top_p, "cut_reward": cfg.cut_reward,
                "curve_prompts": cfg.curve_prompts, "dtype": cfg.dtype, "sampler": 2, "evaluation": 2}
+    ctx.prompts["choice"] = [r["prompt"] for r in choice]  # after the key: the runs' evaluations do not use them
     return ctx
 
 
@@ -360,17 +366,30 @@ def run(ctx, method, lr, seed, curve):
     return ctx.fetch(os.path.join(ctx.cfg.figures, "evaluations", f"{method}_lr{lr:g}_seed{seed}.json"), key, go)
 
 
+def choice(ctx, method, lr, result):
+    """A seed-0 run's final model on the --choice_prompts (sampled answers), keyed by the run's validation point."""
+    def go():
+        final = os.path.join(ctx.dir, "runs", method, f"lr{lr:g}_seed0", "final")
+        if not os.path.isdir(final):
+            raise UserError(f"{final} is gone; delete its run's evaluation in {ctx.cfg.figures} to train it again")
+        return evaluate(ctx, as_eval_model(ctx, models.load_for_inference(final, torch.float32, ctx.device)),
+                        "choice", ctx.cfg.choice_prompts, False, ctx.steps)[0]
+    return ctx.fetch(os.path.join(ctx.cfg.figures, "evaluations", f"{method}_lr{lr:g}_seed0_choice.json"),
+                     {**ctx.key, "choice_prompts": ctx.cfg.choice_prompts, "run": result["valid"]}, go)
+
+
 def frontier(ctx, method):
-    """Seed 0 over the lr grid (each run with its curve), widened along the ladder while the best validation
-    primary metric lies on an edge of what has run -> ({lr: run}, the comparison lr); with --collect before the
-    grid is done, ({lr: run} of the runs finished, None)."""
+    """Seed 0 over the lr grid (each run with its curve and its choice point), widened along the ladder while the
+    best choice primary metric lies on an edge of what has run -> ({lr: run}, the comparison lr); with --collect
+    before the grid is done, ({lr: run} of the runs finished, None)."""
     lrs, done = list(ctx.grid), {}
     while lrs:
         for lr in lrs:
-            done[lr] = run(ctx, method, lr, 0, curve=True)
-        if None in done.values():
+            r = run(ctx, method, lr, 0, curve=True)
+            done[lr] = r and {**r, "choice": choice(ctx, method, lr, r)}
+        if any(r is None or r["choice"] is None for r in done.values()):
             return {lr: r for lr, r in done.items() if r is not None}, None
-        best = max(done, key=lambda lr: done[lr]["valid"]["primary"])
+        best = max(done, key=lambda lr: done[lr]["choice"]["primary"])
         i = ctx.ladder.index(best)
         lrs = [ctx.ladder[i - 1]] if best == min(done) and i > 0 else \
             [ctx.ladder[i + 1]] if best == max(done) and i + 1 < len(ctx.ladder) else []
@@ -533,8 +552,7 @@ def study(cfg, world, device):
         if best is None:
             continue
         comparison[method] = best
-        log0(f"{method}: comparison lr {comparison[method]:g} (validation primary "
-             f"{done[comparison[method]]['valid']['primary']:.3f})")
+        log0(f"{method}: comparison lr {best:g} (choice primary {done[best]['choice']['primary']:.3f})")
     for method, leader in FOLLOWS.items():  # the controls at their leader's setting, seed 0 with its curve
         if method in methods and leader in comparison:
             r = run(ctx, method, comparison[leader], 0, curve=True)
@@ -591,7 +609,7 @@ def main(argv=None):
     if cfg.quick:
         quick = dict(output_dir="runs/real-quick", figures="runs/real-quick/figures", reward="tiny:synthetic_reward",
                      key_spans="tiny:synthetic_key_spans", train_prompts=64, valid_prompts=8, test_prompts=12,
-                     curve_prompts=6, max_new_tokens=24, seeds="0,1", points=1, global_batch_size=8,
+                     choice_prompts=12, curve_prompts=6, max_new_tokens=24, seeds="0,1", points=1, global_batch_size=8,
                      micro_batch_size=4, dtype="fp32", lrs="1e-4,3e-4", cut_reward=0.0)
         tiny.fill_defaults(cfg, quick, explicit)
     return run_in_group(cfg.device, lambda rank, world, device: study(cfg, world, device), dtype=cfg.dtype,

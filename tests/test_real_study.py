@@ -51,8 +51,9 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
         seed0 = [r for r in runs if r["method"] == m and r["seed"] == 0]
         assert len(seed0) == (1 if m in real_study.FOLLOWS else 2) and sum(r["comparison"] for r in seed0) == 1
         assert [r["seed"] for r in runs if r["method"] == m and r["comparison"]] == [0, 1]
-        if m not in real_study.FOLLOWS:  # chosen by the validation primary metric
-            assert max(seed0, key=lambda r: r["valid"]["primary"])["comparison"]
+        if m not in real_study.FOLLOWS:  # chosen by the primary metric on the choice's validation prompts
+            assert all(r["choice"]["prompts"] == 12 and r["valid"]["prompts"] == 8 for r in seed0)
+            assert max(seed0, key=lambda r: r["choice"]["primary"])["comparison"]
     lr_of = {r["method"]: r["setting"]["lr"] for r in runs if r["comparison"]}
     assert lr_of["confpo_rand"] == lr_of["confpo"] and lr_of["sepo_noeos"] == lr_of["sepo"]
     for key in ("confpo", "sepo_seed0", "sepo_seed1"):
@@ -83,7 +84,9 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
     assert len(svg.findall(".//{http://www.w3.org/2000/svg}polyline")) >= 14  # 6 methods x 2 lrs, 2 controls
     table = (tmp_path / "fig" / "results.md").read_text()
     assert "| confpo_dpo |" in table and "nan" not in table
-    assert re.search(r"standard error of about 0\.\d{3} .* differ by less than about 0\.\d\d ", table)
+    for n, what in ((8, "validation point"), (12, "choice")):  # how far apart two settings must be to be told apart
+        assert re.search(rf"The {what}'s primary metric \({n} prompts\) has a standard error of about 0\.\d{{3}} .* "
+                         r"closer than about \d\.\d\d ", table)
     assert not list((tmp_path / "runs").rglob("checkpoints/step_*"))  # deleted once evaluated; none kept by a stage
     for piece in ("selection_confpo", "selection_sepo_seed0", "selection_sepo_seed1"):  # kept to resume
         assert (tmp_path / "fig" / "evaluations" / f"{piece}.json").exists()
@@ -120,6 +123,9 @@ def test_prompts_share_no_subject_between_the_sets_and_never_name_a_polarity():
         for item in firsts:
             assert sum(any(pattern.format(item, b) in v for b in seconds) for v in sets.values()) == 1, item
     rows = real_task.prompts("train", 1024)
+    choice = real_task.prompts("valid", 240)  # the choice's prompts: the validation point's 64 first, each subject twice
+    assert choice[:64] == real_task.prompts("valid", 64) and len({r["prompt"] for r in choice}) > 200
+    assert max(sum(r["subject"] == s for r in choice) for s in {r["subject"] for r in choice}) == 2
     assert len(rows) == 1024 and len({r["prompt"] for r in rows}) > 900
     words = {"positive", "negative", "good", "bad", "praise", "criticize"}
     assert not any(words & set(r["prompt"].lower().replace("?", " ").replace(".", " ").split()) for r in rows)
