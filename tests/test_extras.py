@@ -153,6 +153,10 @@ def test_tensorboard_holds_the_scalars_of_metrics_jsonl_across_a_kill_and_resume
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # after step 5: steps 5 was logged, the checkpoint is at 4
     proc.wait()
+    # TensorBoard reads a folder's event files in name order: the second each writer started, then its pid. A run
+    # killed within a second of its start (only a tiny one) and resumed by a lower pid would be read after its
+    # resumption: the resumed writer starts in the next second, as any real run's does
+    time.sleep(math.floor(time.time()) + 1 - time.time())
     train.main(base_args(world, out, **args))
     tb, js = tensorboard_scalars(out), jsonl_scalars(out)
     assert set(tb) == set(js) and {s for _, s in tb} == set(range(0, 9))
