@@ -24,3 +24,20 @@ def world(tmp_path_factory):
         for _ in range(16):
             dst.write(src.readline())
     return {**paths, "small": str(small), "cache": str(root / "cache"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def policy(world):
+    """The tiny world's SFT model (built once per session, shared with train.py's default run): the policy of the
+    onpolicy.py and generate.py tests."""
+    import torch.distributed as dist
+
+    import train
+    import utils
+    owner = not dist.is_initialized()
+    utils.init_distributed("cpu")
+    try:
+        return tiny.sft_model(os.path.dirname(world["data"]), world, train.main, cache_dir=world["cache"])
+    finally:
+        if owner:
+            dist.destroy_process_group()

@@ -23,19 +23,6 @@ ENV.pop("DEBUG", None)
 CATEGORIES = ["writing", "math", "stem", "roleplay", "coding", "humanities", "reasoning", "extraction", "unlisted"]
 
 
-@pytest.fixture(scope="module")
-def policy(world):
-    """The tiny world's SFT model (built once per session, shared with train.py's default run)."""
-    import torch.distributed as dist
-    owner = not dist.is_initialized()
-    utils.init_distributed("cpu")
-    try:
-        return tiny.sft_model(os.path.dirname(world["data"]), world, train.main, cache_dir=world["cache"])
-    finally:
-        if owner:
-            dist.destroy_process_group()
-
-
 def prompts_of(world, n):
     with open(world["test"]) as fh:
         return [json.loads(line)["prompt"] for line, _ in zip(fh, range(n))]

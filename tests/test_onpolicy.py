@@ -26,20 +26,6 @@ ENV.pop("DEBUG", None)
 
 
 @pytest.fixture(scope="module")
-def policy(world):
-    """The tiny world's SFT model (built once per session, shared with train.py's default run)."""
-    import torch.distributed as dist
-    owner = not dist.is_initialized()
-    import utils
-    utils.init_distributed("cpu")
-    try:
-        return tiny.sft_model(os.path.dirname(world["data"]), world, train.main, cache_dir=world["cache"])
-    finally:
-        if owner:
-            dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
 def reward_model(world, tmp_path_factory):
     """A tiny LlamaForSequenceClassification built from a config, with the tiny tokenizer and its chat template."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
