@@ -60,8 +60,8 @@ class RealStudyConfig:
     cut_reward: float = arg(-1.0, "the primary metric's score of an answer that did not end (VADER's minimum)")
     seeds: str = arg("0,1,2", "paired seeds: data order, ConfPO-rand's draws, SePO's subset D_m")
     methods: str = arg("dpo,simpo,confpo,confpo_rand,confpo_dpo,rdpo,sepo,sepo_noeos", "the methods compared")
-    lrs: str = arg("3e-6,1e-5,3e-5", "the lr grid of every method with a setting of its own (seed 0); widened "
-                                     "along LADDER while the best lies on an edge")
+    lrs: str = arg("3e-6,1e-5", "the lr grid of every method with a setting of its own (seed 0), with every lr "
+                                "already evaluated; widened along LADDER while the best lies on an edge")
     points: int = arg(2, "evaluations during each seed-0 run, plus its end")
     global_batch_size: int = arg(16, "pairs per optimizer step (one epoch of the pairs)")
     micro_batch_size: int = arg(8, "pairs per forward")
@@ -121,8 +121,8 @@ def vader_key_spans(prompt, response):
 # One epoch of the pairs per run; the lr is the knob, the objectives' own hyper-parameters are their defaults (DPO
 # beta 0.1; SimPO beta 2, gamma 1; ConfPO and ConfPO-rand beta 1, gamma 2; ConfPO_DPO beta 0.1; R-DPO beta 0.1,
 # alpha 0.05; SePO beta 1, gamma 0 as the released code). Every method with a setting of its own runs the --lrs
-# grid on seed 0; while its best primary metric on the --choice_prompts validation prompts lies on an edge of what has
-# run, the next lr of the ladder on that side runs too, so the choice lies inside the grid.
+# grid on seed 0 (and keeps any lr evaluated before); while its best primary metric on the --choice_prompts validation
+# prompts lies on an edge of what has run, the next lr of the ladder on that side runs too: the choice lies inside.
 LADDER = (3e-7, 1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 # The controls run at the setting chosen for the method they control, on every seed: ConfPO-rand selects as many
 # random tokens as ConfPO (ConfPO Table 2); SePO without its end of turn is SePO's selection less the end-of-turn
@@ -194,7 +194,7 @@ def setup(cfg, device):
                           prompts=prompts, pairs=pairs, n_pairs=n_pairs, eos=models.eos_token_ids(start_model, tok),
                           scores=onpolicy.reward_scorer(SimpleNamespace(reward=cfg.reward, reward_batch_size=16),
                                                         device, dtype),
-                          steps=n_pairs // cfg.global_batch_size, grid=grid,
+                          steps=2 if cfg.quick else n_pairs // cfg.global_batch_size, grid=grid,
                           ladder=sorted(grid if cfg.quick else set(LADDER) | set(grid)),
                           length_slope=None)
     ctx.pad = data.pad_id(tok)
@@ -205,8 +205,6 @@ def setup(cfg, device):
                       cfg.dtype, "--device", cfg.device, "--cache_dir", cfg.cache_dir, "--judge", "none",
                       "--log_every", "1", "--eval_every", str(10**9), "--save_final", "false",
                       "--activation_checkpointing", "false"] + (["--max_steps", "2"] if cfg.quick else [])
-    if cfg.quick:
-        ctx.steps = 2
     ctx.key = {"start": rundir.fingerprint(start), "pairs": rundir.fingerprint(pairs), "reward": cfg.reward,
                "prompts": {s: len(p) for s, p in prompts.items()}, "max_new_tokens": cfg.max_new_tokens,
                "temperature": cfg.temperature, "top_p": cfg.top_p, "cut_reward": cfg.cut_reward,
@@ -247,10 +245,9 @@ def summarize_answers(ctx, per, suffix):
     reward as the reward function gives it, the share that ended, the mean length in tokens; for sampled answers
     (suffix "") also the length-controlled reward: reward - slope * (length - the start's length), with the slope
     of reward on length among the start's own sampled answers (length_slope)."""
-    out = {f"primary{suffix}": statistics.fmean(r if e else ctx.cfg.cut_reward for r, e in zip(per["reward"],
-                                                                                                   per["ended"])),
-           f"reward{suffix}": statistics.fmean(per["reward"]), f"ended{suffix}": statistics.fmean(per["ended"]),
-           f"length{suffix}": statistics.fmean(per["tokens"])}
+    primary = [r if e else ctx.cfg.cut_reward for r, e in zip(per["reward"], per["ended"])]
+    out = {f"primary{suffix}": statistics.fmean(primary), f"reward{suffix}": statistics.fmean(per["reward"]),
+           f"ended{suffix}": statistics.fmean(per["ended"]), f"length{suffix}": statistics.fmean(per["tokens"])}
     if not suffix:
         slope, length0 = ctx.length_slope or (0.0, out["length"])
         out["reward_lc"] = out["reward"] - slope * (out["length"] - length0)
@@ -266,15 +263,13 @@ def length_slope(per):
 
 
 def evaluate(ctx, model, split, n, greedy, step):
-    """A POINT on the first n prompts of a split (and with greedy, the answers with their rewards, ends and
-    lengths)."""
+    """A POINT on the first n prompts of a split (with greedy: also the answers, their rewards, ends and lengths)."""
     t0 = time.time()
     prompts = ctx.prompts[split][:n]
     sampled = generate(ctx, model, prompts, ctx.cfg.temperature)
     said, per = answer_metrics(ctx, prompts, sampled)
     ids, attention, answer = (x.to(ctx.device) for x in measures.left_padded(sampled, ctx.pad))
-    kl = measures.sequence_kl(model, ctx.start_model, ids, answer, ctx.pad, batch_size=8,
-                                 attention_mask=attention)
+    kl = measures.sequence_kl(model, ctx.start_model, ids, answer, ctx.pad, batch_size=8, attention_mask=attention)
     point = {"step": step, **summarize_answers(ctx, per, ""), "kl": float(kl.mean()),
              "distinct2": measures.distinct2(said), "start_logp": None, "prompts": n,
              **{f"{k}_greedy": None for k in ("primary", "reward", "ended", "length")}}
@@ -363,7 +358,11 @@ def run(ctx, method, lr, seed, curve):
     flags_key = [a for i, a in enumerate(argv) if a not in paths and (i == 0 or argv[i - 1] not in paths)]
     key = {**ctx.key, "train": flags_key, "curve": curve, "oracle": ORACLE if method in SELECTIONS else None,
            "length_slope": ctx.length_slope}
-    return ctx.fetch(os.path.join(ctx.cfg.figures, "evaluations", f"{method}_lr{lr:g}_seed{seed}.json"), key, go)
+    return ctx.fetch(evaluation_path(ctx, method, lr, seed), key, go)
+
+
+def evaluation_path(ctx, method, lr, seed):
+    return os.path.join(ctx.cfg.figures, "evaluations", f"{method}_lr{lr:g}_seed{seed}.json")
 
 
 def choice(ctx, method, lr, result):
@@ -382,7 +381,8 @@ def frontier(ctx, method):
     """Seed 0 over the lr grid (each run with its curve and its choice point), widened along the ladder while the
     best choice primary metric lies on an edge of what has run -> ({lr: run}, the comparison lr); with --collect
     before the grid is done, ({lr: run} of the runs finished, None)."""
-    lrs, done = list(ctx.grid), {}
+    evaluated = {lr for lr in ctx.ladder if os.path.exists(evaluation_path(ctx, method, lr, 0))}
+    lrs, done = sorted(set(ctx.grid) | evaluated), {}  # an lr that ran before (a wider grid) is kept, not run again
     while lrs:
         for lr in lrs:
             r = run(ctx, method, lr, 0, curve=True)

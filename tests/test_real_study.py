@@ -117,6 +117,34 @@ def test_quick_study_writes_the_fixed_layout_and_reruns_from_its_results(world, 
     assert "| simpo | 0.0001 |  |" in (tmp_path / "fig" / "results.md").read_text()
 
 
+def test_the_lr_grid_widens_until_its_best_is_inside_and_keeps_an_lr_evaluated_before(tmp_path, monkeypatch):
+    ran = []
+    peak = {"value": 1e-6}
+
+    def run(ctx, method, lr, seed, curve):
+        ran.append(lr)
+        return {"valid": {"lr": lr}}
+
+    def choice(ctx, method, lr, result):  # the choice's primary metric peaks at one lr of the ladder
+        return {"primary": -abs(math.log10(lr) - math.log10(peak["value"]))}
+    monkeypatch.setattr(real_study, "run", run)
+    monkeypatch.setattr(real_study, "choice", choice)
+    ctx = real_study.SimpleNamespace(grid=[3e-6, 1e-5], ladder=list(real_study.LADDER),
+                                     cfg=real_study.SimpleNamespace(figures=str(tmp_path)))
+    done, best = real_study.frontier(ctx, "simpo")
+    assert (ran, sorted(done), best) == ([3e-6, 1e-5, 1e-6, 3e-7], [3e-7, 1e-6, 3e-6, 1e-5], 1e-6)
+    ran.clear()
+    peak["value"] = 3e-6  # inside the grid once the lr evaluated before is kept (else 1e-6 would run)
+    os.makedirs(tmp_path / "evaluations")
+    open(real_study.evaluation_path(ctx, "dpo", 3e-7, 0), "w").close()
+    done, best = real_study.frontier(ctx, "dpo")
+    assert (ran, best) == ([3e-7, 3e-6, 1e-5], 3e-6)
+    ran.clear()
+    peak["value"] = 1e-4  # the best on the upper edge: the ladder's next lr up
+    done, best = real_study.frontier(ctx, "dpo")
+    assert (ran, best) == ([3e-7, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4], 1e-4)
+
+
 def test_prompts_share_no_subject_between_the_sets_and_never_name_a_polarity():
     sets = {split: {s for _, s in real_task.subjects(split)} for split in ("train", "valid", "test")}
     for pattern, firsts, seconds in real_task.CATEGORIES.values():  # each head noun in exactly one set
