@@ -102,13 +102,15 @@ def test_quick_run(world, tmp_path):
     assert {"ours_simpo_T64_ac0", "ours_sepo_T64_ac0", "ours_dpo_once_T64_ac0"} <= set(real)
     for r in real.values():
         assert r["tokens_per_s"] > 0 and r["peak_rss"] > 2**27 and len(r["steps"]) == 2
-    # 8: the breakdown: the plain model's full logits make its forward the larger (at --quick's 64 tokens the
-    # step's peak may sit in the optimizer step, the same for both); owners are exact sizes
+    # 8: the breakdown: the plain model's full logits (and their gradient) make its forward and backward the larger;
+    # owners are exact sizes. At --quick's 64 tokens the step's peak sits in the optimizer step, AdamW over the same
+    # parameters on both sides, where a scalar decides which is larger (ours held 4 bytes more, in one CI run of
+    # many: the phases that differ are compared, not that one)
     b = result["8_breakdown"]
     ours, hf = b["ours_simpo"], b["hf_simpo"]
     assert ours["owners"]["parameters"] == hf["owners"]["parameters"] > 0
     assert ours["owners"]["optimizer_state"] == 2 * ours["owners"]["parameters"]
-    assert ours["peaks"]["forward"] < hf["peaks"]["forward"] and ours["peak"] <= hf["peak"]
+    assert ours["peaks"]["forward"] < hf["peaks"]["forward"] and ours["peaks"]["backward"] < hf["peaks"]["backward"]
     assert ours["peaks"]["backward"] > ours["peaks"]["load"] > 0
     # 9: loading on 2 ranks, both ways, each rank keeping its half. Which way holds less is the full run's verdict:
     # rank 1 receives one whole tensor at a time, and in --quick's 2-layer model the embedding is most of the model
