@@ -86,7 +86,8 @@ def test_quick_run(world, tmp_path):
             assert set(shape[path]["peak_ratio"]) == set(shape[path]["agree_with_naive"]) - {"naive"}
     # 3: measured against TRL, or skipped with the install hint (TRL is never a dependency)
     trl = result["3_trl_throughput"]
-    assert ("ratio" in trl) != trl.get("skipped", "").startswith("skipped (pip install -r benchmarks/requirements-bench")
+    hint = "skipped (pip install -r benchmarks/requirements-bench"
+    assert ("ratio" in trl) != trl.get("skipped", "").startswith(hint)
     assert trl["tokens_per_s"]["ours_simpo"] > 0 and trl["tokens_per_s"]["ours_dpo"] > 0
     # 4: FSDP shards parameters, gradients and AdamW state: half per rank with 2 ranks, up to uneven rows
     fsdp = result["4_fsdp"]
