@@ -370,14 +370,20 @@ def read_jsonl_block(path, check):
 # Checkpoints, RNG states, the metrics file, a finished run
 # ---------------------------------------------------------------------------------------------------------------
 
-def checkpoints(out_dir):
-    """Complete checkpoints, oldest first: folders step_NNNNNNNN holding trainer_state.json (written last)."""
+def checkpoints(out_dir, every=None):
+    """Complete checkpoints, oldest first: folders step_NNNNNNNN holding trainer_state.json (written last); with
+    every, only the ones --save_every wrote (a step that is a multiple of it), not one saved when a run was stopped."""
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
     done = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
             and os.path.exists(os.path.join(root, d, "trainer_state.json"))]
-    return [os.path.join(root, d) for d in sorted(done)]
+    return [os.path.join(root, d) for d in sorted(done) if not every or checkpoint_step(d) % every == 0]
+
+
+def checkpoint_step(path):
+    """The step of a checkpoint folder step_NNNNNNNN."""
+    return int(os.path.basename(path).split("_")[1])
 
 
 def last_checkpoint(out_dir):

@@ -249,9 +249,9 @@ def evaluate_run(ctx, out, split, curve, analysis):
     points = []
     if curve:
         points.append({"step": 0, **ctx["sft_eval"][split], **(token_analysis(ctx["sft"], actx) if actx else {})})
-        for path in rundir.checkpoints(out):
+        for path in rundir.checkpoints(out, ctx["curve_every"]):
             load_weights(model, path)
-            points.append({"step": int(os.path.basename(path).split("_")[1]), **evaluate(model, ctx, split),
+            points.append({"step": rundir.checkpoint_step(path), **evaluate(model, ctx, split),
                            **(token_analysis(model, actx) if actx else {})})
     final = points[-1] if curve else evaluate(load_weights(model, os.path.join(out, "final")), ctx, split)
     lines = rundir.read_metrics(os.path.join(out, "metrics.jsonl"))

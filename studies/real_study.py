@@ -341,10 +341,9 @@ def run(ctx, method, lr, seed, curve):
         train.main(argv + (["--selections", SELECTIONS[method](ctx, seed)] if method in SELECTIONS else []))
         holder = AutoModelForCausalLM.from_pretrained(ctx.start, dtype=torch.float32)
         points = []
-        for path in [p for p in rundir.checkpoints(out) if int(os.path.basename(p).split("_")[1]) < ctx.steps]:
+        for path in [p for p in rundir.checkpoints(out, every) if every and rundir.checkpoint_step(p) < ctx.steps]:
             model = as_eval_model(ctx, models.load_weights(holder, path))
-            points.append(evaluate(ctx, model, "test", ctx.cfg.curve_prompts, False,
-                                   int(os.path.basename(path).split("_")[1]))[0])
+            points.append(evaluate(ctx, model, "test", ctx.cfg.curve_prompts, False, rundir.checkpoint_step(path))[0])
             holder = model.float()
         final = as_eval_model(ctx, AutoModelForCausalLM.from_pretrained(os.path.join(out, "final")))
         point, answers = evaluate(ctx, final, "test", ctx.cfg.test_prompts, True, ctx.steps)
