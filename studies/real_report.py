@@ -105,12 +105,15 @@ def markdown(result, methods, oracle):
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     chosen_lr = {r["method"]: r["setting"]["lr"] for r in result["runs"] if r["comparison"]}
     for m in ["start"] + methods:
-        v = result["summary"][m]
-        cells = [measures.fmt(v[k], d) for k, d in (("primary", 3), ("reward", 3), ("ended", 3), ("reward_lc", 3),
-                                                       ("length", 1), ("kl", 2), ("primary_greedy", 3),
-                                                       ("reward_greedy", 3), ("ended_greedy", 3), ("distinct2", 3))]
+        v, n = result["summary"][m], len(result["seeds_run"].get(m, [None]))  # the start: one model, no seeds
+
+        def cell(k, d):  # one seed has no spread: its value alone
+            return measures.fmt(v[k], d) if n > 1 or v[k][0] is None else f"{v[k][0]:.{d}f}"
+        cells = [cell(k, d) for k, d in (("primary", 3), ("reward", 3), ("ended", 3), ("reward_lc", 3), ("length", 1),
+                                         ("kl", 2), ("primary_greedy", 3), ("reward_greedy", 3), ("ended_greedy", 3),
+                                         ("distinct2", 3))]
         lr = f"{chosen_lr[m]:g}" if m in chosen_lr else ""
-        out.append(f"| {m} | {lr} | {len(result['seeds_run'].get(m, seeds))} | " + " | ".join(cells) + " |")
+        out.append(f"| {m} | {lr} | {n if m in result['seeds_run'] else '–'} | " + " | ".join(cells) + " |")
     out += ["", "## The claims (primary metric unless named; paired by seed: the same sign on every seed, or a 95% "
             "t-interval excluding 0)", "",
             "| paper | claim | metric | difference per seed | mean | sd | verdict | holds | beside: reward, ended, "
