@@ -372,13 +372,14 @@ def read_jsonl_block(path, check):
 
 def checkpoints(out_dir, every=None):
     """Complete checkpoints, oldest first: folders step_NNNNNNNN holding trainer_state.json (written last); with
-    every, only the ones --save_every wrote (a step that is a multiple of it), not one saved when a run was stopped."""
+    every, the ones --save_every wrote (a step that is a multiple of it) and the newest (of a finished run: its last
+    step, --save_final), not one saved when a run was stopped and resumed."""
     root = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    done = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
-            and os.path.exists(os.path.join(root, d, "trainer_state.json"))]
-    return [os.path.join(root, d) for d in sorted(done) if not every or checkpoint_step(d) % every == 0]
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.exists(os.path.join(root, d, "trainer_state.json")))
+    return [os.path.join(root, d) for d in done if not every or checkpoint_step(d) % every == 0 or d == done[-1]]
 
 
 def checkpoint_step(path):

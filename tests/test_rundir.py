@@ -139,13 +139,13 @@ def test_a_checkpoint_round_trip_and_a_damaged_newest_one_is_skipped(tmp_path, c
 
 def test_checkpoints_of_save_every_leave_out_a_stop_and_a_partial_one(tmp_path):
     root = tmp_path / "checkpoints"
-    for step in (2, 3, 4, 6):  # --save_every 2 wrote 2, 4, 6; a stop (SIGTERM) wrote 3
+    for step in (2, 3, 4, 7):  # --save_every 2 wrote 2 and 4, a stop (SIGTERM) 3, --save_final the last step, 7
         (root / f"step_{step:08d}").mkdir(parents=True)
         (root / f"step_{step:08d}" / "trainer_state.json").write_text("{}")
     (root / "step_00000008").mkdir()  # being written: no trainer_state.json yet
-    assert [rundir.checkpoint_step(p) for p in rundir.checkpoints(str(tmp_path))] == [2, 3, 4, 6]
-    assert [rundir.checkpoint_step(p) for p in rundir.checkpoints(str(tmp_path), every=2)] == [2, 4, 6]
-    assert [rundir.checkpoint_step(p) for p in rundir.checkpoints(str(tmp_path), every=3)] == [3, 6]
+    assert [rundir.checkpoint_step(p) for p in rundir.checkpoints(str(tmp_path))] == [2, 3, 4, 7]
+    assert [rundir.checkpoint_step(p) for p in rundir.checkpoints(str(tmp_path), every=2)] == [2, 4, 7]
+    assert [rundir.checkpoint_step(p) for p in rundir.checkpoints(str(tmp_path), every=3)] == [3, 7]
 
 
 def test_metrics_after_the_last_checkpoint_are_dropped(tmp_path):
